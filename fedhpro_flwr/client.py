@@ -1,0 +1,88 @@
+"""The ClientApp's work: decode a training message, run the method's trainer, build the reply."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from .config import ConfigError, ExperimentConfig
+from .data import client_data, dataset_info
+from .methods import ClientTask, get_method
+from .models import build_model
+from .payload import check_state_dict, tensors_to_record
+
+STRATEGY_KEY = "strategy"
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A distinct, reproducible seed per (run seed, round, client)."""
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
+
+
+def pick_device(node_config: dict[str, Any]) -> torch.device:
+    """`device` from the node config, else the GPU when one is visible."""
+    name = node_config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(str(name))
+
+
+def node_partition(node_config: dict[str, Any], cfg: ExperimentConfig) -> int:
+    """This node's partition id, checked against the experiment's number of partitions."""
+    try:
+        partition_id = int(node_config["partition-id"])
+        num_partitions = int(node_config["num-partitions"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            "node config needs integer 'partition-id' and 'num-partitions' "
+            f"(got {dict(node_config)})"
+        ) from exc
+    if num_partitions != cfg.partition.num_partitions:
+        raise ConfigError(
+            f"this federation has num-partitions={num_partitions} (one per SuperNode) but the "
+            f"experiment splits the data into partition.num_partitions="
+            f"{cfg.partition.num_partitions}; start {cfg.partition.num_partitions} SuperNodes "
+            f"(simulation: flwr run . --federation-config "
+            f"'num-supernodes={cfg.partition.num_partitions}') or change the experiment"
+        )
+    return partition_id
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    """One round of local training for whichever method the server runs."""
+    config: ConfigRecord = msg.content.config_records["config"]
+    cfg = ExperimentConfig.from_flat(
+        {k: v for k, v in config.items() if k not in ("server-round", STRATEGY_KEY)}
+    )
+    method = get_method(str(config[STRATEGY_KEY]))
+    server_round = int(config["server-round"])
+    partition_id = node_partition(dict(context.node_config), cfg)
+    device = pick_device(dict(context.node_config))
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+
+    info = dataset_info(cfg)
+    data = client_data(cfg, partition_id)
+    model = build_model(cfg.model, info.input_shape, info.num_classes)
+    weights = check_state_dict(msg.content.array_records["arrays"], model.state_dict(),
+                               "global model weights")
+    model.load_state_dict(weights)
+    model.to(device)
+    generator = torch.Generator().manual_seed(client_seed(cfg.seed, server_round, partition_id))
+
+    start = time.perf_counter()
+    extra, train_metrics = method.client_train(
+        ClientTask(model, data, msg.content, cfg, device, generator)
+    )
+    seconds = time.perf_counter() - start
+
+    metrics = MetricRecord({
+        "num-examples": len(data),
+        "partition-id": partition_id,
+        "client-seconds": seconds,
+        **train_metrics,
+    })
+    reply = RecordDict({"arrays": tensors_to_record(model.state_dict()), "metrics": metrics,
+                        **extra})
+    return Message(content=reply, reply_to=msg)

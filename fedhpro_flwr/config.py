@@ -1,0 +1,307 @@
+"""One typed, validated experiment configuration.
+
+An experiment is a YAML file (see ``conf/``); Flower's run config picks the file and may
+override any of its keys. Everything is checked once, at start, and every error names the
+key, the value and what is allowed. The resolved config travels to clients as a flat
+``{"section.key": scalar}`` mapping, so both sides run from the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+Scalar = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _spec(
+    default: Any,
+    *,
+    choices: tuple[str, ...] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+) -> Any:
+    """A dataclass field with the constraints `_check_value` enforces."""
+    return field(default=default, metadata={"choices": choices, "ge": ge, "gt": gt, "le": le})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and how much of it is held out for server-side evaluation."""
+
+    dataset: str = _spec("mnist-subset", choices=("mnist-subset",))
+    test_fraction: float = _spec(0.2, gt=0.0, le=0.9)
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How the training data is split across clients."""
+
+    scheme: str = _spec("dirichlet", choices=("dirichlet", "iid"))
+    num_partitions: int = _spec(10, ge=1)
+    alpha: float = _spec(0.5, gt=0.0)
+    min_size: int = _spec(10, ge=1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone: a feature extractor ``features(x) -> z`` plus a linear ``classifier``."""
+
+    name: str = _spec("cnn", choices=("cnn", "resnet10"))
+    feature_dim: int = _spec(128, ge=2)  # the CNN's d; ResNet-10's d is 8 * width
+    width: int = _spec(32, ge=1)  # ResNet-10 base filters
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training on every client, shared by all methods."""
+
+    local_epochs: int = _spec(5, ge=1)
+    batch_size: int = _spec(64, ge=1)
+    lr: float = _spec(0.05, gt=0.0)
+    momentum: float = _spec(0.0, ge=0.0, le=1.0)
+    weight_decay: float = _spec(0.0, ge=0.0)
+    num_threads: int = _spec(1, ge=0)  # torch threads per client; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds and client sampling."""
+
+    rounds: int = _spec(20, ge=1)
+    fraction_train: float = _spec(1.0, gt=0.0, le=1.0)
+    min_train_nodes: int = _spec(2, ge=1)
+    round_timeout: float = _spec(3600.0, gt=0.0)  # seconds to wait for replies
+
+
+@dataclass(frozen=True)
+class FedHProConfig:
+    """FedHPro's hyper-parameters (names follow ../shared/FEDHPRO.md)."""
+
+    num_hyperprototypes: int = _spec(5, ge=1)  # L per class
+    tau: float = _spec(0.05, gt=0.0)
+    w_cl: float = _spec(1.0, ge=0.0)  # HPCL weight
+    w_al: float = _spec(1.0, ge=0.0)  # HPAL weight
+    margin: bool = _spec(True)  # client-specific margin m_k in HPCL
+    margin_momentum: float = _spec(0.9, ge=0.0, le=1.0)  # running class-mean update
+    batch_real: int = _spec(100, ge=1)  # samples per class for gradient extraction
+    repeat_num: int = _spec(1, ge=1)
+    rounds_of_hp: int = _spec(30, ge=0)  # matching steps per round; 0 = fixed anchors
+    lr_hp: float = _spec(0.1, gt=0.0)
+    distance: str = _spec("cosine", choices=("cosine", "mse"))
+    recalibration: bool = _spec(True)
+    recal_features: int = _spec(50, ge=1)  # M federated features per class
+    recal_match_steps: int = _spec(100, ge=0)
+    recal_feature_lr: float = _spec(0.1, gt=0.0)
+    recal_epochs: int = _spec(100, ge=1)
+    recal_lr: float = _spec(0.01, gt=0.0)
+    recal_batch_size: int = _spec(50, ge=1)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment: the YAML file's content after overrides."""
+
+    seed: int = _spec(536, ge=0)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    fedhpro: FedHProConfig = field(default_factory=FedHProConfig)
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """``{"section.key": value}``: what a Flower ConfigRecord can carry."""
+        flat: dict[str, Scalar] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                for sub in fields(value):
+                    flat[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
+            else:
+                flat[f.name] = value
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any]) -> ExperimentConfig:
+        """Inverse of `to_flat`; validates like `from_dict`."""
+        nested: dict[str, Any] = {}
+        for key, value in flat.items():
+            _set_dotted(nested, key, value)
+        return cls.from_dict(nested)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ExperimentConfig:
+        """Build and validate from a nested mapping (a parsed YAML file)."""
+        return _build(cls, raw, prefix="")
+
+    def fingerprint(self, ignore: tuple[str, ...] = ("federation.rounds",)) -> str:
+        """A short hash of everything that shapes the run's state (rounds excluded)."""
+        items = {k: v for k, v in self.to_flat().items() if k not in ignore}
+        return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = target.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{key}': '{part}' is a value, not a section")
+        target = node
+    target[leaf] = value
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        where = f"section '{prefix.rstrip('.')}'" if prefix else "the config file"
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {raw!r}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}'; allowed keys"
+            f"{' in ' + repr(prefix.rstrip('.')) if prefix else ''}: {', '.join(sorted(known))}"
+        )
+    values = {}
+    for name, f in known.items():
+        if name not in raw:
+            continue
+        key = prefix + name
+        if dataclasses.is_dataclass(hints[name]):
+            values[name] = _build(hints[name], raw[name], prefix=key + ".")
+        else:
+            values[name] = _check_value(key, raw[name], hints[name], f.metadata)
+    return cls(**values)
+
+
+def _check_value(key: str, value: Any, kind: type, spec: Mapping[str, Any]) -> Scalar:
+    shown = f"config key '{key}' = {value!r}"
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{shown}: expected true or false")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{shown}: expected an integer")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{shown}: expected a number")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{shown}: expected a finite number")
+    elif kind is str and not isinstance(value, str):
+        raise ConfigError(f"{shown}: expected a string")
+    if spec.get("choices") and value not in spec["choices"]:
+        raise ConfigError(f"{shown}: allowed values are {', '.join(spec['choices'])}")
+    if spec.get("ge") is not None and value < spec["ge"]:
+        raise ConfigError(f"{shown}: must be >= {spec['ge']}")
+    if spec.get("gt") is not None and value <= spec["gt"]:
+        raise ConfigError(f"{shown}: must be > {spec['gt']}")
+    if spec.get("le") is not None and value > spec["le"]:
+        raise ConfigError(f"{shown}: must be <= {spec['le']}")
+    return value
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse ``"a.b=1 c.d=true"`` into ``{"a.b": 1, "c.d": True}`` (values read as YAML)."""
+    overrides: dict[str, Any] = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"run-config key 'overrides': '{item}' is not of the form key=value")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def load_experiment(path: Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply dotted-key overrides, validate."""
+    if not path.is_file():
+        raise ConfigError(f"run-config key 'config' = '{path}': no such file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping, got {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    return ExperimentConfig.from_dict(raw)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What one Flower run does: a method, an experiment, where results go."""
+
+    strategy: str
+    experiment: ExperimentConfig
+    out_dir: Path
+    resume: bool
+    config_path: Path
+
+
+RUN_CONFIG_KEYS = ("strategy", "config", "num-server-rounds", "seed", "out-dir", "resume",
+                   "overrides")
+
+
+def resolve_run_config(
+    run_config: Mapping[str, Any], app_dir: Path, strategies: tuple[str, ...]
+) -> RunSettings:
+    """Turn Flower's run config into `RunSettings`; missing keys take pyproject's defaults."""
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown run-config key '{unknown[0]}'; allowed: {', '.join(RUN_CONFIG_KEYS)}"
+        )
+
+    def get(key: str, default: Any, kind: type) -> Any:
+        value = run_config.get(key, default)
+        return _check_value(f"run-config {key}", value, kind, {})
+
+    strategy = get("strategy", "fedhpro", str)
+    if strategy not in strategies:
+        raise ConfigError(
+            f"run-config key 'strategy' = '{strategy}': available strategies are "
+            f"{', '.join(strategies)}"
+        )
+    overrides = parse_overrides(get("overrides", "", str))
+    rounds = get("num-server-rounds", 0, int)
+    if rounds < 0:
+        raise ConfigError(f"run-config key 'num-server-rounds' = {rounds}: must be >= 0 "
+                          "(0 = the YAML's federation.rounds)")
+    if rounds:
+        overrides["federation.rounds"] = rounds
+    seed = get("seed", -1, int)
+    if seed < -1:
+        raise ConfigError(f"run-config key 'seed' = {seed}: must be >= 0 (-1 = the YAML's seed)")
+    if seed >= 0:
+        overrides["seed"] = seed
+
+    config_path = Path(get("config", "conf/default.yaml", str)).expanduser()
+    if not config_path.is_absolute():
+        config_path = app_dir / config_path
+    experiment = load_experiment(config_path, overrides)
+
+    out_text = get("out-dir", "", str)
+    if out_text:
+        out_dir = Path(out_text).expanduser()
+        if not out_dir.is_absolute():
+            raise ConfigError(
+                f"run-config key 'out-dir' = '{out_text}': must be an absolute path, because "
+                "the ServerApp runs in the SuperLink's working directory"
+            )
+    else:
+        run_name = f"{config_path.stem}-{strategy}-seed{experiment.seed}"
+        out_dir = Path.home() / "fedhpro-runs" / run_name
+    return RunSettings(strategy, experiment, out_dir, get("resume", False, bool), config_path)

@@ -1,0 +1,89 @@
+"""Client step 1: per-class gradients measured at the received global model.
+
+Before local training, with the model in eval mode, each client takes up to `per_class`
+samples of every class it holds, computes their features, and averages the CE gradients
+w.r.t. the features and the classifier (``gradmatch.class_gradients``). Classes it lacks
+are reported as absent, never as zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .data import TensorData
+from .gradmatch import class_gradients
+from .models import Backbone
+
+
+@dataclass(frozen=True)
+class ClassStatistics:
+    """What a client measured per class; rows of absent classes are zeros."""
+
+    present: torch.Tensor  # (C,) bool: classes the client holds
+    counts: torch.Tensor  # (C,) int64: samples per class in the client's data
+    feature_grads: torch.Tensor  # (C, d)
+    weight_grads: torch.Tensor  # (C, C, d)
+    bias_grads: torch.Tensor  # (C, C)
+
+
+def sample_per_class(
+    labels: torch.Tensor, num_classes: int, per_class: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random (C, per_class) index grid, row c holding samples of class c, and its mask.
+
+    Sorts by label with random tie-breaking, then keeps the first `per_class` of each class:
+    one sort instead of a loop over classes.
+    """
+    keys = labels.double() + torch.rand(len(labels), generator=generator, dtype=torch.double)
+    order = torch.argsort(keys)
+    sorted_labels = labels[order]
+    counts = torch.bincount(labels, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(labels)) - starts[sorted_labels]
+    keep = rank < per_class
+    index = torch.zeros(num_classes, per_class, dtype=torch.long)
+    mask = torch.zeros(num_classes, per_class, dtype=torch.bool)
+    index[sorted_labels[keep], rank[keep]] = order[keep]
+    mask[sorted_labels[keep], rank[keep]] = True
+    return index, mask
+
+
+@torch.no_grad()
+def extract_class_statistics(
+    model: Backbone,
+    data: TensorData,
+    per_class: int,
+    repeats: int,
+    generator: torch.Generator,
+    device: torch.device,
+    chunk: int = 512,
+) -> tuple[ClassStatistics, torch.Tensor]:
+    """Per-class mean CE gradients at the model as received, and the (C, d) mean features.
+
+    The mean features stay on the client (they seed the running means of the margin).
+    """
+    model.eval()
+    num_classes = data.num_classes
+    weight, bias = model.classifier.weight.detach(), model.classifier.bias.detach()
+    counts = data.class_counts()
+    present = counts > 0
+    sums: list[torch.Tensor] | None = None
+    for _ in range(repeats):
+        index, mask = sample_per_class(data.y, num_classes, per_class, generator)
+        picked = index[mask]
+        z = torch.cat([
+            model.features(data.x[picked[s : s + chunk]].to(device))
+            for s in range(0, len(picked), chunk)
+        ])
+        grid = torch.zeros(num_classes, per_class, z.shape[1], device=device)
+        grid[mask.to(device)] = z
+        mask_d = mask.to(device)
+        grads = class_gradients(grid, weight, bias, mask_d)
+        means = grid.sum(dim=1) / mask_d.sum(dim=1).clamp(min=1)[:, None]
+        parts = [grads.feature, grads.weight, grads.bias, means]
+        sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
+    assert sums is not None
+    feature, weight_g, bias_g, means = (s.cpu() / repeats for s in sums)
+    return ClassStatistics(present, counts, feature, weight_g, bias_g), means

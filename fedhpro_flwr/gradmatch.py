@@ -1,0 +1,96 @@
+"""Per-class cross-entropy gradients through a linear classifier, and distances between them.
+
+For a linear head ``h(z) = W z + b`` and a sample z of class c, the CE gradients have closed
+forms: ``dCE/dz = W^T r``, ``dCE/dW = r z^T``, ``dCE/db = r`` with ``r = softmax(h(z)) - e_c``.
+Laying features out as ``(C, B, d)`` (row c holds samples of class c) turns the per-class
+means into a few batched matrix products: no loop over classes. The same function serves the
+client (gradients on real features), the hyper-prototype update and the classifier
+recalibration (gradients on learnable vectors, differentiated through with autograd).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Distance = Literal["cosine", "mse"]
+
+
+@dataclass(frozen=True)
+class ClassGradients:
+    """Mean CE gradients per class: w.r.t. the feature (C, d), weight (C, C, d), bias (C, C)."""
+
+    feature: torch.Tensor
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def class_gradients(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    with_classifier: bool = True,
+) -> ClassGradients:
+    """Mean CE gradients of each class's features; row c of `features` has label c.
+
+    Args:
+        features: (C, B, d) features, row c holding (up to) B samples of class c.
+        weight, bias: the linear classifier, (C, d) and (C,).
+        mask: (C, B) bool, which slots hold real samples; None means all of them.
+        with_classifier: also return the gradients w.r.t. the classifier's parameters.
+    Rows without any sample come out as zeros; callers mask them.
+    """
+    num_classes = features.shape[0]
+    residual = torch.softmax(features @ weight.T + bias, dim=-1)  # (C, B, C)
+    residual = residual - torch.eye(num_classes, dtype=residual.dtype, device=residual.device)[
+        :, None, :
+    ]
+    if mask is None:
+        counts = torch.full((num_classes,), features.shape[1], device=features.device)
+    else:
+        residual = residual * mask[..., None]
+        counts = mask.sum(dim=1)
+    scale = 1.0 / counts.clamp(min=1).to(residual.dtype)
+    mean_residual = residual.sum(dim=1) * scale[:, None]  # (C, C)
+    feature_grad = mean_residual @ weight  # (C, d)
+    if not with_classifier:
+        return ClassGradients(feature_grad)
+    weight_grad = torch.bmm(residual.transpose(1, 2), features) * scale[:, None, None]
+    return ClassGradients(feature_grad, weight_grad, mean_residual)
+
+
+def vector_distance(a: torch.Tensor, b: torch.Tensor, kind: Distance) -> torch.Tensor:
+    """Distance per leading index between tensors of shape (N, ..., k).
+
+    cosine: 1 - cos over the last axis, summed over the axes between (per output row,
+    as in Dataset Condensation's layer-wise distance); mse: summed squared difference.
+    """
+    if kind == "cosine":
+        per_row = 1.0 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)
+    elif kind == "mse":
+        per_row = (a - b).pow(2).sum(dim=-1)
+    else:
+        raise ValueError(f"unknown distance '{kind}'; allowed: cosine, mse")
+    return per_row.reshape(per_row.shape[0], -1).sum(dim=1)
+
+
+def masked_class_mean(
+    values: torch.Tensor, present: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over clients of per-class values, counting only clients that hold the class.
+
+    Args:
+        values: (K, C, ...) one row per client.
+        present: (K, C) bool.
+    Returns (mean (C, ...), holders (C,) number of clients holding each class). Classes no
+    client holds come out as zeros and must be skipped using `holders`.
+    """
+    expand = (1,) * (values.dim() - 2)
+    held = present.reshape(*present.shape, *expand)
+    total = torch.where(held, values, torch.zeros((), dtype=values.dtype)).sum(dim=0)
+    holders = present.sum(dim=0)
+    return total / holders.clamp(min=1).to(values.dtype).reshape(-1, *expand), holders

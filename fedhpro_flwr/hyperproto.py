@@ -1,0 +1,94 @@
+"""Hyper-prototypes: L learnable vectors per class, held by the server.
+
+Clients use them through two derived views (`anchors` for HPCL, `centers` for HPAL); the
+server moves them so that the CE gradients they induce in the global classifier match the
+gradients clients measured on real features (`match_hyperprototypes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .gradmatch import Distance, class_gradients, vector_distance
+
+
+def init_hyperprototypes(
+    num_classes: int, per_class: int, dim: int, generator: torch.Generator
+) -> torch.Tensor:
+    """(C, L, d) drawn from N(0, 1)."""
+    return torch.randn(num_classes, per_class, dim, generator=generator)
+
+
+def anchors(hyperprototypes: torch.Tensor) -> torch.Tensor:
+    """HPCL's anchors: the mean of each class's normalised hyper-prototypes, (C, d)."""
+    return F.normalize(hyperprototypes, dim=-1).mean(dim=1)
+
+
+def centers(hyperprototypes: torch.Tensor) -> torch.Tensor:
+    """HPAL's targets: each class's normalised mean hyper-prototype, (C, d)."""
+    return F.normalize(hyperprototypes.mean(dim=1), dim=-1)
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """The updated hyper-prototypes and how the matching went."""
+
+    hyperprototypes: torch.Tensor
+    loss_before: float
+    loss_after: float
+    movement: float  # ||P_new - P_old|| / ||P_old||
+
+
+def matching_loss(
+    hyperprototypes: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    present: torch.Tensor,
+    distance: Distance,
+) -> torch.Tensor:
+    """Sum over present classes of D(mean_l dCE(h(P[c,l]), c)/dP[c,l], target[c])."""
+    grads = class_gradients(hyperprototypes, weight, bias, with_classifier=False).feature
+    # dCE/dP[c,l] is the per-sample gradient; its mean over l is class_gradients' mean.
+    return vector_distance(grads[present], target[present], distance).sum()
+
+
+def match_hyperprototypes(
+    hyperprototypes: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    present: torch.Tensor,
+    steps: int,
+    lr: float,
+    distance: Distance = "cosine",
+) -> MatchResult:
+    """`steps` SGD steps on the hyper-prototypes against the clients' mean feature gradients.
+
+    Args:
+        hyperprototypes: (C, L, d).
+        weight, bias: the new global classifier, held fixed.
+        target: (C, d) mean over clients of their per-class feature gradients.
+        present: (C,) bool, classes at least one client sent a gradient for.
+    """
+    weight, bias = weight.detach(), bias.detach()
+    start = hyperprototypes.detach()
+    params = start.clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([params], lr=lr)
+    loss_before = None
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = matching_loss(params, weight, bias, target, present, distance)
+        if loss_before is None:
+            loss_before = loss.item()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        loss_after = matching_loss(params, weight, bias, target, present, distance).item()
+        movement = ((params - start).norm() / start.norm().clamp(min=1e-12)).item()
+    return MatchResult(
+        params.detach(), loss_after if loss_before is None else loss_before, loss_after, movement
+    )

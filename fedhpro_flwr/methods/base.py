@@ -1,0 +1,42 @@
+"""A method is a pair: a client trainer and a server Strategy, registered under one name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from ..config import ExperimentConfig
+from ..data import TensorData
+from ..models import Backbone
+from ..strategy_base import ExperimentStrategy
+
+
+@dataclass
+class ClientTask:
+    """Everything a client trainer needs; the model already holds the global weights."""
+
+    model: Backbone
+    data: TensorData
+    content: RecordDict  # the received message's records (method payloads)
+    cfg: ExperimentConfig
+    device: torch.device
+    generator: torch.Generator
+
+
+# returns (extra ArrayRecords for the reply, train metrics); trains task.model in place
+ClientTrainer = Callable[[ClientTask], tuple[dict[str, ArrayRecord], dict[str, float]]]
+StrategyFactory = Callable[
+    [ExperimentConfig, Mapping[str, torch.Tensor], int, int], ExperimentStrategy
+]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered federated method."""
+
+    name: str
+    client_train: ClientTrainer
+    make_strategy: StrategyFactory  # (cfg, reference weights, num_classes, feature_dim)

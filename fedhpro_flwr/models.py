@@ -1,0 +1,93 @@
+"""Backbones: a feature extractor ``features(x) -> z in R^d`` and a linear ``classifier``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+
+class Backbone(nn.Module):
+    """``forward(x) = classifier(features(x))``; prototype methods use both halves."""
+
+    feature_dim: int
+    classifier: nn.Linear
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class SmallCNN(Backbone):
+    """Three 3x3 conv blocks and a ReLU projection to d (~100k parameters at 28x28, d=128):
+    small enough for CPU federations."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, feature_dim: int):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        for c_in, c_out in ((in_channels, 16), (16, 32), (32, 64)):
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+        self.extractor = nn.Sequential(
+            *blocks, nn.Flatten(),
+            nn.Linear(64 * (image_size // 8) ** 2, feature_dim), nn.ReLU(),
+        )
+        self.feature_dim = feature_dim
+        self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extractor(x)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's two-conv residual block."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes),
+            nn.ReLU(),
+            nn.Conv2d(planes, planes, 3, 1, 1, bias=False), nn.BatchNorm2d(planes),
+        )
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet10(Backbone):
+    """CIFAR-style ResNet with BasicBlock [1, 1, 1, 1]; d = 8 * width (256 for width 32)."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+        super().__init__()
+        planes = [width, 2 * width, 4 * width, 8 * width]
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        ]
+        in_planes = width
+        for i, p in enumerate(planes):
+            layers.append(BasicBlock(in_planes, p, stride=1 if i == 0 else 2))
+            in_planes = p
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.extractor = nn.Sequential(*layers)
+        self.feature_dim = planes[-1]
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extractor(x)
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> Backbone:
+    """The backbone the config names, for inputs of shape (C, H, W)."""
+    channels, height, _ = input_shape
+    if cfg.name == "cnn":
+        return SmallCNN(channels, height, num_classes, cfg.feature_dim)
+    if cfg.name == "resnet10":
+        return ResNet10(channels, num_classes, cfg.width)
+    raise ValueError(f"unknown model '{cfg.name}'")

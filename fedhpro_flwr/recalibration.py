@@ -1,0 +1,123 @@
+"""Classifier recalibration with federated features (CReFF, Shang et al., IJCAI 2022).
+
+The server keeps M learnable "federated features" per class. Each round it moves them so
+that the classifier gradients they induce match the clients' mean classifier gradients, then
+trains a fresh linear layer on them. The features are balanced across classes by
+construction, which is what corrects a classifier biased by skewed client data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .gradmatch import ClassGradients, Distance, class_gradients, vector_distance
+
+
+@dataclass(frozen=True)
+class RecalibrationResult:
+    """The matched features, the retrained classifier and how matching went."""
+
+    features: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    match_loss_before: float
+    match_loss_after: float
+
+
+def feature_matching_loss(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: ClassGradients,
+    present: torch.Tensor,
+    distance: Distance,
+) -> torch.Tensor:
+    """Sum over present classes of D(weight grads) + D(bias grads) against the target."""
+    grads = class_gradients(features, weight, bias)
+    assert grads.weight is not None and grads.bias is not None
+    assert target.weight is not None and target.bias is not None
+    per_class = vector_distance(grads.weight[present], target.weight[present], distance)
+    per_class = per_class + vector_distance(grads.bias[present], target.bias[present], distance)
+    return per_class.sum()
+
+
+def train_linear(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A freshly initialised linear layer trained by SGD on (features, labels)."""
+    dim = features.shape[1]
+    bound = dim**-0.5  # nn.Linear's default range, drawn from our generator
+    weight = ((torch.rand(num_classes, dim, generator=generator) * 2 - 1) * bound)
+    bias = ((torch.rand(num_classes, generator=generator) * 2 - 1) * bound)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.SGD([weight, bias], lr=lr)
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for start in range(0, len(labels), batch_size):
+            batch = order[start : start + batch_size]
+            optimizer.zero_grad()
+            F.cross_entropy(features[batch] @ weight.T + bias, labels[batch]).backward()
+            optimizer.step()
+    return weight.detach(), bias.detach()
+
+
+def recalibrate(
+    features: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: ClassGradients,
+    present: torch.Tensor,
+    *,
+    match_steps: int,
+    feature_lr: float,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    distance: Distance = "cosine",
+    train_classes: torch.Tensor | None = None,
+) -> RecalibrationResult:
+    """Match the federated features to the target gradients, then retrain the classifier.
+
+    Args:
+        features: (C, M, d) federated features.
+        weight, bias: the aggregated global classifier, held fixed while matching.
+        target: mean over clients of their per-class classifier gradients.
+        present: (C,) bool, classes with a target this round.
+        train_classes: (C,) bool, classes whose features train the new classifier
+            (default: `present`).
+    """
+    weight, bias = weight.detach(), bias.detach()
+    params = features.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([params], lr=feature_lr)
+    before = None
+    for _ in range(match_steps):
+        optimizer.zero_grad()
+        loss = feature_matching_loss(params, weight, bias, target, present, distance)
+        if before is None:
+            before = loss.item()
+        loss.backward()
+        optimizer.step()
+    matched = params.detach()
+    with torch.no_grad():
+        after = feature_matching_loss(matched, weight, bias, target, present, distance).item()
+
+    classes = present if train_classes is None else train_classes
+    num_classes, per_class, _ = matched.shape
+    labels = torch.arange(num_classes).repeat_interleave(per_class).view(num_classes, per_class)
+    new_weight, new_bias = train_linear(
+        matched[classes].flatten(0, 1), labels[classes].flatten(), num_classes,
+        epochs, lr, batch_size, generator,
+    )
+    return RecalibrationResult(matched, new_weight, new_bias, after if before is None else before,
+                               after)

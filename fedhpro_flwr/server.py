@@ -1,0 +1,110 @@
+"""The ServerApp's work: resolve the config, build the method's Strategy, run, record.
+
+After every round the global model is evaluated on the held-out test set, a row is added to
+results.json and a checkpoint is written, all from `Strategy.start`'s `evaluate_fn` hook.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Mapping
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .client import STRATEGY_KEY
+from .config import RunSettings, resolve_run_config
+from .data import dataset_info, held_out_data
+from .methods import METHODS, get_method
+from .models import build_model
+from .payload import check_state_dict, tensors_to_record
+from .results import RunResults
+from .training import evaluate
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any], app_dir: Path) -> dict[str, Any]:
+    """Run one experiment end to end; returns what results.json holds."""
+    settings = resolve_run_config(run_config, app_dir, tuple(sorted(METHODS)))
+    return run_experiment(grid, settings)
+
+
+def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
+    cfg = settings.experiment
+    total_rounds = cfg.federation.rounds
+    log(INFO, "fedhpro-flwr: strategy=%s config=%s rounds=%d seed=%d out-dir=%s",
+        settings.strategy, settings.config_path, total_rounds, cfg.seed, settings.out_dir)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    info = dataset_info(cfg)
+    test = held_out_data(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg.model, info.input_shape, info.num_classes)
+    strategy = get_method(settings.strategy).make_strategy(
+        cfg, model.state_dict(), info.num_classes, model.feature_dim
+    )
+    results = RunResults(settings)
+    arrays = tensors_to_record(model.state_dict())
+    done = 0
+    if settings.resume:
+        checkpoint = load_checkpoint(settings.out_dir, settings.strategy, cfg.fingerprint())
+        done = checkpoint.round
+        model.load_state_dict(check_state_dict(tensors_to_record(checkpoint.weights),
+                                               model.state_dict(), "checkpoint weights"))
+        strategy.load_state_dict(checkpoint.strategy_state)
+        checkpoint.restore_rng()
+        results.restore(checkpoint.results)
+        arrays = tensors_to_record(model.state_dict())
+        log(INFO, "resuming from %s/checkpoint.pt after round %d", settings.out_dir, done)
+    strategy.round_offset = done
+    model.to(device)
+
+    def end_of_round(server_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
+        round_ = server_round + done
+        if server_round == 0 and done:
+            return None  # the initial model was evaluated by the first run
+        start = time.perf_counter()
+        model.load_state_dict(round_arrays.to_torch_state_dict())
+        loss, accuracy = evaluate(model, test, device)
+        if server_round == 0:
+            results.set_initial(accuracy, loss)
+            log(INFO, "initial model: accuracy %.4f loss %.4f", accuracy, loss)
+        else:
+            row = {"round": round_, "accuracy": accuracy, "loss": loss,
+                   "eval_seconds": time.perf_counter() - start, **strategy.last_round}
+            results.add_round(row)
+            log(INFO, "[round %d/%d] accuracy %.4f loss %.4f train_loss %.4f | client %.1fs "
+                "server %.2fs wall %.1fs", round_, total_rounds, accuracy, loss,
+                row["train_loss"], row["client_seconds"], row["server_seconds"],
+                row["wall_seconds"])
+            save_checkpoint(Checkpoint.capture(
+                settings.strategy, cfg.fingerprint(), round_,
+                {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                strategy.state_dict(), results.data,
+            ), settings.out_dir)
+        results.write()
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    remaining = total_rounds - done
+    if remaining > 0:
+        strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=remaining,
+            timeout=cfg.federation.round_timeout,
+            train_config=ConfigRecord({STRATEGY_KEY: settings.strategy, **cfg.to_flat()}),
+            evaluate_fn=end_of_round,
+        )
+    else:
+        log(INFO, "checkpoint already holds all %d rounds; nothing to run", total_rounds)
+    path = results.write()
+    log(INFO, "results written to %s (final accuracy %.4f, best %.4f)", path,
+        results.data.get("final_accuracy", float("nan")),
+        results.data.get("best_accuracy", float("nan")))
+    return results.data

@@ -1,0 +1,188 @@
+"""What every method's server Strategy shares, on top of Flower's FedAvg.
+
+FedAvg gives node sampling and the round loop (`Strategy.start`). This layer adds what
+FedAvg cannot do for methods with extra payloads: it validates every reply (weights, metrics
+and the method's own arrays) and rejects bad ones with the node id logged; it averages the
+weights; it hands the decoded replies to the method's `server_step`; it measures the round
+(payload bytes, client and server seconds); and it exposes state for checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from .config import ExperimentConfig
+from .payload import PayloadError, check_state_dict, record_nbytes, tensors_to_record
+
+REQUIRED_METRICS = ("num-examples", "partition-id", "client-seconds", "train_loss")
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """A validated training reply."""
+
+    node_id: int
+    partition_id: int
+    num_examples: int
+    weights: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    extra: Any  # the method's decoded payload
+
+
+class NoValidReplies(RuntimeError):
+    """A round ended without a single usable reply."""
+
+
+def weighted_average(
+    states: list[dict[str, torch.Tensor]], weights: list[float]
+) -> dict[str, torch.Tensor]:
+    """Sample-weighted mean of state dicts; integer buffers (BatchNorm counters) stay ints."""
+    total = sum(weights)
+    out = {}
+    for name, ref in states[0].items():
+        mean = sum(s[name].double() * (w / total) for s, w in zip(states, weights, strict=True))
+        out[name] = mean.to(ref.dtype) if ref.is_floating_point() else mean.round().to(ref.dtype)
+    return out
+
+
+class ExperimentStrategy(FedAvg):
+    """FedAvg plus validated extra payloads, accounting and checkpointable state.
+
+    Subclasses override `train_records`, `decode_extra`, `server_step`, `state_dict` and
+    `load_state_dict`; with none overridden this is FedAvg.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor]):
+        fed = cfg.federation
+        super().__init__(
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=0.0,  # the global model is evaluated on the server
+            min_train_nodes=fed.min_train_nodes,
+            min_available_nodes=fed.min_train_nodes,
+        )
+        self.cfg = cfg
+        self.reference_state = {k: v.detach().cpu() for k, v in reference_state.items()}
+        self.round_offset = 0  # rounds already done before this process (resume)
+        self.last_round: dict[str, float] = {}
+        self._round_start = 0.0
+        self._bytes_down = 0
+
+    # ---- method hooks -------------------------------------------------------------------
+    def train_records(self) -> dict[str, ArrayRecord]:
+        """Extra ArrayRecords sent to every client with the weights."""
+        return {}
+
+    def decode_extra(self, content: Any) -> Any:
+        """Decode and validate the method's own arrays in a reply (raise PayloadError)."""
+        return None
+
+    def server_step(
+        self, server_round: int, weights: dict[str, torch.Tensor], replies: list[ClientReply]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The method's server computation after weight averaging: (weights, diagnostics)."""
+        return weights, {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Server state beyond the model weights, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+    # ---- Flower Strategy ----------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._round_start = time.perf_counter()
+        round_ = server_round + self.round_offset
+        messages = list(super().configure_train(round_, arrays, config, grid))
+        extra = self.train_records()
+        for message in messages[:1]:  # FedAvg's messages share one RecordDict
+            for key, record in extra.items():
+                message.content[key] = record
+        payload = record_nbytes(arrays) + sum(record_nbytes(r) for r in extra.values())
+        self._bytes_down = payload * len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        round_ = server_round + self.round_offset
+        start = time.perf_counter()
+        replies = list(replies)
+        valid, failures = self._validate(round_, replies)
+        if not valid:
+            raise NoValidReplies(
+                f"round {round_}: none of {len(replies)} replies could be used: "
+                + "; ".join(failures)
+            )
+        valid.sort(key=lambda r: r.partition_id)  # fixed summation order: reproducible runs
+        counts = [float(r.num_examples) for r in valid]
+        weights = weighted_average([r.weights for r in valid], counts)
+        weights, diagnostics = self.server_step(round_, weights, valid)
+        train_loss = sum(
+            r.metrics["train_loss"] * n for r, n in zip(valid, counts, strict=True)
+        ) / sum(counts)
+        client_seconds = [r.metrics["client-seconds"] for r in valid]
+        end = time.perf_counter()
+        self.last_round = {
+            "train_loss": train_loss,
+            "client_seconds": sum(client_seconds),
+            "client_seconds_max": max(client_seconds),
+            "server_seconds": end - start,
+            "wall_seconds": end - self._round_start,
+            "bytes_up": sum(record_nbytes(r) for m in replies if not m.has_error()
+                            for r in m.content.array_records.values()),
+            "bytes_down": self._bytes_down,
+            "clients": len(valid),
+            "failures": len(failures),
+            **diagnostics,
+        }
+        metrics = MetricRecord({"train_loss": train_loss, "clients": len(valid)})
+        return tensors_to_record(weights), metrics
+
+    # ---- reply validation ---------------------------------------------------------------
+    def _validate(self, round_: int, replies: list[Message]) -> tuple[list[ClientReply], list[str]]:
+        valid: list[ClientReply] = []
+        failures: list[str] = []
+        for message in replies:
+            node = message.metadata.src_node_id
+            if message.has_error():
+                reason = f"node {node} failed: {message.error.reason}"
+            else:
+                try:
+                    valid.append(self._decode(node, message))
+                    continue
+                except PayloadError as exc:
+                    reason = f"node {node} sent an invalid reply, rejected: {exc}"
+            failures.append(reason)
+            log(WARNING, "round %d: %s", round_, reason)
+        log(INFO, "round %d: %d replies used, %d left out", round_, len(valid), len(failures))
+        return valid, failures
+
+    def _decode(self, node: int, message: Message) -> ClientReply:
+        content = message.content
+        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+            raise PayloadError("reply lacks the 'arrays' or 'metrics' record")
+        metrics = dict(content.metric_records["metrics"])
+        for key in REQUIRED_METRICS:
+            value = metrics.get(key)
+            if not isinstance(value, int | float) or not math.isfinite(value):
+                raise PayloadError(f"metric '{key}' is missing or not a finite number: {value!r}")
+        if metrics["num-examples"] <= 0:
+            raise PayloadError(f"num-examples must be positive, got {metrics['num-examples']}")
+        weights = check_state_dict(content.array_records["arrays"], self.reference_state,
+                                   "model weights")
+        return ClientReply(node, int(metrics["partition-id"]), int(metrics["num-examples"]),
+                           weights, metrics, self.decode_extra(content))

@@ -1,0 +1,68 @@
+"""Local training and evaluation loops shared by every method (plain PyTorch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data import TensorData
+from .models import Backbone
+
+# extra loss term from (features, labels); methods add their regularisers through it
+Regulariser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train_epochs(
+    model: Backbone,
+    data: TensorData,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    regulariser: Regulariser | None = None,
+) -> dict[str, float]:
+    """SGD for ``cfg.local_epochs`` on CE (+ the regulariser); returns mean losses."""
+    model.train()
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    x_all, y_all = data.x.to(device), data.y.to(device)
+    total = ce_total = 0.0
+    steps = 0
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(len(data), generator=generator).to(device)
+        for start in range(0, len(data), cfg.batch_size):
+            batch = order[start : start + cfg.batch_size]
+            if len(batch) < 2 and len(data) >= 2:
+                continue  # BatchNorm cannot train on a single sample
+            x, y = x_all[batch], y_all[batch]
+            z = model.features(x)
+            ce = F.cross_entropy(model.classifier(z), y)
+            loss = ce if regulariser is None else ce + regulariser(z, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item()
+            ce_total += ce.item()
+            steps += 1
+    steps = max(steps, 1)
+    return {"train_loss": total / steps, "train_ce": ce_total / steps}
+
+
+@torch.no_grad()
+def evaluate(
+    model: Backbone, data: TensorData, device: torch.device, batch_size: int = 512
+) -> tuple[float, float]:
+    """(mean CE loss, accuracy) of the model on the data."""
+    model.eval()
+    loss = correct = 0.0
+    for start in range(0, len(data), batch_size):
+        x = data.x[start : start + batch_size].to(device)
+        y = data.y[start : start + batch_size].to(device)
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == y).sum().item()
+    n = max(len(data), 1)
+    return loss / n, correct / n

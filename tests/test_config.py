@@ -1,0 +1,89 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from fedhpro_flwr.config import (
+    ConfigError,
+    ExperimentConfig,
+    load_experiment,
+    parse_overrides,
+    resolve_run_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("fedhpro",)
+
+
+def resolve(**run_config):
+    return resolve_run_config(run_config, ROOT, STRATEGIES)
+
+
+def test_default_yaml_loads_and_round_trips_through_flat_form():
+    cfg = load_experiment(ROOT / "conf" / "default.yaml")
+    assert cfg.partition.num_partitions == 10 and cfg.partition.alpha == 0.5
+    assert ExperimentConfig.from_flat(cfg.to_flat()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"fedhpro.taus": 0.1}, "unknown config key 'fedhpro.taus'"),
+        ({"nosuch": 1}, "unknown config key 'nosuch'"),
+        ({"train.local_epochs": "two"}, "'train.local_epochs' = 'two': expected an integer"),
+        ({"train.local_epochs": 1.5}, "expected an integer"),
+        ({"fedhpro.margin": 1}, "expected true or false"),
+        ({"fedhpro.tau": 0}, "'fedhpro.tau' = 0: must be > 0.0"),
+        ({"partition.num_partitions": 0}, "must be >= 1"),
+        ({"federation.fraction_train": 1.5}, "must be <= 1"),
+        ({"fedhpro.distance": "l1"}, "allowed values are cosine, mse"),
+        ({"model.name": "vgg"}, "allowed values are cnn, resnet10"),
+        ({"fedhpro.lr_hp": float("nan")}, "finite"),
+    ],
+)
+def test_bad_values_name_key_value_and_rule(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_experiment(ROOT / "conf" / "default.yaml", overrides)
+
+
+def test_run_config_overrides_yaml():
+    s = resolve(**{"num-server-rounds": 3, "seed": 7, "out-dir": "/tmp/x",
+                   "overrides": "train.local_epochs=2 fedhpro.recalibration=false"})
+    e = s.experiment
+    assert (e.federation.rounds, e.seed, e.train.local_epochs) == (3, 7, 2)
+    assert e.fedhpro.recalibration is False and s.out_dir == Path("/tmp/x")
+
+
+def test_run_config_defaults_come_from_the_yaml():
+    s = resolve()
+    assert s.strategy == "fedhpro" and s.experiment.federation.rounds == 20
+    assert s.out_dir.name == "default-fedhpro-seed536" and s.resume is False
+
+
+@pytest.mark.parametrize(
+    ("run_config", "message"),
+    [
+        ({"strategy": "fedfoo"}, "'strategy' = 'fedfoo': available strategies are fedhpro"),
+        ({"out-dir": "rel/dir"}, "must be an absolute path"),
+        ({"num-server-rounds": -1}, "'num-server-rounds' = -1"),
+        ({"num-server-rounds": "3"}, "expected an integer"),
+        ({"config": "conf/missing.yaml"}, "no such file"),
+        ({"overrides": "train.lr"}, "not of the form key=value"),
+        ({"num-server-round": 3}, "unknown run-config key 'num-server-round'"),
+    ],
+)
+def test_bad_run_config(run_config, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(**run_config)
+
+
+def test_parse_overrides_reads_yaml_scalars():
+    assert parse_overrides("a.b=1 c=0.5 d=true e=cosine") == {
+        "a.b": 1, "c": 0.5, "d": True, "e": "cosine"}
+
+
+def test_fingerprint_ignores_rounds_only():
+    cfg = ExperimentConfig()
+    more_rounds = ExperimentConfig.from_flat({**cfg.to_flat(), "federation.rounds": 99})
+    other_tau = ExperimentConfig.from_flat({**cfg.to_flat(), "fedhpro.tau": 0.2})
+    assert cfg.fingerprint() == more_rounds.fingerprint() != other_tau.fingerprint()

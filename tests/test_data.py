@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from fedhpro_flwr.config import ExperimentConfig, PartitionConfig
+from fedhpro_flwr.data import client_data, held_out_data
+from fedhpro_flwr.extraction import extract_class_statistics, sample_per_class
+from fedhpro_flwr.models import build_model
+from fedhpro_flwr.partition import dirichlet_partition, stratified_split
+
+
+def test_dirichlet_partition_is_disjoint_complete_seeded_and_skewed():
+    labels = np.repeat(np.arange(10), 200)
+    parts = dirichlet_partition(labels, 10, 0.5, seed=1, min_size=10)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(labels) == len(np.unique(joined))
+    assert min(len(p) for p in parts) >= 10
+    again = dirichlet_partition(labels, 10, 0.5, seed=1, min_size=10)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+    def skew(alpha):  # mean over clients of the largest class share
+        ps = dirichlet_partition(labels, 10, alpha, seed=2, min_size=1)
+        return np.mean([np.bincount(labels[p], minlength=10).max() / len(p) for p in ps])
+
+    assert skew(0.1) > skew(0.5) > skew(100.0)
+
+
+def test_dirichlet_partition_refuses_impossible_min_size():
+    with pytest.raises(ValueError, match="at least 50 samples"):
+        dirichlet_partition(np.zeros(100, dtype=int), 10, 0.5, seed=0, min_size=50)
+
+
+def test_stratified_split_holds_out_each_class_equally():
+    labels = np.repeat(np.arange(4), 50)
+    train, test = stratified_split(labels, 0.2, seed=0)
+    assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == 200
+    assert np.bincount(labels[test]).tolist() == [10, 10, 10, 10]
+
+
+def test_default_experiment_data():
+    cfg = ExperimentConfig()
+    held_out = held_out_data(cfg)
+    clients = [client_data(cfg, i) for i in range(cfg.partition.num_partitions)]
+    assert len(held_out) == 1000 and sum(len(c) for c in clients) == 4000
+    assert held_out.x.shape[1:] == (1, 28, 28)
+    assert held_out.class_counts().tolist() == [100] * 10
+    with pytest.raises(ValueError, match="partition-id 10 is out of range"):
+        client_data(cfg, 10)
+
+
+def test_sample_per_class_grid():
+    labels = torch.tensor([2, 0, 2, 2, 0, 3, 2])
+    index, mask = sample_per_class(labels, 4, 3, torch.Generator().manual_seed(0))
+    assert mask.sum(1).tolist() == [2, 0, 3, 1]
+    for c in range(4):
+        picked = index[c][mask[c]]
+        assert (labels[picked] == c).all() and len(picked.unique()) == len(picked)
+
+
+def test_extraction_masks_absent_classes():
+    cfg = ExperimentConfig(partition=PartitionConfig(alpha=0.05, num_partitions=10))
+    data = next(d for d in (client_data(cfg, i) for i in range(10))
+                if (d.class_counts() == 0).any())
+    model = build_model(cfg.model, data.input_shape, 10)
+    stats, means = extract_class_statistics(model, data, 20, 2, torch.Generator().manual_seed(0),
+                                            torch.device("cpu"))
+    absent = data.class_counts() == 0
+    assert torch.equal(stats.present, ~absent)
+    assert stats.feature_grads[absent].abs().sum() == 0 and means[absent].abs().sum() == 0
+    assert stats.feature_grads[~absent].abs().sum(1).min() > 0

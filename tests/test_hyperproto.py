@@ -1,0 +1,68 @@
+import torch
+import torch.nn.functional as F
+
+from fedhpro_flwr.gradmatch import class_gradients
+from fedhpro_flwr.hyperproto import (
+    anchors,
+    centers,
+    init_hyperprototypes,
+    match_hyperprototypes,
+)
+
+
+def setup(seed=0, num_classes=5, dim=16):
+    g = torch.Generator().manual_seed(seed)
+    hp = init_hyperprototypes(num_classes, 3, dim, g)
+    weight, bias = torch.randn(num_classes, dim, generator=g), torch.randn(num_classes, generator=g)
+    # targets: gradients of real-looking features (other random vectors)
+    real = torch.randn(num_classes, 20, dim, generator=g).relu()
+    target = class_gradients(real, weight, bias, with_classifier=False).feature
+    return hp, weight, bias, target
+
+
+def mean_cosine(hp, weight, bias, target, present):
+    grads = class_gradients(hp, weight, bias, with_classifier=False).feature
+    return F.cosine_similarity(grads[present], target[present], dim=1).mean().item()
+
+
+def test_init_is_seeded_standard_normal():
+    a = init_hyperprototypes(10, 5, 64, torch.Generator().manual_seed(3))
+    b = init_hyperprototypes(10, 5, 64, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (10, 5, 64)
+    assert abs(a.mean().item()) < 0.05 and abs(a.std().item() - 1) < 0.05
+
+
+def test_views_for_the_client_losses():
+    hp = torch.tensor([[[2.0, 0.0], [0.0, 4.0]]])
+    assert torch.allclose(anchors(hp), torch.tensor([[0.5, 0.5]]))  # mean of unit vectors
+    assert torch.allclose(centers(hp), F.normalize(torch.tensor([[1.0, 2.0]]), dim=1))
+
+
+def test_matching_lowers_loss_and_raises_cosine():
+    hp, weight, bias, target = setup()
+    present = torch.ones(5, dtype=torch.bool)
+    before = mean_cosine(hp, weight, bias, target, present)
+    result = match_hyperprototypes(hp, weight, bias, target, present, steps=200, lr=1.0)
+    after = mean_cosine(result.hyperprototypes, weight, bias, target, present)
+    assert result.loss_after < result.loss_before
+    assert after > before + 0.05
+    assert result.movement > 0
+
+
+def test_absent_classes_do_not_move_and_zero_steps_change_nothing():
+    hp, weight, bias, target = setup(1)
+    present = torch.tensor([True, False, True, True, False])
+    target[~present] = float("nan")  # whatever sits in absent rows must not leak in
+    result = match_hyperprototypes(hp, weight, bias, target, present, steps=20, lr=1.0)
+    assert torch.equal(result.hyperprototypes[~present], hp[~present])
+    assert not torch.equal(result.hyperprototypes[present], hp[present])
+    assert torch.isfinite(result.hyperprototypes).all()
+    unchanged = match_hyperprototypes(hp, weight, bias, target, present, steps=0, lr=1.0)
+    assert torch.equal(unchanged.hyperprototypes, hp) and unchanged.movement == 0.0
+
+
+def test_mse_distance_also_descends():
+    hp, weight, bias, target = setup(2)
+    present = torch.ones(5, dtype=torch.bool)
+    result = match_hyperprototypes(hp, weight, bias, target, present, 50, 0.5, "mse")
+    assert result.loss_after < result.loss_before

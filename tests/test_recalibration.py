@@ -1,0 +1,50 @@
+import torch
+
+from fedhpro_flwr.gradmatch import class_gradients
+from fedhpro_flwr.recalibration import recalibrate, train_linear
+
+
+def toy_problem(seed=0, num_classes=4, dim=8):
+    """Separable Gaussian classes and a classifier trained on a long-tailed sample of them."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=g) * 2.0
+
+    def sample(n_per_class):
+        xs = [centres[c] + torch.randn(n, dim, generator=g) for c, n in enumerate(n_per_class)]
+        ys = [torch.full((n,), c) for c, n in enumerate(n_per_class)]
+        return torch.cat(xs), torch.cat(ys)
+
+    x_tail, y_tail = sample([400, 40, 8, 2])
+    biased_w, biased_b = train_linear(x_tail, y_tail, num_classes, 20, 0.05, 50, g)
+    real = torch.stack([sample([100] * num_classes)[0].view(num_classes, 100, dim)[c]
+                        for c in range(num_classes)])
+    x_test, y_test = sample([200] * num_classes)
+    return real, biased_w, biased_b, x_test, y_test, g
+
+
+def accuracy(weight, bias, x, y):
+    return ((x @ weight.T + bias).argmax(1) == y).float().mean().item()
+
+
+def test_recalibration_improves_a_biased_classifier():
+    real, weight, bias, x_test, y_test, g = toy_problem()
+    target = class_gradients(real, weight, bias)  # what clients would upload
+    present = torch.ones(4, dtype=torch.bool)
+    features = torch.randn(4, 20, 8, generator=g)
+    result = recalibrate(features, weight, bias, target, present, match_steps=200,
+                         feature_lr=0.1, epochs=100, lr=0.01, batch_size=20, generator=g)
+    before = accuracy(weight, bias, x_test, y_test)
+    after = accuracy(result.weight, result.bias, x_test, y_test)
+    assert result.match_loss_after < result.match_loss_before
+    assert after > before + 0.05, (before, after)
+
+
+def test_absent_classes_keep_their_features():
+    real, weight, bias, *_rest, g = toy_problem(1)
+    target = class_gradients(real, weight, bias)
+    present = torch.tensor([True, True, False, True])
+    features = torch.randn(4, 10, 8, generator=g)
+    result = recalibrate(features, weight, bias, target, present, match_steps=10,
+                         feature_lr=0.1, epochs=2, lr=0.01, batch_size=10, generator=g)
+    assert torch.equal(result.features[2], features[2])
+    assert not torch.equal(result.features[0], features[0])
