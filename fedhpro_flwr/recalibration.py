@@ -53,22 +53,26 @@ def train_linear(
     batch_size: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A freshly initialised linear layer trained by SGD on (features, labels)."""
+    """A freshly initialised linear layer trained by minibatch SGD on CE(features, labels).
+
+    The CE gradient of a linear layer is ``(softmax - onehot)^T x / B``; writing it out
+    instead of calling autograd makes the thousand small steps several times faster.
+    """
     dim = features.shape[1]
     bound = dim**-0.5  # nn.Linear's default range, drawn from our generator
-    weight = ((torch.rand(num_classes, dim, generator=generator) * 2 - 1) * bound)
-    bias = ((torch.rand(num_classes, generator=generator) * 2 - 1) * bound)
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    optimizer = torch.optim.SGD([weight, bias], lr=lr)
+    weight = (torch.rand(num_classes, dim, generator=generator) * 2 - 1) * bound
+    bias = (torch.rand(num_classes, generator=generator) * 2 - 1) * bound
+    onehot = F.one_hot(labels, num_classes).to(features.dtype)
     for _ in range(epochs):
         order = torch.randperm(len(labels), generator=generator)
         for start in range(0, len(labels), batch_size):
             batch = order[start : start + batch_size]
-            optimizer.zero_grad()
-            F.cross_entropy(features[batch] @ weight.T + bias, labels[batch]).backward()
-            optimizer.step()
-    return weight.detach(), bias.detach()
+            x = features[batch]
+            residual = torch.softmax(x @ weight.T + bias, dim=1) - onehot[batch]
+            residual /= len(batch)
+            weight -= lr * (residual.T @ x)
+            bias -= lr * residual.sum(dim=0)
+    return weight, bias
 
 
 def recalibrate(

@@ -29,7 +29,7 @@ def stats():
 
 def encoded(**replace):
     record = encode_class_statistics(stats())
-    arrays = {k: record[k].numpy() for k in record.keys()}
+    arrays = {k: record[k].numpy() for k in record}
     arrays.update(replace)
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
