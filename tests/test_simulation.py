@@ -16,7 +16,7 @@ from fedhpro_flwr.server import run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLIENTS = 3
-OVERRIDES = f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=1"
+OVERRIDES = f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=2"
 
 pytestmark = pytest.mark.slow
 
