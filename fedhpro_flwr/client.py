@@ -8,13 +8,11 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from .config import ConfigError, ExperimentConfig
+from .config import STRATEGY_KEY, ConfigError, ExperimentConfig
 from .data import client_data, dataset_info
 from .methods import ClientTask, get_method
 from .models import build_model
 from .payload import check_state_dict, tensors_to_record
-
-STRATEGY_KEY = "strategy"
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:

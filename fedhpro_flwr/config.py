@@ -19,6 +19,7 @@ from typing import Any, get_type_hints
 import yaml
 
 Scalar = bool | int | float | str
+STRATEGY_KEY = "strategy"  # names the method in the ConfigRecord sent to clients
 
 
 class ConfigError(ValueError):

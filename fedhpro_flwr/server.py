@@ -19,8 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .client import STRATEGY_KEY
-from .config import RunSettings, resolve_run_config
+from .config import STRATEGY_KEY, RunSettings, resolve_run_config
 from .data import dataset_info, held_out_data
 from .methods import METHODS, get_method
 from .models import build_model

@@ -108,7 +108,7 @@ class ExperimentStrategy(FedAvg):
         round_ = server_round + self.round_offset
         messages = list(super().configure_train(round_, arrays, config, grid))
         extra = self.train_records()
-        for message in messages[:1]:  # FedAvg's messages share one RecordDict
+        for message in messages:
             for key, record in extra.items():
                 message.content[key] = record
         payload = record_nbytes(arrays) + sum(record_nbytes(r) for r in extra.values())
