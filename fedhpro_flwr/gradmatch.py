@@ -10,6 +10,7 @@ recalibration (gradients on learnable vectors, differentiated through with autog
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -94,3 +95,24 @@ def masked_class_mean(
     total = torch.where(held, values, torch.zeros((), dtype=values.dtype)).sum(dim=0)
     holders = present.sum(dim=0)
     return total / holders.clamp(min=1).to(values.dtype).reshape(-1, *expand), holders
+
+
+def descend(
+    start: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], steps: int, lr: float
+) -> tuple[torch.Tensor, float, float]:
+    """Plain SGD on a copy of `start`: (result, loss at the start, loss at the end).
+
+    The server's two matching problems (hyper-prototypes, federated features) are both this.
+    """
+    params = start.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([params], lr=lr)
+    with torch.no_grad():
+        before = loss_fn(params).item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(params).backward()
+        optimizer.step()
+    result = params.detach()
+    with torch.no_grad():
+        after = loss_fn(result).item()
+    return result, before, after

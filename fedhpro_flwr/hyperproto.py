@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .gradmatch import Distance, class_gradients, vector_distance
+from .gradmatch import Distance, class_gradients, descend, vector_distance
 
 
 def init_hyperprototypes(
@@ -76,19 +76,8 @@ def match_hyperprototypes(
     """
     weight, bias = weight.detach(), bias.detach()
     start = hyperprototypes.detach()
-    params = start.clone().requires_grad_(True)
-    optimizer = torch.optim.SGD([params], lr=lr)
-    loss_before = None
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = matching_loss(params, weight, bias, target, present, distance)
-        if loss_before is None:
-            loss_before = loss.item()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        loss_after = matching_loss(params, weight, bias, target, present, distance).item()
-        movement = ((params - start).norm() / start.norm().clamp(min=1e-12)).item()
-    return MatchResult(
-        params.detach(), loss_after if loss_before is None else loss_before, loss_after, movement
+    result, before, after = descend(
+        start, lambda p: matching_loss(p, weight, bias, target, present, distance), steps, lr
     )
+    movement = ((result - start).norm() / start.norm().clamp(min=1e-12)).item()
+    return MatchResult(result, before, after, movement)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .gradmatch import ClassGradients, Distance, class_gradients, vector_distance
+from .gradmatch import ClassGradients, Distance, class_gradients, descend, vector_distance
 
 
 @dataclass(frozen=True)
@@ -102,19 +102,12 @@ def recalibrate(
             (default: `present`).
     """
     weight, bias = weight.detach(), bias.detach()
-    params = features.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.SGD([params], lr=feature_lr)
-    before = None
-    for _ in range(match_steps):
-        optimizer.zero_grad()
-        loss = feature_matching_loss(params, weight, bias, target, present, distance)
-        if before is None:
-            before = loss.item()
-        loss.backward()
-        optimizer.step()
-    matched = params.detach()
-    with torch.no_grad():
-        after = feature_matching_loss(matched, weight, bias, target, present, distance).item()
+    matched, before, after = descend(
+        features,
+        lambda v: feature_matching_loss(v, weight, bias, target, present, distance),
+        match_steps,
+        feature_lr,
+    )
 
     classes = present if train_classes is None else train_classes
     num_classes, per_class, _ = matched.shape
@@ -123,5 +116,4 @@ def recalibrate(
         matched[classes].flatten(0, 1), labels[classes].flatten(), num_classes,
         epochs, lr, batch_size, generator,
     )
-    return RecalibrationResult(matched, new_weight, new_bias, after if before is None else before,
-                               after)
+    return RecalibrationResult(matched, new_weight, new_bias, before, after)
