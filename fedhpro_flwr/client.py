@@ -14,6 +14,9 @@ from .methods import ClientTask, get_method
 from .models import build_model
 from .payload import check_state_dict, tensors_to_record
 
+# keys Flower's strategies put in the ConfigRecord beside the experiment's own
+FLOWER_CONFIG_KEYS = ("server-round", "proximal-mu", STRATEGY_KEY)
+
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     """A distinct, reproducible seed per (run seed, round, client)."""
@@ -51,7 +54,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     """One round of local training for whichever method the server runs."""
     config: ConfigRecord = msg.content.config_records["config"]
     cfg = ExperimentConfig.from_flat(
-        {k: v for k, v in config.items() if k not in ("server-round", STRATEGY_KEY)}
+        {k: v for k, v in config.items() if k not in FLOWER_CONFIG_KEYS}
     )
     method = get_method(str(config[STRATEGY_KEY]))
     server_round = int(config["server-round"])

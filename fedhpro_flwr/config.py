@@ -113,6 +113,53 @@ class FedHProConfig:
 
 
 @dataclass(frozen=True)
+class FedProxConfig:
+    """FedProx (Li et al., MLSys 2020): the proximal term's weight mu."""
+
+    mu: float = _spec(0.01, ge=0.0)
+
+
+@dataclass(frozen=True)
+class FedProtoConfig:
+    """FedProto (Tan et al., AAAI 2022): weight of the prototype MSE (its code's `ld`)."""
+
+    lam: float = _spec(1.0, ge=0.0)
+
+
+@dataclass(frozen=True)
+class FedTGPConfig:
+    """FedTGP (Zhang et al., AAAI 2024); 0 means "as its code does": follow the train section."""
+
+    lam: float = _spec(10.0, ge=0.0)
+    server_epochs: int = _spec(100, ge=0)
+    margin_threshold: float = _spec(100.0, ge=0.0)
+    server_lr: float = _spec(0.0, ge=0.0)  # 0 = train.lr
+    server_batch_size: int = _spec(0, ge=0)  # 0 = train.batch_size
+    hidden_dim: int = _spec(0, ge=0)  # 0 = the feature dimension
+
+
+@dataclass(frozen=True)
+class FPLConfig:
+    """FPL (Huang et al., CVPR 2023): InfoNCE temperature over the cluster prototypes."""
+
+    tau: float = _spec(0.02, gt=0.0)
+
+
+@dataclass(frozen=True)
+class CReFFConfig:
+    """CReFF (Shang et al., IJCAI 2022), its code's defaults; 0 batch size = train.batch_size."""
+
+    batch_real: int = _spec(32, ge=1)
+    repeat_num: int = _spec(10, ge=1)
+    features: int = _spec(100, ge=1)  # federated features per class
+    match_steps: int = _spec(100, ge=0)
+    feature_lr: float = _spec(0.1, gt=0.0)
+    epochs: int = _spec(300, ge=1)
+    lr: float = _spec(0.01, gt=0.0)
+    batch_size: int = _spec(0, ge=0)
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment: the YAML file's content after overrides."""
 
@@ -123,6 +170,11 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     fedhpro: FedHProConfig = field(default_factory=FedHProConfig)
+    fedprox: FedProxConfig = field(default_factory=FedProxConfig)
+    fedproto: FedProtoConfig = field(default_factory=FedProtoConfig)
+    fedtgp: FedTGPConfig = field(default_factory=FedTGPConfig)
+    fpl: FPLConfig = field(default_factory=FPLConfig)
+    creff: CReFFConfig = field(default_factory=CReFFConfig)
 
     def to_flat(self) -> dict[str, Scalar]:
         """``{"section.key": value}``: what a Flower ConfigRecord can carry."""

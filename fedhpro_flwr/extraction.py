@@ -58,15 +58,20 @@ def extract_class_statistics(
     repeats: int,
     generator: torch.Generator,
     device: torch.device,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk: int = 512,
 ) -> tuple[ClassStatistics, torch.Tensor]:
     """Per-class mean CE gradients at the model as received, and the (C, d) mean features.
 
-    The mean features stay on the client (they seed the running means of the margin).
+    `head` (weight, bias) replaces the model's classifier in the loss when given (CReFF
+    measures at its re-trained classifier). The mean features stay on the client (they seed
+    the running means of FedHPro's margin).
     """
     model.eval()
     num_classes = data.num_classes
-    weight, bias = model.classifier.weight.detach(), model.classifier.bias.detach()
+    if head is None:
+        head = (model.classifier.weight, model.classifier.bias)
+    weight, bias = (t.detach().to(device) for t in head)
     counts = data.class_counts()
     present = counts > 0
     sums: list[torch.Tensor] | None = None

@@ -1,8 +1,13 @@
-"""FedHPro's client losses: HPCL (inter-class separation) and HPAL (intra-class alignment)."""
+"""Client loss terms added to cross-entropy.
+
+FedHPro's HPCL (inter-class separation) and HPAL (intra-class alignment), and the peers':
+FedProx's proximal term, FedProto's / FedTGP's prototype MSE, FPL's cluster InfoNCE.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -69,3 +74,52 @@ class RunningClassMeans:
 
     def margin(self) -> float:
         return client_margin(self.means, self.present)
+
+
+def proximal_term(
+    params: Iterable[torch.Tensor], global_params: Iterable[torch.Tensor], mu: float
+) -> torch.Tensor:
+    """FedProx: ``mu / 2 * ||w - w_global||^2`` over all trainable parameters."""
+    squares = [(p - g).pow(2).sum() for p, g in zip(params, global_params, strict=True)]
+    return 0.5 * mu * torch.stack(squares).sum()
+
+
+def prototype_mse(
+    z: torch.Tensor, y: torch.Tensor, prototypes: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
+    """FedProto / FedTGP: MSE between each feature and its class's global prototype.
+
+    Averaged over all B x d entries, as their code's ``MSELoss`` over a target in which
+    samples of classes without a global prototype stand for themselves (and add zero).
+    """
+    has_proto = present[y]
+    diff = (z - prototypes[y]) * has_proto[:, None]
+    return diff.pow(2).sum() / z.numel()
+
+
+def fpl_loss(
+    z: torch.Tensor,
+    y: torch.Tensor,
+    cluster_prototypes: torch.Tensor,
+    cluster_labels: torch.Tensor,
+    unbiased: torch.Tensor,
+    present: torch.Tensor,
+    tau: float,
+) -> torch.Tensor:
+    """FPL's prototype term, averaged over the batch.
+
+    Per sample of a class with global prototypes: InfoNCE over all cluster prototypes,
+    ``-log(sum_pos exp(cos/tau) / sum_all exp(cos/tau))`` with the sample's class clusters as
+    positives, plus the MSE (mean over d) to its class's unbiased prototype. Samples of other
+    classes add zero but count in the batch mean, as in FPL's code.
+    """
+    has_proto = present[y]
+    if not has_proto.any():
+        return z.sum() * 0.0
+    zs, ys = z[has_proto], y[has_proto]
+    logits = F.cosine_similarity(zs[:, None, :], cluster_prototypes[None], dim=-1) / tau
+    positive = cluster_labels[None, :] == ys[:, None]
+    log_positive = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
+    infonce = torch.logsumexp(logits, dim=1) - log_positive
+    mse = (zs - unbiased[ys]).pow(2).mean(dim=1)
+    return (infonce + mse).sum() / len(y)

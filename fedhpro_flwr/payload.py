@@ -7,6 +7,7 @@ what is wrong, so a bad message is rejected before it can touch any global state
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -75,16 +76,73 @@ def check_state_dict(
     return record_to_tensors(record, expected, what)
 
 
+def encode_class_rows(present: torch.Tensor, rows: Mapping[str, torch.Tensor],
+                      counts: torch.Tensor | None = None) -> ArrayRecord:
+    """Per-class rows of only the `present` classes; `classes` says which rows they are."""
+    classes = torch.nonzero(present).flatten()
+    tensors = {"classes": classes, **{name: t[classes] for name, t in rows.items()}}
+    if counts is not None:
+        tensors["counts"] = counts.to(torch.int64)
+    return tensors_to_record(tensors)
+
+
+@dataclass(frozen=True)
+class ClassRows:
+    """A decoded `encode_class_rows` record; rows of absent classes are zeros."""
+
+    present: torch.Tensor  # (C,) bool
+    rows: dict[str, torch.Tensor]  # each (C, ...)
+    counts: torch.Tensor | None  # (C,) int64, when the record carries counts
+
+
+def decode_class_rows(
+    record: ArrayRecord,
+    num_classes: int,
+    row_shapes: Mapping[str, tuple[int, ...]],
+    what: str,
+    with_counts: bool = False,
+) -> ClassRows:
+    """Inverse of `encode_class_rows`: checks class ids, row counts, shapes and counts."""
+    c = num_classes
+    expected: dict[str, tuple[tuple[int | None, ...], str]] = {"classes": ((None,), "int")}
+    expected |= {name: ((None, *shape), "float") for name, shape in row_shapes.items()}
+    if with_counts:
+        expected["counts"] = ((c,), "int")
+    t = record_to_tensors(record, expected, what)
+    classes = t["classes"]
+    n = len(classes)
+    for name in row_shapes:
+        if t[name].shape[0] != n:
+            raise PayloadError(f"{what}: '{name}' has {t[name].shape[0]} rows for {n} classes")
+    if n and (classes.min() < 0 or classes.max() >= c):
+        raise PayloadError(f"{what}: class ids {classes.tolist()} outside 0..{c - 1}")
+    if len(torch.unique(classes)) != n:
+        raise PayloadError(f"{what}: repeated class ids {classes.tolist()}")
+    present = torch.zeros(c, dtype=torch.bool)
+    present[classes] = True
+    counts = t.get("counts")
+    if counts is not None:
+        if (counts < 0).any():
+            raise PayloadError(f"{what}: negative class counts {counts.tolist()}")
+        if not torch.equal(present, counts > 0):
+            raise PayloadError(f"{what}: classes {classes.tolist()} disagree with the nonzero "
+                               f"counts {counts.tolist()}")
+
+    def scatter(rows: torch.Tensor) -> torch.Tensor:
+        full = torch.zeros(c, *rows.shape[1:], dtype=rows.dtype)
+        full[classes] = rows
+        return full
+
+    return ClassRows(present, {name: scatter(t[name]) for name in row_shapes}, counts)
+
+
+_GRADIENT_ROWS = ("feature_grads", "weight_grads", "bias_grads")
+
+
 def encode_class_statistics(stats: ClassStatistics) -> ArrayRecord:
-    """Only the classes the client holds are sent; `classes` says which rows they are."""
-    classes = torch.nonzero(stats.present).flatten()
-    return tensors_to_record({
-        "classes": classes,
-        "counts": stats.counts.to(torch.int64),
-        "feature_grads": stats.feature_grads[classes],
-        "weight_grads": stats.weight_grads[classes],
-        "bias_grads": stats.bias_grads[classes],
-    })
+    """Only the classes the client holds are sent."""
+    return encode_class_rows(stats.present, {name: getattr(stats, name) for name in _GRADIENT_ROWS},
+                             stats.counts)
 
 
 def decode_class_statistics(
@@ -92,36 +150,8 @@ def decode_class_statistics(
 ) -> ClassStatistics:
     """Inverse of `encode_class_statistics`, with absent classes back as zero rows."""
     c, d = num_classes, feature_dim
-    t = record_to_tensors(record, {
-        "classes": ((None,), "int"),
-        "counts": ((c,), "int"),
-        "feature_grads": ((None, d), "float"),
-        "weight_grads": ((None, c, d), "float"),
-        "bias_grads": ((None, c), "float"),
-    }, what)
-    classes, counts = t["classes"], t["counts"]
-    n = len(classes)
-    for name in ("feature_grads", "weight_grads", "bias_grads"):
-        if t[name].shape[0] != n:
-            raise PayloadError(f"{what}: '{name}' has {t[name].shape[0]} rows for {n} classes")
-    if n and (classes.min() < 0 or classes.max() >= c):
-        raise PayloadError(f"{what}: class ids {classes.tolist()} outside 0..{c - 1}")
-    if len(torch.unique(classes)) != n:
-        raise PayloadError(f"{what}: repeated class ids {classes.tolist()}")
-    if (counts < 0).any():
-        raise PayloadError(f"{what}: negative class counts {counts.tolist()}")
-    present = torch.zeros(c, dtype=torch.bool)
-    present[classes] = True
-    if not torch.equal(present, counts > 0):
-        raise PayloadError(f"{what}: classes {classes.tolist()} disagree with the nonzero "
-                           f"counts {counts.tolist()}")
-
-    def scatter(rows: torch.Tensor) -> torch.Tensor:
-        full = torch.zeros(c, *rows.shape[1:], dtype=rows.dtype)
-        full[classes] = rows
-        return full
-
-    return ClassStatistics(
-        present, counts, scatter(t["feature_grads"]), scatter(t["weight_grads"]),
-        scatter(t["bias_grads"]),
-    )
+    shapes = dict(zip(_GRADIENT_ROWS, ((d,), (c, d), (c,)), strict=True))
+    decoded = decode_class_rows(record, c, shapes, what, with_counts=True)
+    assert decoded.counts is not None
+    return ClassStatistics(decoded.present, decoded.counts,
+                           *(decoded.rows[name] for name in _GRADIENT_ROWS))

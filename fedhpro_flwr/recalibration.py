@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .gradmatch import ClassGradients, Distance, class_gradients, descend, vector_distance
+from .extraction import ClassStatistics
+from .gradmatch import (
+    ClassGradients,
+    Distance,
+    class_gradients,
+    descend,
+    masked_class_mean,
+    vector_distance,
+)
 
 
 @dataclass(frozen=True)
@@ -117,3 +125,61 @@ def recalibrate(
         epochs, lr, batch_size, generator,
     )
     return RecalibrationResult(matched, new_weight, new_bias, before, after)
+
+
+@dataclass(frozen=True)
+class RecalibrationSettings:
+    """The knobs of `recalibrate` that a method's config sets."""
+
+    match_steps: int
+    feature_lr: float
+    epochs: int
+    lr: float
+    batch_size: int
+    distance: Distance = "cosine"
+
+
+class FederatedFeatures:
+    """The server's federated features and the classes seen so far: CReFF's state.
+
+    Each call to `recalibrate` averages the clients' classifier gradients per class (over
+    the clients holding it), matches the features to them and returns a retrained classifier.
+    """
+
+    def __init__(self, num_classes: int, per_class: int, dim: int, generator: torch.Generator):
+        self.features = torch.randn(num_classes, per_class, dim, generator=generator)
+        self.seen = torch.zeros(num_classes, dtype=torch.bool)
+
+    def recalibrate(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        stats: list[ClassStatistics],
+        settings: RecalibrationSettings,
+        generator: torch.Generator,
+    ) -> RecalibrationResult:
+        """Match against `weight`, `bias` (held fixed); the features keep the result."""
+        held = torch.stack([s.present for s in stats])
+        feature, holders = masked_class_mean(torch.stack([s.feature_grads for s in stats]), held)
+        target = ClassGradients(
+            feature,
+            masked_class_mean(torch.stack([s.weight_grads for s in stats]), held)[0],
+            masked_class_mean(torch.stack([s.bias_grads for s in stats]), held)[0],
+        )
+        present = holders > 0
+        self.seen |= present
+        result = recalibrate(
+            self.features, weight, bias, target, present,
+            match_steps=settings.match_steps, feature_lr=settings.feature_lr,
+            epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
+            generator=generator, distance=settings.distance, train_classes=self.seen,
+        )
+        self.features = result.features
+        return result
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"features": self.features, "seen": self.seen}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.features = state["features"].clone()
+        self.seen = state["seen"].clone()

@@ -26,8 +26,9 @@ class RunResults:
             "rounds": [],
         }
 
-    def set_initial(self, accuracy: float, loss: float) -> None:
-        self.data["initial"] = {"accuracy": accuracy, "loss": loss}
+    def set_initial(self, scores: dict[str, float]) -> None:
+        """The untrained global model's evaluation (accuracy, loss, method extras)."""
+        self.data["initial"] = dict(scores)
 
     def add_round(self, row: dict[str, Any]) -> None:
         self.data["rounds"].append(row)

@@ -25,7 +25,6 @@ from .methods import METHODS, get_method
 from .models import build_model
 from .payload import check_state_dict, tensors_to_record
 from .results import RunResults
-from .training import evaluate
 
 
 def run_server(grid: Grid, run_config: Mapping[str, Any], app_dir: Path) -> dict[str, Any]:
@@ -74,22 +73,23 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
         if server_round == 0 and done:
             return None  # the initial model was evaluated by the first run
         start = time.perf_counter()
-        model.load_state_dict(round_arrays.to_torch_state_dict())
-        loss, accuracy = evaluate(model, test, device)
+        weights = round_arrays.to_torch_state_dict()
+        model.load_state_dict(weights)
+        scores = strategy.evaluate_model(model, test, device)
+        accuracy, loss = scores["accuracy"], scores["loss"]
         if server_round == 0:
-            results.set_initial(accuracy, loss)
+            results.set_initial(scores)
             log(INFO, "initial model: accuracy %.4f loss %.4f", accuracy, loss)
         else:
-            row = {"round": round_, "accuracy": accuracy, "loss": loss,
-                   "eval_seconds": time.perf_counter() - start, **strategy.last_round}
+            row = {"round": round_, **scores, "eval_seconds": time.perf_counter() - start,
+                   **strategy.last_round}
             results.add_round(row)
             log(INFO, "[round %d/%d] accuracy %.4f loss %.4f train_loss %.4f | client %.1fs "
                 "server %.2fs wall %.1fs", round_, total_rounds, accuracy, loss,
                 row["train_loss"], row["client_seconds"], row["server_seconds"],
                 row["wall_seconds"])
             save_checkpoint(Checkpoint.capture(
-                settings.strategy, cfg.fingerprint(), round_,
-                {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                settings.strategy, cfg.fingerprint(), round_, weights,
                 strategy.state_dict(), results.data,
             ), settings.out_dir)
         results.write()

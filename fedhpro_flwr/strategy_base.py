@@ -4,7 +4,12 @@ FedAvg gives node sampling and the round loop (`Strategy.start`). This layer add
 FedAvg cannot do for methods with extra payloads: it validates every reply (weights, metrics
 and the method's own arrays) and rejects bad ones with the node id logged; it averages the
 weights; it hands the decoded replies to the method's `server_step`; it measures the round
-(payload bytes, client and server seconds); and it exposes state for checkpoints.
+(payload bytes, client and server seconds); it evaluates the global model on the server; and
+it exposes state for checkpoints.
+
+Flower's own aggregation is not used for the weights: it sums every ArrayRecord of a reply
+(methods send more than the weights), turns integer buffers into floats and cannot reject
+one bad reply. Everything else (node sampling, messages, the round loop) is Flower's.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from .config import ExperimentConfig
+from .data import TensorData
+from .models import Backbone
 from .payload import PayloadError, check_state_dict, record_nbytes, tensors_to_record
+from .training import evaluate
 
 REQUIRED_METRICS = ("num-examples", "partition-id", "client-seconds", "train_loss")
 
@@ -56,20 +64,43 @@ def weighted_average(
     return out
 
 
+def mean_metric(replies: list[ClientReply], key: str) -> float:
+    """Plain mean of a client metric over the replies that report it (0 if none do)."""
+    values = [r.metrics[key] for r in replies if key in r.metrics]
+    return sum(values) / len(values) if values else 0.0
+
+
+def checked_state(
+    state: Mapping[str, Any], current: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Copies of the tensors in `state` named like `current`, after checking their shapes."""
+    out = {}
+    for key, now in current.items():
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor) or value.shape != now.shape:
+            raise ValueError(f"checkpoint's '{key}' is missing or not of shape "
+                             f"{tuple(now.shape)}")
+        out[key] = value.clone()
+    return out
+
+
 class ExperimentStrategy(FedAvg):
     """FedAvg plus validated extra payloads, accounting and checkpointable state.
 
-    Subclasses override `train_records`, `decode_extra`, `server_step`, `state_dict` and
-    `load_state_dict`; with none overridden this is FedAvg.
+    Subclasses override `train_records`, `decode_extra`, `server_step`, `evaluate_model`,
+    `state_dict` and `load_state_dict`; with none overridden this is FedAvg. Keyword
+    arguments go to the Flower strategy next in line (e.g. FedProx's ``proximal_mu``).
     """
 
-    def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor]):
+    def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
+                 **flower_kwargs: Any):
         fed = cfg.federation
         super().__init__(
             fraction_train=fed.fraction_train,
             fraction_evaluate=0.0,  # the global model is evaluated on the server
             min_train_nodes=fed.min_train_nodes,
             min_available_nodes=fed.min_train_nodes,
+            **flower_kwargs,
         )
         self.cfg = cfg
         self.reference_state = {k: v.detach().cpu() for k, v in reference_state.items()}
@@ -92,6 +123,13 @@ class ExperimentStrategy(FedAvg):
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """The method's server computation after weight averaging: (weights, diagnostics)."""
         return weights, {}
+
+    def evaluate_model(
+        self, model: Backbone, data: TensorData, device: torch.device
+    ) -> dict[str, float]:
+        """Evaluate the global model (loaded in `model`); gives at least accuracy and loss."""
+        loss, accuracy = evaluate(model, data, device)
+        return {"accuracy": accuracy, "loss": loss}
 
     def state_dict(self) -> dict[str, Any]:
         """Server state beyond the model weights, for checkpoints."""

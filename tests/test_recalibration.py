@@ -1,7 +1,13 @@
 import torch
 
+from fedhpro_flwr.extraction import ClassStatistics
 from fedhpro_flwr.gradmatch import class_gradients
-from fedhpro_flwr.recalibration import recalibrate, train_linear
+from fedhpro_flwr.recalibration import (
+    FederatedFeatures,
+    RecalibrationSettings,
+    recalibrate,
+    train_linear,
+)
 
 
 def toy_problem(seed=0, num_classes=4, dim=8):
@@ -48,3 +54,31 @@ def test_absent_classes_keep_their_features():
                          feature_lr=0.1, epochs=2, lr=0.01, batch_size=10, generator=g)
     assert torch.equal(result.features[2], features[2])
     assert not torch.equal(result.features[0], features[0])
+
+
+def client_statistics(real, weight, bias, classes):
+    """What a client holding `classes` uploads (zero rows and no count for the others)."""
+    grads = class_gradients(real, weight, bias)
+    present = torch.zeros(real.shape[0], dtype=torch.bool)
+    present[list(classes)] = True
+    keep = present.float()
+    return ClassStatistics(present, present.long() * 10, grads.feature * keep[:, None],
+                           grads.weight * keep[:, None, None], grads.bias * keep[:, None])
+
+
+def test_federated_features_average_over_holders_and_remember_seen_classes():
+    real, weight, bias, *_test, g = toy_problem(2)
+    settings = RecalibrationSettings(match_steps=200, feature_lr=0.1, epochs=100, lr=0.01,
+                                     batch_size=20)
+    federated = FederatedFeatures(4, 20, 8, g)
+    untouched = federated.features[3].clone()
+    first = federated.recalibrate(weight, bias, [client_statistics(real, weight, bias, [0, 1]),
+                                                 client_statistics(real, weight, bias, [1, 2])],
+                                  settings, g)
+    assert federated.seen.tolist() == [True, True, True, False]
+    assert torch.equal(federated.features[3], untouched)  # nobody holds class 3 yet
+    assert torch.equal(federated.features, first.features)
+    assert first.match_loss_after < first.match_loss_before
+    federated.recalibrate(weight, bias, [client_statistics(real, weight, bias, [3])], settings, g)
+    assert federated.seen.all()  # classes seen in earlier rounds still train the classifier
+    assert not torch.equal(federated.features[3], untouched)

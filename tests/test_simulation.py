@@ -1,42 +1,13 @@
 """End to end through Flower's simulation engine: real ServerApp, ClientApps and messages."""
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from flwr.serverapp import ServerApp
-from flwr.simulation import run_simulation
+from simulate import NUM_CLIENTS, checkpoint, simulate
 
-from client_app import app as client_app
-from fedhpro_flwr.checkpoint import CHECKPOINT_NAME
 from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.hyperproto import init_hyperprototypes
-from fedhpro_flwr.server import run_server
-
-ROOT = Path(__file__).resolve().parents[1]
-NUM_CLIENTS = 3
-OVERRIDES = f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=2"
 
 pytestmark = pytest.mark.slow
-
-
-def simulate(out_dir: Path, rounds: int, resume: bool = False) -> dict:
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid, context):
-        run_config = {"num-server-rounds": rounds, "out-dir": str(out_dir), "resume": resume,
-                      "overrides": OVERRIDES}
-        run_server(grid, run_config, ROOT)
-
-    run_simulation(server_app, client_app, num_supernodes=NUM_CLIENTS,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
-    return json.loads((out_dir / "results.json").read_text())
-
-
-def checkpoint(out_dir: Path) -> dict:
-    return torch.load(out_dir / CHECKPOINT_NAME, weights_only=True)
 
 
 @pytest.fixture(scope="module")

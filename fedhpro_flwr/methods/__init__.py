@@ -1,16 +1,17 @@
-"""The registry of federated methods: `strategy` in the run config picks one by name."""
+"""The registry of federated methods: `strategy` in the run config picks one by name.
+
+To add a method, write a module with a client trainer and a Strategy (see `base.Method`),
+and list its `METHOD` here.
+"""
 
 from __future__ import annotations
 
+from . import creff, fedavg, fedhpro, fedproto, fedprox, fedtgp, fpl
 from .base import ClientTask, Method
-from .fedhpro import FedHProStrategy
-from .fedhpro import client_train as fedhpro_client_train
 
 METHODS: dict[str, Method] = {
-    m.name: m
-    for m in (
-        Method("fedhpro", fedhpro_client_train, FedHProStrategy),
-    )
+    module.METHOD.name: module.METHOD
+    for module in (fedhpro, fedavg, fedprox, fedproto, fedtgp, fpl, creff)
 }
 
 

@@ -6,27 +6,21 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord
 
 from ..config import ExperimentConfig
 from ..extraction import ClassStatistics, extract_class_statistics
-from ..gradmatch import ClassGradients, masked_class_mean
+from ..gradmatch import masked_class_mean
 from ..hyperproto import anchors, centers, init_hyperprototypes, match_hyperprototypes
 from ..losses import RunningClassMeans, hpal, hpcl
-from ..payload import (
-    PayloadError,
-    decode_class_statistics,
-    encode_class_statistics,
-    record_to_tensors,
-    tensors_to_record,
-)
-from ..recalibration import recalibrate
-from ..strategy_base import ClientReply, ExperimentStrategy
+from ..payload import encode_class_statistics, record_to_tensors, tensors_to_record
+from ..recalibration import RecalibrationSettings
+from ..strategy_base import ClientReply, checked_state, mean_metric
 from ..training import train_epochs
-from .base import ClientTask
+from .base import ClientTask, Method
+from .recalibrating import STATS_RECORD, RecalibratingStrategy
 
 HP_RECORD = "hyperprototypes"
-STATS_RECORD = "class-stats"
 
 
 def decode_hyperprototypes(record: ArrayRecord, num_classes: int, feature_dim: int,
@@ -64,57 +58,41 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     return {STATS_RECORD: encode_class_statistics(stats)}, metrics
 
 
-class FedHProStrategy(ExperimentStrategy):
+class FedHProStrategy(RecalibratingStrategy):
     """Keeps the hyper-prototypes (and recalibration features) and updates them each round."""
 
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int):
-        super().__init__(cfg, reference_state)
         hp_cfg = cfg.fedhpro
-        self.num_classes, self.feature_dim = num_classes, feature_dim
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.hyperprototypes = init_hyperprototypes(
-            num_classes, hp_cfg.num_hyperprototypes, feature_dim, self.generator
+        generator = torch.Generator().manual_seed(cfg.seed)
+        hyperprototypes = init_hyperprototypes(
+            num_classes, hp_cfg.num_hyperprototypes, feature_dim, generator
         )
-        self.recal_features = torch.randn(num_classes, hp_cfg.recal_features, feature_dim,
-                                          generator=self.generator)
-        self.seen = torch.zeros(num_classes, dtype=torch.bool)  # classes ever reported
+        settings = RecalibrationSettings(
+            hp_cfg.recal_match_steps, hp_cfg.recal_feature_lr, hp_cfg.recal_epochs,
+            hp_cfg.recal_lr, hp_cfg.recal_batch_size, hp_cfg.distance,  # type: ignore[arg-type]
+        )
+        super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
+                         settings, generator)
+        self.hyperprototypes = hyperprototypes
 
     def train_records(self) -> dict[str, ArrayRecord]:
         return {HP_RECORD: tensors_to_record({"hp": self.hyperprototypes})}
-
-    def decode_extra(self, content: RecordDict) -> ClassStatistics:
-        if STATS_RECORD not in content.array_records:
-            raise PayloadError(f"reply lacks the '{STATS_RECORD}' record")
-        return decode_class_statistics(content.array_records[STATS_RECORD], self.num_classes,
-                                       self.feature_dim)
 
     def server_step(self, server_round: int, weights: dict[str, torch.Tensor],
                     replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         hp_cfg = self.cfg.fedhpro
         stats: list[ClassStatistics] = [r.extra for r in replies]
-        held = torch.stack([s.present for s in stats])
-        feature_target, holders = masked_class_mean(torch.stack([s.feature_grads for s in stats]),
-                                                    held)
+        feature_target, holders = masked_class_mean(
+            torch.stack([s.feature_grads for s in stats]), torch.stack([s.present for s in stats])
+        )
         present = holders > 0
-        self.seen |= present
         diagnostics: dict[str, float] = {"classes_reported": float(present.sum())}
         w_key, b_key = "classifier.weight", "classifier.bias"
 
         if hp_cfg.recalibration:
-            target = ClassGradients(
-                feature_target,
-                masked_class_mean(torch.stack([s.weight_grads for s in stats]), held)[0],
-                masked_class_mean(torch.stack([s.bias_grads for s in stats]), held)[0],
-            )
-            result = recalibrate(
-                self.recal_features, weights[w_key], weights[b_key], target, present,
-                match_steps=hp_cfg.recal_match_steps, feature_lr=hp_cfg.recal_feature_lr,
-                epochs=hp_cfg.recal_epochs, lr=hp_cfg.recal_lr,
-                batch_size=hp_cfg.recal_batch_size, generator=self.generator,
-                distance=hp_cfg.distance, train_classes=self.seen,  # type: ignore[arg-type]
-            )
-            self.recal_features = result.features
+            # matched at the classifier the gradients were measured at, as the authors' code
+            result = self.recalibrate(replies)
             weights = {**weights, w_key: result.weight, b_key: result.bias}
             diagnostics |= {"recal_match_loss_before": result.match_loss_before,
                             "recal_match_loss_after": result.match_loss_after}
@@ -124,28 +102,20 @@ class FedHProStrategy(ExperimentStrategy):
             hp_cfg.rounds_of_hp, hp_cfg.lr_hp, hp_cfg.distance,  # type: ignore[arg-type]
         )
         self.hyperprototypes = match.hyperprototypes
+        self.head = {"weight": weights[w_key].clone(), "bias": weights[b_key].clone()}
         diagnostics |= {"hp_match_loss_before": match.loss_before,
                         "hp_match_loss_after": match.loss_after,
                         "hp_movement": match.movement,
-                        "margin": _mean_metric(replies, "margin")}
+                        "margin": mean_metric(replies, "margin")}
         return weights, diagnostics
 
     def state_dict(self) -> dict[str, Any]:
-        return {"hyperprototypes": self.hyperprototypes, "recal_features": self.recal_features,
-                "seen": self.seen, "generator": self.generator.get_state()}
+        return {"hyperprototypes": self.hyperprototypes, **super().state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        shapes = {"hyperprototypes": self.hyperprototypes.shape,
-                  "recal_features": self.recal_features.shape, "seen": self.seen.shape}
-        for key, shape in shapes.items():
-            if key not in state or tuple(state[key].shape) != tuple(shape):
-                raise ValueError(f"checkpoint's '{key}' is missing or not of shape {tuple(shape)}")
-        self.hyperprototypes = state["hyperprototypes"].clone()
-        self.recal_features = state["recal_features"].clone()
-        self.seen = state["seen"].clone()
-        self.generator.set_state(state["generator"])
+        super().load_state_dict(state)
+        self.hyperprototypes = checked_state(
+            state, {"hyperprototypes": self.hyperprototypes})["hyperprototypes"]
 
 
-def _mean_metric(replies: list[ClientReply], key: str) -> float:
-    values = [r.metrics[key] for r in replies if key in r.metrics]
-    return sum(values) / len(values) if values else 0.0
+METHOD = Method("fedhpro", client_train, FedHProStrategy)

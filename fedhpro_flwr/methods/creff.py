@@ -1,0 +1,77 @@
+"""CReFF (Shang et al., IJCAI 2022): FedAvg plus a classifier re-trained on federated features.
+
+Clients train on CE only. Before training they measure per-class classifier gradients at the
+global extractor and the server's re-trained classifier. The server FedAvgs the weights,
+matches its federated features to those gradients, trains a fresh classifier on them and
+evaluates the FedAvg extractor with it; the clients keep training the FedAvg'd model, as in
+CReFF's code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord
+
+from ..config import ExperimentConfig
+from ..data import TensorData
+from ..extraction import extract_class_statistics
+from ..models import Backbone
+from ..payload import PayloadError, encode_class_statistics, record_to_tensors, tensors_to_record
+from ..recalibration import RecalibrationSettings
+from ..strategy_base import ClientReply
+from ..training import train_epochs
+from .base import ClientTask, Method
+from .recalibrating import STATS_RECORD, RecalibratingStrategy
+
+HEAD_RECORD = "retrained-classifier"
+
+
+def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
+    """Classifier gradients at (global extractor, re-trained classifier), then CE training."""
+    model, creff = task.model, task.cfg.creff
+    if HEAD_RECORD not in task.content.array_records:
+        raise PayloadError(f"training message lacks the '{HEAD_RECORD}' record")
+    c, d = task.data.num_classes, model.feature_dim
+    head = record_to_tensors(task.content.array_records[HEAD_RECORD],
+                             {"weight": ((c, d), "float"), "bias": ((c,), "float")},
+                             "re-trained classifier")
+    stats, _ = extract_class_statistics(model, task.data, creff.batch_real, creff.repeat_num,
+                                        task.generator, task.device,
+                                        head=(head["weight"], head["bias"]))
+    metrics = train_epochs(model, task.data, task.cfg.train, task.generator, task.device)
+    return {STATS_RECORD: encode_class_statistics(stats)}, metrics
+
+
+class CReFFStrategy(RecalibratingStrategy):
+    """FedAvg, plus federated features and the classifier re-trained on them (`head`)."""
+
+    def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
+                 num_classes: int, feature_dim: int):
+        creff = cfg.creff
+        settings = RecalibrationSettings(creff.match_steps, creff.feature_lr, creff.epochs,
+                                         creff.lr, creff.batch_size or cfg.train.batch_size)
+        super().__init__(cfg, reference_state, num_classes, feature_dim, creff.features,
+                         settings, torch.Generator().manual_seed(cfg.seed))
+
+    def train_records(self) -> dict[str, ArrayRecord]:
+        return {HEAD_RECORD: tensors_to_record(self.head)}
+
+    def server_step(self, server_round: int, weights: dict[str, torch.Tensor],
+                    replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        result = self.recalibrate(replies)
+        self.head = {"weight": result.weight, "bias": result.bias}
+        return weights, {"recal_match_loss_before": result.match_loss_before,
+                         "recal_match_loss_after": result.match_loss_after}
+
+    def evaluate_model(self, model: Backbone, data: TensorData,
+                       device: torch.device) -> dict[str, float]:
+        """The FedAvg extractor with the re-trained classifier (what CReFF reports)."""
+        with torch.no_grad():
+            model.classifier.weight.copy_(self.head["weight"])
+            model.classifier.bias.copy_(self.head["bias"])
+        return super().evaluate_model(model, data, device)
+
+
+METHOD = Method("creff", client_train, CReFFStrategy)

@@ -1,0 +1,22 @@
+"""FedAvg (McMahan et al., AISTATS 2017): CE on clients, sample-weighted mean on the server.
+
+The server side is `ExperimentStrategy` with no hook overridden: Flower's FedAvg plus reply
+validation and accounting.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord
+
+from ..strategy_base import ExperimentStrategy
+from ..training import train_epochs
+from .base import ClientTask, Method
+
+
+def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
+    """Local SGD on cross-entropy only."""
+    metrics = train_epochs(task.model, task.data, task.cfg.train, task.generator, task.device)
+    return {}, metrics
+
+
+METHOD = Method("fedavg", client_train, lambda cfg, ref, _c, _d: ExperimentStrategy(cfg, ref))

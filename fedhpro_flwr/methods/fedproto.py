@@ -1,0 +1,26 @@
+"""FedProto (Tan et al., AAAI 2022): averaged class prototypes as the global signal.
+
+Clients train on CE + lambda * MSE(z, global prototype of y) and upload their class
+prototypes with counts. The server averages them per class weighted by the counts (the
+paper's rule; its code weighs clients equally), over the clients holding the class only.
+This is the global-model variant: the weights are FedAvg'd too.
+"""
+
+from __future__ import annotations
+
+from ..prototypes import weighted_class_mean
+from ..strategy_base import ClientReply
+from .base import Method
+from .prototype import PrototypeStrategy, prototype_mse_trainer
+
+
+class FedProtoStrategy(PrototypeStrategy):
+    """Global prototypes = count-weighted, masked per-class means of this round's uploads."""
+
+    def update_prototypes(self, server_round: int, replies: list[ClientReply]) -> dict[str, float]:
+        protos, counts = self.stacked(replies)
+        self.prototypes, self.present = weighted_class_mean(protos, counts)
+        return {}
+
+
+METHOD = Method("fedproto", prototype_mse_trainer(lambda cfg: cfg.fedproto.lam), FedProtoStrategy)

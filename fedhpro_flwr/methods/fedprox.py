@@ -1,0 +1,58 @@
+"""FedProx (Li et al., MLSys 2020) through Flower's built-in `FedProx` strategy.
+
+Flower's FedProx puts ``proximal-mu`` in every training message's config; the client adds
+``mu / 2 * ||w - w_global||^2`` to its loss. Aggregation is FedAvg's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import FedProx
+
+from ..config import ExperimentConfig
+from ..losses import proximal_term
+from ..payload import PayloadError
+from ..strategy_base import ClientReply, ExperimentStrategy, mean_metric
+from ..training import train_epochs
+from .base import ClientTask, Method
+
+MU_KEY = "proximal-mu"  # where Flower's FedProx puts mu
+
+
+def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
+    """CE plus the proximal term to the global weights received this round."""
+    mu = task.content.config_records["config"].get(MU_KEY)
+    if not isinstance(mu, int | float) or not math.isfinite(mu) or mu < 0:
+        raise PayloadError(f"training config's '{MU_KEY}' must be a finite number >= 0 "
+                           f"(Flower's FedProx sends it), got {mu!r}")
+    params = list(task.model.parameters())
+    global_params = [p.detach().clone() for p in params]
+    terms: list[float] = []
+
+    def regulariser(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        term = proximal_term(params, global_params, mu)
+        terms.append(term.item())
+        return term
+
+    metrics = train_epochs(task.model, task.data, task.cfg.train, task.generator, task.device,
+                           regulariser)
+    metrics["proximal_term"] = sum(terms) / max(len(terms), 1)
+    return {}, metrics
+
+
+class FedProxStrategy(ExperimentStrategy, FedProx):
+    """Flower's FedProx (it sends mu) under our validation and accounting."""
+
+    def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor]):
+        super().__init__(cfg, reference_state, proximal_mu=cfg.fedprox.mu)
+
+    def server_step(self, server_round: int, weights: dict[str, torch.Tensor],
+                    replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        return weights, {"proximal_term": mean_metric(replies, "proximal_term")}
+
+
+METHOD = Method("fedprox", client_train, lambda cfg, ref, _c, _d: FedProxStrategy(cfg, ref))

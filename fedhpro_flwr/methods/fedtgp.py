@@ -1,0 +1,68 @@
+"""FedTGP (Zhang et al., AAAI 2024): global prototypes trained on the server.
+
+Clients are FedProto's (CE + lambda * MSE to the global prototypes, lambda 10, then upload
+class prototypes). The server fits `PrototypeGenerator` to the uploaded (prototype, class)
+pairs for `server_epochs` with the adaptive margin min(largest class gap, threshold) and
+sends its outputs for every class. The weights are FedAvg'd (the global-model variant).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..config import ExperimentConfig
+from ..prototypes import class_mean_over_clients
+from ..strategy_base import ClientReply, checked_state
+from ..tgp import PrototypeGenerator, class_gap_margin, train_generator
+from .base import Method
+from .prototype import PrototypeStrategy, prototype_mse_trainer
+
+
+class FedTGPStrategy(PrototypeStrategy):
+    """Trains the prototype generator every round; its outputs are the global prototypes."""
+
+    def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
+                 num_classes: int, feature_dim: int):
+        super().__init__(cfg, reference_state, num_classes, feature_dim)
+        tgp = cfg.fedtgp
+        with torch.random.fork_rng():  # the same generator whatever ran before
+            torch.manual_seed(cfg.seed)
+            self.model = PrototypeGenerator(num_classes, feature_dim,
+                                            tgp.hidden_dim or feature_dim)
+        self.lr = tgp.server_lr or cfg.train.lr
+        self.batch_size = tgp.server_batch_size or cfg.train.batch_size
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def update_prototypes(self, server_round: int, replies: list[ClientReply]) -> dict[str, float]:
+        tgp = self.cfg.fedtgp
+        protos, counts = self.stacked(replies)
+        held = counts > 0
+        class_means, present = class_mean_over_clients(protos, held)
+        margin = class_gap_margin(class_means, present, tgp.margin_threshold)
+        client_index, labels = torch.nonzero(held, as_tuple=True)
+        before, after = train_generator(
+            self.model, protos[client_index, labels], labels, margin, epochs=tgp.server_epochs,
+            lr=self.lr, batch_size=self.batch_size, generator=self.generator,
+        )
+        with torch.no_grad():
+            self.prototypes = self.model().detach().clone()
+        self.present = torch.ones(self.num_classes, dtype=torch.bool)
+        return {"tgp_margin": margin, "tgp_loss_before": before, "tgp_loss_after": after}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator_model": self.model.state_dict(),
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        model_state = state.get("generator_model")
+        if not isinstance(model_state, Mapping):
+            raise ValueError("checkpoint lacks FedTGP's 'generator_model'")
+        self.model.load_state_dict(checked_state(model_state, self.model.state_dict()))
+        self.generator.set_state(state["generator"])
+
+
+METHOD = Method("fedtgp", prototype_mse_trainer(lambda cfg: cfg.fedtgp.lam), FedTGPStrategy)

@@ -1,0 +1,62 @@
+"""Server state shared by the methods that re-train the classifier (CReFF, FedHPro).
+
+Both receive per-class statistics, keep federated features, and match them at the classifier
+the clients measured their gradients at: the one sent at the start of the round (`head`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import RecordDict
+
+from ..config import ExperimentConfig
+from ..extraction import ClassStatistics
+from ..payload import PayloadError, decode_class_statistics
+from ..recalibration import FederatedFeatures, RecalibrationResult, RecalibrationSettings
+from ..strategy_base import ClientReply, ExperimentStrategy, checked_state
+
+STATS_RECORD = "class-stats"
+
+
+class RecalibratingStrategy(ExperimentStrategy):
+    """Decodes class statistics and owns the federated features, `head` and a generator."""
+
+    def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
+                 num_classes: int, feature_dim: int, features_per_class: int,
+                 settings: RecalibrationSettings, generator: torch.Generator):
+        super().__init__(cfg, reference_state)
+        self.num_classes, self.feature_dim = num_classes, feature_dim
+        self.settings = settings
+        self.generator = generator
+        self.federated = FederatedFeatures(num_classes, features_per_class, feature_dim,
+                                           generator)
+        # round 1 measures at the initial model's classifier
+        self.head = {"weight": reference_state["classifier.weight"].detach().clone(),
+                     "bias": reference_state["classifier.bias"].detach().clone()}
+
+    def decode_extra(self, content: RecordDict) -> ClassStatistics:
+        if STATS_RECORD not in content.array_records:
+            raise PayloadError(f"reply lacks the '{STATS_RECORD}' record")
+        return decode_class_statistics(content.array_records[STATS_RECORD], self.num_classes,
+                                       self.feature_dim)
+
+    def recalibrate(self, replies: list[ClientReply]) -> RecalibrationResult:
+        """Match the features at `head` to the replies' gradients; re-train a classifier."""
+        return self.federated.recalibrate(self.head["weight"], self.head["bias"],
+                                          [r.extra for r in replies], self.settings,
+                                          self.generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.federated.state_dict(), "head_weight": self.head["weight"],
+                "head_bias": self.head["bias"], "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        restored = checked_state(state, {"head_weight": self.head["weight"],
+                                         "head_bias": self.head["bias"],
+                                         **self.federated.state_dict()})
+        self.head = {"weight": restored.pop("head_weight"), "bias": restored.pop("head_bias")}
+        self.federated.load_state_dict(restored)
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,112 @@
+"""Every peer strategy through Flower's simulation engine: 2 rounds, results.json, resume."""
+
+import pytest
+import torch
+from simulate import NUM_CLIENTS, checkpoint, simulate
+
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.data import dataset_info
+from fedhpro_flwr.methods import get_method
+from fedhpro_flwr.models import build_model
+
+pytestmark = pytest.mark.slow
+
+PEERS = ("fedavg", "fedprox", "fedproto", "fedtgp", "fpl", "creff")
+# what each method's server adds to every round's row in results.json
+DIAGNOSTICS = {
+    "fedavg": (),
+    "fedprox": ("proximal_term",),
+    "fedproto": ("prototype_accuracy", "prototype_classes"),
+    "fedtgp": ("prototype_accuracy", "tgp_margin", "tgp_loss_before", "tgp_loss_after"),
+    "fpl": ("prototype_accuracy", "clusters_per_class"),
+    "creff": ("recal_match_loss_before", "recal_match_loss_after"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two rounds of each strategy, run once per test module."""
+    done = {}
+
+    def run(strategy):
+        if strategy not in done:
+            out = tmp_path_factory.mktemp(strategy)
+            done[strategy] = (out, simulate(out, rounds=2, strategy=strategy))
+        return done[strategy]
+
+    return run
+
+
+@pytest.mark.parametrize("strategy", PEERS)
+def test_two_rounds_write_the_common_results_schema(runs, strategy):
+    out, results = runs(strategy)
+    assert results["strategy"] == strategy
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert results["final_accuracy"] == results["rounds"][-1]["accuracy"]
+    assert results["best_accuracy"] == max(r["accuracy"] for r in results["rounds"])
+    assert results["final_accuracy"] > 0.15  # above the 0.1 of chance after two rounds
+    for row in results["rounds"]:
+        assert row["clients"] == NUM_CLIENTS and row["failures"] == 0
+        assert row["bytes_up"] > 0 and row["bytes_down"] > 0 and row["server_seconds"] > 0
+        for key in DIAGNOSTICS[strategy]:
+            assert key in row and row[key] == row[key], key  # present, not NaN
+    assert checkpoint(out)["strategy"] == strategy
+
+
+def test_fedprox_clients_received_mu_from_flowers_fedprox(runs):
+    _, results = runs("fedprox")
+    assert all(r["proximal_term"] > 0 for r in results["rounds"])
+
+
+@pytest.mark.parametrize("strategy", ("fedproto", "fedtgp", "fpl"))
+def test_prototype_methods_report_nearest_prototype_accuracy(runs, strategy):
+    _, results = runs(strategy)
+    assert results["initial"]["prototype_accuracy"] == 0.0  # no prototypes yet
+    assert results["rounds"][-1]["prototype_accuracy"] > 0.15
+    assert results["rounds"][-1]["prototype_classes"] == 10
+
+
+def test_fedtgp_server_training_lowers_the_generator_loss(runs):
+    _, results = runs("fedtgp")
+    for row in results["rounds"]:
+        assert row["tgp_loss_after"] < row["tgp_loss_before"]
+        assert 0 < row["tgp_margin"] <= 100.0
+
+
+def test_creff_evaluates_the_retrained_classifier_but_sends_the_fedavg_one(runs):
+    out, _ = runs("creff")
+    state = checkpoint(out)
+    head = state["strategy_state"]["head_weight"]
+    assert not torch.allclose(state["weights"]["classifier.weight"], head)
+
+
+@pytest.mark.parametrize("strategy", PEERS)
+def test_checkpointed_server_state_loads_into_a_fresh_strategy(runs, strategy):
+    out, results = runs(strategy)
+    cfg = ExperimentConfig.from_dict(results["config"])
+    info = dataset_info(cfg)
+    model = build_model(cfg.model, info.input_shape, info.num_classes)
+    saved = checkpoint(out)["strategy_state"]
+    fresh = get_method(strategy).make_strategy(cfg, model.state_dict(), info.num_classes,
+                                               model.feature_dim)
+    fresh.load_state_dict(saved)
+    assert_same_state(fresh.state_dict(), saved)
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_state(a[key], b[key])
+        else:
+            assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("strategy", ("fedtgp", "creff"))
+def test_resume_after_round_one_equals_the_uninterrupted_run(runs, strategy, tmp_path):
+    _, straight = runs(strategy)
+    simulate(tmp_path, rounds=1, strategy=strategy)
+    resumed = simulate(tmp_path, rounds=2, strategy=strategy, resume=True)
+    for a, b in zip(resumed["rounds"], straight["rounds"], strict=True):
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
