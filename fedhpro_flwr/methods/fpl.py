@@ -33,12 +33,13 @@ def decode_clusters(record: ArrayRecord, present: torch.Tensor,
     protos, labels = t["prototypes"], t["labels"]
     if len(protos) != len(labels):
         raise PayloadError(f"cluster prototypes: {len(protos)} prototypes, {len(labels)} labels")
+    present = present.cpu()
     covered = torch.zeros_like(present)
     if len(labels):
         if labels.min() < 0 or labels.max() >= len(present):
             raise PayloadError(f"cluster prototypes: labels {labels.tolist()} out of range")
         covered[labels] = True
-    if not torch.equal(covered, present.cpu()):
+    if not torch.equal(covered, present):
         raise PayloadError("cluster prototypes: their classes differ from the global ones")
     return protos, labels
 
