@@ -42,7 +42,7 @@ def _spec(
 class DataConfig:
     """Which dataset, and how much of it is held out for server-side evaluation."""
 
-    dataset: str = _spec("mnist-subset", choices=("mnist-subset",))
+    dataset: str = _spec("mnist-subset", choices=("mnist-subset", "uci-digits"))
     test_fraction: float = _spec(0.2, gt=0.0, le=0.9)
 
 
@@ -50,10 +50,12 @@ class DataConfig:
 class PartitionConfig:
     """How the training data is split across clients."""
 
-    scheme: str = _spec("dirichlet", choices=("dirichlet", "iid"))
+    scheme: str = _spec("dirichlet", choices=("dirichlet", "iid", "long-tail", "k-classes"))
     num_partitions: int = _spec(10, ge=1)
-    alpha: float = _spec(0.5, gt=0.0)
-    min_size: int = _spec(10, ge=1)
+    alpha: float = _spec(0.5, gt=0.0)  # dirichlet and long-tail
+    min_size: int = _spec(10, ge=1)  # dirichlet and long-tail
+    imbalance_factor: float = _spec(100.0, ge=1.0)  # long-tail: largest / smallest class
+    classes_per_client: int = _spec(2, ge=1)  # k-classes
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,13 @@ import numpy as np
 import torch
 
 from .config import ExperimentConfig
-from .partition import dirichlet_partition, iid_partition, stratified_split
+from .partition import (
+    dirichlet_partition,
+    iid_partition,
+    k_classes_partition,
+    long_tail_subset,
+    stratified_split,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,13 @@ def load_dataset(name: str) -> TensorData:
         x = torch.as_tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
         x = (x - 0.1307) / 0.3081
         return TensorData(x, torch.as_tensor(labels, dtype=torch.long), num_classes=10)
+    if name == "uci-digits":
+        from sklearn.datasets import load_digits  # 1,797 8x8 digits bundled with scikit-learn
+
+        digits = load_digits()
+        x = torch.as_tensor(digits.images, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
+        x = (x - x.mean()) / x.std()
+        return TensorData(x, torch.as_tensor(digits.target, dtype=torch.long), num_classes=10)
     raise ValueError(f"unknown dataset '{name}'")
 
 
@@ -54,12 +67,16 @@ def _split(cfg: ExperimentConfig) -> tuple[np.ndarray, list[np.ndarray]]:
     data = load_dataset(cfg.data.dataset)
     train_idx, test_idx = stratified_split(data.y.numpy(), cfg.data.test_fraction, cfg.seed)
     p = cfg.partition
+    if p.scheme == "long-tail":  # the training set becomes long-tailed; the test set does not
+        train_idx = train_idx[long_tail_subset(data.y.numpy()[train_idx], p.imbalance_factor,
+                                               cfg.seed)]
+    labels = data.y.numpy()[train_idx]
     if p.scheme == "iid":
         parts = iid_partition(len(train_idx), p.num_partitions, cfg.seed)
+    elif p.scheme == "k-classes":
+        parts = k_classes_partition(labels, p.num_partitions, p.classes_per_client, cfg.seed)
     else:
-        parts = dirichlet_partition(
-            data.y.numpy()[train_idx], p.num_partitions, p.alpha, cfg.seed, p.min_size
-        )
+        parts = dirichlet_partition(labels, p.num_partitions, p.alpha, cfg.seed, p.min_size)
     return test_idx, [train_idx[part] for part in parts]
 
 

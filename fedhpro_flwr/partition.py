@@ -60,3 +60,51 @@ def dirichlet_partition(
         f"no Dirichlet(alpha={alpha}) draw gave every one of {num_partitions} partitions "
         f"{min_size} samples in {max_tries} tries; lower partition.min_size or raise alpha"
     )
+
+
+def long_tail_subset(labels: np.ndarray, imbalance_factor: float, seed: int) -> np.ndarray:
+    """Indices of an exponentially long-tailed subset (CReFF's and FedHPro's CIFAR-LT rule).
+
+    Class c (in sorted order) keeps ``int(n_max * imbalance_factor ** (-c / (C - 1)))``
+    samples, drawn at random, n_max being the largest class count: the first class keeps
+    all of it and the last ``n_max / imbalance_factor``. A class with fewer samples keeps all.
+    """
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    n_max = counts.max()
+    steps = max(len(classes) - 1, 1)
+    keep = []
+    for rank, c in enumerate(classes):
+        n = int(n_max * imbalance_factor ** (-rank / steps))
+        keep.append(rng.permutation(np.flatnonzero(labels == c))[:n])
+    return np.sort(np.concatenate(keep))
+
+
+def k_classes_partition(
+    labels: np.ndarray, num_partitions: int, classes_per_client: int, seed: int
+) -> list[np.ndarray]:
+    """Pathological label skew: every client holds exactly `classes_per_client` classes.
+
+    Classes are dealt out round-robin in a seeded random order, so every class has a holder;
+    each class's samples are split evenly among its holders. Disjoint and complete.
+    """
+    classes = np.unique(labels)
+    if classes_per_client > len(classes):
+        raise ValueError(f"classes_per_client={classes_per_client} exceeds the "
+                         f"{len(classes)} classes of the data")
+    if num_partitions * classes_per_client < len(classes):
+        raise ValueError(
+            f"{num_partitions} clients with {classes_per_client} classes each cannot hold all "
+            f"{len(classes)} classes; raise partition.classes_per_client"
+        )
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(classes)
+    held = [[order[(i * classes_per_client + j) % len(classes)]
+             for j in range(classes_per_client)] for i in range(num_partitions)]
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
+    for c in classes:
+        holders = [i for i, mine in enumerate(held) if c in mine]
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        for holder, chunk in zip(holders, np.array_split(idx, len(holders)), strict=True):
+            parts[holder].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]

@@ -6,7 +6,12 @@ from fedhpro_flwr.config import ExperimentConfig, PartitionConfig
 from fedhpro_flwr.data import client_data, held_out_data
 from fedhpro_flwr.extraction import extract_class_statistics, sample_per_class
 from fedhpro_flwr.models import build_model
-from fedhpro_flwr.partition import dirichlet_partition, stratified_split
+from fedhpro_flwr.partition import (
+    dirichlet_partition,
+    k_classes_partition,
+    long_tail_subset,
+    stratified_split,
+)
 
 
 def test_dirichlet_partition_is_disjoint_complete_seeded_and_skewed():
@@ -68,3 +73,50 @@ def test_extraction_masks_absent_classes():
     assert torch.equal(stats.present, ~absent)
     assert stats.feature_grads[absent].abs().sum() == 0 and means[absent].abs().sum() == 0
     assert stats.feature_grads[~absent].abs().sum(1).min() > 0
+
+
+def test_long_tail_counts_follow_the_exponential_profile():
+    labels = np.repeat(np.arange(5), 400)
+    keep = long_tail_subset(labels, imbalance_factor=100.0, seed=0)
+    counts = np.bincount(labels[keep], minlength=5)
+    expected = [int(400 * 100.0 ** (-c / 4)) for c in range(5)]  # 400, 126, 40, 12, 4
+    assert counts.tolist() == expected == [400, 126, 40, 12, 4]
+    assert len(np.unique(keep)) == len(keep)
+    assert np.array_equal(keep, long_tail_subset(labels, 100.0, seed=0))
+    assert not np.array_equal(keep, long_tail_subset(labels, 100.0, seed=1))  # which ones
+
+
+def test_long_tail_experiment_keeps_a_balanced_test_set():
+    cfg = ExperimentConfig.from_dict({"partition": {"scheme": "long-tail",
+                                                    "imbalance_factor": 20.0}})
+    train = sum(client_data(cfg, i).class_counts() for i in range(10))
+    assert train.tolist() == [int(400 * 20.0 ** (-c / 9)) for c in range(10)]
+    assert held_out_data(cfg).class_counts().tolist() == [100] * 10
+
+
+def test_k_classes_partition_gives_each_client_exactly_k_classes():
+    labels = np.repeat(np.arange(10), 30)
+    parts = k_classes_partition(labels, num_partitions=7, classes_per_client=3, seed=4)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(labels) == len(np.unique(joined))  # disjoint and complete
+    assert all(len(np.unique(labels[p])) == 3 for p in parts)
+    again = k_classes_partition(labels, 7, 3, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_k_classes_partition_refuses_what_cannot_cover_every_class():
+    labels = np.repeat(np.arange(10), 5)
+    with pytest.raises(ValueError, match="cannot hold all 10 classes"):
+        k_classes_partition(labels, 4, 2, seed=0)
+    with pytest.raises(ValueError, match="exceeds the 10 classes"):
+        k_classes_partition(labels, 4, 11, seed=0)
+
+
+def test_uci_digits_is_the_offline_8x8_source():
+    cfg = ExperimentConfig.from_dict({"data": {"dataset": "uci-digits"}})
+    test = held_out_data(cfg)
+    train = [client_data(cfg, i) for i in range(10)]
+    assert test.x.shape[1:] == (1, 8, 8)
+    assert len(test) + sum(len(c) for c in train) == 1797
+    model = build_model(cfg.model, test.input_shape, test.num_classes)
+    assert model(test.x[:4]).shape == (4, 10)

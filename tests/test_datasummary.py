@@ -1,0 +1,49 @@
+"""The `fedhpro-data` look before running, and the shipped experiment configs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedhpro_flwr.config import load_experiment
+from fedhpro_flwr.datasummary import client_class_counts, main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "conf").glob("*.yaml"))
+
+
+def test_prints_every_clients_class_counts_and_saves_a_heat_map(tmp_path, capsys):
+    png = tmp_path / "clients.png"
+    assert main(["--config", str(ROOT / "conf/default.yaml"), "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "mnist-subset, dirichlet, 10 clients, seed 536"
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:] if line[:1] != "-"}
+    assert rows["all"] == ["400"] * 10 + ["4000", "10"]
+    assert rows["test"] == ["100"] * 10 + ["1000", "10"]
+    client_rows = [rows[str(i)] for i in range(10)]
+    assert sum(int(r[10]) for r in client_rows) == 4000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_config_exits_2_with_the_reason(capsys):
+    assert main(["--config", "nope.yaml"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["--overrides", "partition.scheme=k-classes partition.num_partitions=3"]) == 2
+    assert "cannot hold all 10 classes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_partitions(path):
+    cfg = load_experiment(path)
+    counts = client_class_counts(cfg)
+    assert counts.shape[0] == cfg.partition.num_partitions
+    assert (counts.sum(axis=1) >= 1).all()
+
+
+def test_dirichlet_0_1_is_more_skewed_than_0_5():
+    def top_share(name):
+        counts = client_class_counts(load_experiment(ROOT / "conf" / name))
+        return np.mean(counts.max(axis=1) / counts.sum(axis=1))
+
+    assert top_share("mnist-dir0.1.yaml") > top_share("default.yaml")
