@@ -1,10 +1,13 @@
 """Flower ServerApp: reads the run config and runs the chosen method (see fedhpro_flwr.server)."""
 
+from logging import ERROR
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedhpro_flwr.config import ConfigError
 from fedhpro_flwr.server import run_server
 
 app = ServerApp()
@@ -12,4 +15,8 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_server(grid, context.run_config, app_dir=Path(__file__).resolve().parent)
+    try:
+        run_server(grid, context.run_config, app_dir=Path(__file__).resolve().parent)
+    except ConfigError as exc:  # a bad setting or missing data: the message says it all
+        log(ERROR, "fedhpro-flwr: %s", exc)
+        raise SystemExit(1) from None

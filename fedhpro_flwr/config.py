@@ -20,6 +20,8 @@ import yaml
 
 Scalar = bool | int | float | str
 STRATEGY_KEY = "strategy"  # names the method in the ConfigRecord sent to clients
+DATASETS = ("mnist-subset", "uci-digits", "mnist", "fashion-mnist", "usps", "svhn", "cifar10",
+            "cifar100")  # the sources in sources.py
 
 
 class ConfigError(ValueError):
@@ -42,8 +44,10 @@ def _spec(
 class DataConfig:
     """Which dataset, and how much of it is held out for server-side evaluation."""
 
-    dataset: str = _spec("mnist-subset", choices=("mnist-subset", "uci-digits"))
-    test_fraction: float = _spec(0.2, gt=0.0, le=0.9)
+    dataset: str = _spec("mnist-subset", choices=DATASETS)
+    test_fraction: float = _spec(0.2, gt=0.0, le=0.9)  # held out when there is no test split
+    root: str = _spec("~/fedhpro-data")  # where downloadable datasets live
+    download: bool = _spec(False)  # fetch a missing dataset (needs internet)
 
 
 @dataclass(frozen=True)

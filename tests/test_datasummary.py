@@ -7,6 +7,7 @@ import pytest
 
 from fedhpro_flwr.config import load_experiment
 from fedhpro_flwr.datasummary import client_class_counts, main
+from fedhpro_flwr.sources import DataMissing
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "conf").glob("*.yaml"))
@@ -34,9 +35,13 @@ def test_bad_config_exits_2_with_the_reason(capsys):
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_every_shipped_config_loads_and_partitions(path):
-    cfg = load_experiment(path)
-    counts = client_class_counts(cfg)
+def test_every_shipped_config_partitions_or_names_the_missing_data(path, tmp_path):
+    cfg = load_experiment(path, {"data.root": str(tmp_path)})  # empty: downloadable data absent
+    try:
+        counts = client_class_counts(cfg)
+    except DataMissing as exc:
+        assert f"dataset '{cfg.data.dataset}' not found at {tmp_path}" in str(exc)
+        return
     assert counts.shape[0] == cfg.partition.num_partitions
     assert (counts.sum(axis=1) >= 1).all()
 
