@@ -20,8 +20,8 @@ import yaml
 
 Scalar = bool | int | float | str
 STRATEGY_KEY = "strategy"  # names the method in the ConfigRecord sent to clients
-DATASETS = ("mnist-subset", "uci-digits", "mnist", "fashion-mnist", "usps", "svhn", "cifar10",
-            "cifar100")  # the sources in sources.py
+DATASETS = ("mnist-subset", "uci-digits", "digits-offline", "mnist", "fashion-mnist", "usps",
+            "svhn", "cifar10", "cifar100")  # the sources in sources.py
 
 
 class ConfigError(ValueError):
@@ -54,10 +54,12 @@ class DataConfig:
 class PartitionConfig:
     """How the training data is split across clients."""
 
-    scheme: str = _spec("dirichlet", choices=("dirichlet", "iid", "long-tail", "k-classes"))
+    scheme: str = _spec("dirichlet",
+                        choices=("dirichlet", "iid", "long-tail", "k-classes", "domains"))
     num_partitions: int = _spec(10, ge=1)
-    alpha: float = _spec(0.5, gt=0.0)  # dirichlet and long-tail
-    min_size: int = _spec(10, ge=1)  # dirichlet and long-tail
+    alpha: float = _spec(0.5, gt=0.0)  # dirichlet, long-tail, domains
+    min_size: int = _spec(10, ge=1)  # dirichlet, long-tail, domains
+    domain_fraction: float = _spec(1.0, gt=0.0, le=1.0)  # domains: share of each domain used
     imbalance_factor: float = _spec(100.0, ge=1.0)  # long-tail: largest / smallest class
     classes_per_client: int = _spec(2, ge=1)  # k-classes
 

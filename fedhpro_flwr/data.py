@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ExperimentConfig
+from .config import ConfigError, ExperimentConfig
 from .partition import (
     dirichlet_partition,
+    domain_partition,
     iid_partition,
     k_classes_partition,
     long_tail_subset,
@@ -22,21 +23,31 @@ from .sources import Images, load_source, to_tensor
 
 @dataclass(frozen=True)
 class TensorData:
-    """Images (N, C, H, W) float32, labels (N,) int64, and the label space size."""
+    """Images (N, C, H, W) float32, labels (N,) int64, the label space size and, for
+    multi-domain data, each image's domain id (N,) and the domains' names."""
 
     x: torch.Tensor
     y: torch.Tensor
     num_classes: int
+    domain: torch.Tensor | None = None
+    domains: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, index: np.ndarray) -> TensorData:
         idx = torch.as_tensor(index, dtype=torch.long)
-        return TensorData(self.x[idx], self.y[idx], self.num_classes)
+        domain = None if self.domain is None else self.domain[idx]
+        return TensorData(self.x[idx], self.y[idx], self.num_classes, domain, self.domains)
 
     def class_counts(self) -> torch.Tensor:
         return torch.bincount(self.y, minlength=self.num_classes)
+
+    def domain_counts(self) -> torch.Tensor:
+        """(D,) samples per domain; empty for single-domain data."""
+        if self.domain is None:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.bincount(self.domain, minlength=len(self.domains))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -50,8 +61,9 @@ def load_dataset(name: str, root: str, download: bool) -> tuple[TensorData, Tens
     mean, std = splits.statistics()
 
     def tensors(images: Images) -> TensorData:
+        domain = None if images.domain is None else torch.from_numpy(images.domain)
         return TensorData(to_tensor(images, mean, std), torch.from_numpy(images.y),
-                          splits.num_classes)
+                          splits.num_classes, domain, splits.domains)
 
     return tensors(splits.train), None if splits.test is None else tensors(splits.test)
 
@@ -65,8 +77,10 @@ def _split(cfg: ExperimentConfig) -> tuple[np.ndarray | None, list[np.ndarray]]:
     """(held-out indices or None when the dataset has a test split, per-client train
     indices), a pure function of the config."""
     data, official_test = _dataset(cfg)
-    if official_test is None:
-        train_idx, test_idx = stratified_split(data.y.numpy(), cfg.data.test_fraction, cfg.seed)
+    domains = None if data.domain is None else data.domain.numpy()
+    if official_test is None:  # hold out every (domain, class) in the same proportion
+        strata = data.y.numpy() + (0 if domains is None else domains * data.num_classes)
+        train_idx, test_idx = stratified_split(strata, cfg.data.test_fraction, cfg.seed)
     else:
         train_idx, test_idx = np.arange(len(data)), None
     p = cfg.partition
@@ -78,6 +92,12 @@ def _split(cfg: ExperimentConfig) -> tuple[np.ndarray | None, list[np.ndarray]]:
         parts = iid_partition(len(train_idx), p.num_partitions, cfg.seed)
     elif p.scheme == "k-classes":
         parts = k_classes_partition(labels, p.num_partitions, p.classes_per_client, cfg.seed)
+    elif p.scheme == "domains":
+        if domains is None:
+            raise ConfigError(f"partition.scheme 'domains' needs a multi-domain dataset; "
+                              f"'{cfg.data.dataset}' has one domain")
+        parts = domain_partition(labels, domains[train_idx], p.num_partitions, p.alpha,
+                                 cfg.seed, p.min_size, p.domain_fraction)
     else:
         parts = dirichlet_partition(labels, p.num_partitions, p.alpha, cfg.seed, p.min_size)
     return test_idx, [train_idx[part] for part in parts]

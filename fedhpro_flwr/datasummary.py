@@ -25,16 +25,20 @@ def client_class_counts(cfg: ExperimentConfig) -> np.ndarray:
                      for i in range(cfg.partition.num_partitions)])
 
 
-def format_counts(counts: np.ndarray, test_counts: np.ndarray) -> str:
-    """A plain-text table: one row per client, one column per class, totals at the ends."""
-    num_classes = counts.shape[1]
-    rows = [["client", *map(str, range(num_classes)), "total", "classes"]]
+def client_domain_counts(cfg: ExperimentConfig) -> np.ndarray:
+    """(clients, domains) samples per domain; (clients, 0) for single-domain data."""
+    return np.stack([client_data(cfg, i).domain_counts().numpy()
+                     for i in range(cfg.partition.num_partitions)])
+
+
+def format_counts(counts: np.ndarray, test_counts: np.ndarray, columns: list[str]) -> str:
+    """A plain-text table: one row per client, one column per class (or domain), totals."""
+    kinds = "classes" if columns[0] == "0" else "domains"
+    rows = [["client", *columns, "total", kinds]]
     for i, row in enumerate(counts):
         rows.append([str(i), *map(str, row), str(row.sum()), str((row > 0).sum())])
-    total = counts.sum(axis=0)
-    rows.append(["all", *map(str, total), str(total.sum()), str((total > 0).sum())])
-    rows.append(["test", *map(str, test_counts), str(test_counts.sum()),
-                 str((test_counts > 0).sum())])
+    for name, row in (("all", counts.sum(axis=0)), ("test", test_counts)):
+        rows.append([name, *map(str, row), str(row.sum()), str((row > 0).sum())])
     widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -42,22 +46,27 @@ def format_counts(counts: np.ndarray, test_counts: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-def save_heatmap(counts: np.ndarray, path: Path, title: str) -> Path:
-    """The client x class counts as an annotated heat map (PNG)."""
+def save_heatmap(tables: list[tuple[np.ndarray, str, list[str]]], path: Path,
+                 title: str) -> Path:
+    """Annotated heat maps side by side, one per (counts, x label, column names)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    clients, classes = counts.shape
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * classes, 1.0 + 0.45 * clients))
-    image = ax.imshow(counts, cmap="viridis", aspect="auto")
-    for (i, j), value in np.ndenumerate(counts):
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                color="white" if value < counts.max() / 2 else "black")
-    ax.set(xlabel="class", ylabel="client", title=title, xticks=range(classes),
-           yticks=range(clients))
-    fig.colorbar(image, ax=ax, label="samples")
+    clients = tables[0][0].shape[0]
+    widths = [counts.shape[1] for counts, _, _ in tables]
+    fig, axes = plt.subplots(1, len(tables), squeeze=False, width_ratios=widths,
+                             figsize=(1.5 + 0.6 * sum(widths), 1.0 + 0.45 * clients))
+    for ax, (counts, xlabel, names) in zip(axes[0], tables, strict=True):
+        image = ax.imshow(counts, cmap="viridis", aspect="auto")
+        for (i, j), value in np.ndenumerate(counts):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                    color="white" if value < counts.max() / 2 else "black")
+        ax.set(xlabel=xlabel, ylabel="client", xticks=range(len(names)), yticks=range(clients))
+        ax.set_xticklabels(names, rotation=45 if max(map(len, names)) > 2 else 0)
+        fig.colorbar(image, ax=ax, label="samples")
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -69,20 +78,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedhpro-data", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="conf/default.yaml", help="experiment YAML")
     parser.add_argument("--overrides", default="", help='dotted YAML keys, e.g. "seed=1"')
-    parser.add_argument("--png", type=Path, help="also save the table as a heat map here")
+    parser.add_argument("--png", type=Path, help="also save the tables as heat maps here")
     args = parser.parse_args(argv)
     try:
         cfg = load_experiment(Path(args.config), parse_overrides(args.overrides))
-        counts = client_class_counts(cfg)
+        classes, domains = client_class_counts(cfg), client_domain_counts(cfg)
+        test = held_out_data(cfg)
     except (ConfigError, ValueError) as exc:
         print(f"fedhpro-data: {exc}", file=sys.stderr)
         return 2
     p = cfg.partition
-    title = (f"{cfg.data.dataset}, {p.scheme}, {p.num_partitions} clients, seed {cfg.seed}")
+    title = f"{cfg.data.dataset}, {p.scheme}, {p.num_partitions} clients, seed {cfg.seed}"
+    class_names = [str(c) for c in range(classes.shape[1])]
+    tables = [(classes, "class", class_names)]
     print(title)
-    print(format_counts(counts, held_out_data(cfg).class_counts().numpy()))
+    print(format_counts(classes, test.class_counts().numpy(), class_names))
+    if domains.shape[1]:
+        print()
+        print(format_counts(domains, test.domain_counts().numpy(), list(test.domains)))
+        tables.append((domains, "domain", list(test.domains)))
     if args.png:
-        print(f"heat map: {save_heatmap(counts, args.png, title)}")
+        print(f"heat map: {save_heatmap(tables, args.png, title)}")
     return 0
 
 

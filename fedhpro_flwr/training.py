@@ -66,3 +66,21 @@ def evaluate(
         correct += (logits.argmax(dim=1) == y).sum().item()
     n = max(len(data), 1)
     return loss / n, correct / n
+
+
+@torch.no_grad()
+def domain_accuracies(
+    model: Backbone, data: TensorData, device: torch.device, batch_size: int = 512
+) -> dict[str, float]:
+    """``{"accuracy_<domain>": accuracy}`` for multi-domain data; empty otherwise."""
+    if data.domain is None:
+        return {}
+    model.eval()
+    correct = torch.zeros(len(data.domains))
+    for start in range(0, len(data), batch_size):
+        x = data.x[start : start + batch_size].to(device)
+        hit = (model(x).argmax(dim=1).cpu() == data.y[start : start + batch_size]).float()
+        correct.index_add_(0, data.domain[start : start + batch_size], hit)
+    totals = data.domain_counts().clamp(min=1)
+    return {f"accuracy_{name}": (correct[d] / totals[d]).item()
+            for d, name in enumerate(data.domains)}

@@ -13,20 +13,23 @@ from fedhpro_flwr.server import run_server
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLIENTS = 3
+CONFIG = "conf/mnist-dir0.5.yaml"  # small and quick
 OVERRIDES = f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=2"
 
 
-def simulate(out_dir: Path, rounds: int, resume: bool = False, strategy: str = "fedhpro") -> dict:
-    """Run `rounds` rounds with NUM_CLIENTS SuperNodes; return results.json."""
+def simulate(out_dir: Path, rounds: int, resume: bool = False, strategy: str = "fedhpro",
+             config: str = CONFIG, overrides: str = OVERRIDES,
+             num_clients: int = NUM_CLIENTS) -> dict:
+    """Run `rounds` rounds with `num_clients` SuperNodes; return results.json."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid, context):
-        run_config = {"strategy": strategy, "num-server-rounds": rounds, "out-dir": str(out_dir),
-                      "resume": resume, "overrides": OVERRIDES}
+        run_config = {"strategy": strategy, "config": config, "num-server-rounds": rounds,
+                      "out-dir": str(out_dir), "resume": resume, "overrides": overrides}
         run_server(grid, run_config, ROOT)
 
-    run_simulation(server_app, client_app, num_supernodes=NUM_CLIENTS,
+    run_simulation(server_app, client_app, num_supernodes=num_clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     return json.loads((out_dir / "results.json").read_text())
 

@@ -3,15 +3,17 @@ import pytest
 import torch
 
 from fedhpro_flwr.config import ExperimentConfig, PartitionConfig
-from fedhpro_flwr.data import client_data, held_out_data
+from fedhpro_flwr.data import TensorData, client_data, held_out_data
 from fedhpro_flwr.extraction import extract_class_statistics, sample_per_class
 from fedhpro_flwr.models import build_model
 from fedhpro_flwr.partition import (
     dirichlet_partition,
+    domain_partition,
     k_classes_partition,
     long_tail_subset,
     stratified_split,
 )
+from fedhpro_flwr.training import domain_accuracies
 
 
 def test_dirichlet_partition_is_disjoint_complete_seeded_and_skewed():
@@ -120,3 +122,34 @@ def test_uci_digits_is_the_offline_8x8_source():
     assert len(test) + sum(len(c) for c in train) == 1797
     model = build_model(cfg.model, test.input_shape, test.num_classes)
     assert model(test.x[:4]).shape == (4, 10)
+
+
+def test_domain_partition_gives_each_client_one_domain():
+    labels = np.tile(np.repeat(np.arange(5), 40), 3)  # 3 domains x 5 classes x 40
+    domains = np.repeat(np.arange(3), 200)
+    parts = domain_partition(labels, domains, num_partitions=7, alpha=0.5, seed=0, min_size=5)
+    joined = np.concatenate(parts)
+    assert len(joined) == 600 == len(np.unique(joined))  # disjoint and complete
+    assert [int(np.unique(domains[p])[0]) for p in parts] == [0, 1, 2, 0, 1, 2, 0]
+    assert all(len(np.unique(domains[p])) == 1 for p in parts)
+    half = domain_partition(labels, domains, 3, alpha=1000.0, seed=0, min_size=5, fraction=0.5)
+    assert [len(p) for p in half] == [100, 100, 100]  # FPL's setting: a share of the domain
+    with pytest.raises(ValueError, match="2 clients cannot cover 3 domains"):
+        domain_partition(labels, domains, 2, 0.5, seed=0)
+
+
+def test_domain_accuracies_split_the_overall_accuracy():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    data = TensorData(x, torch.tensor([0, 1, 1, 1]), 2, torch.tensor([0, 0, 1, 1]), ("a", "b"))
+    model = torch.nn.Linear(2, 2)  # predicts the larger coordinate
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(2))
+        model.bias.zero_()
+    scores = domain_accuracies(model, data, torch.device("cpu"))
+    assert scores == {"accuracy_a": 1.0, "accuracy_b": 0.5}
+
+
+def test_scheme_domains_needs_a_multi_domain_dataset():
+    cfg = ExperimentConfig.from_dict({"partition": {"scheme": "domains"}})
+    with pytest.raises(ValueError, match="needs a multi-domain dataset"):
+        client_data(cfg, 0)

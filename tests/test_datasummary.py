@@ -15,7 +15,7 @@ CONFIGS = sorted((ROOT / "conf").glob("*.yaml"))
 
 def test_prints_every_clients_class_counts_and_saves_a_heat_map(tmp_path, capsys):
     png = tmp_path / "clients.png"
-    assert main(["--config", str(ROOT / "conf/default.yaml"), "--png", str(png)]) == 0
+    assert main(["--config", str(ROOT / "conf/mnist-dir0.5.yaml"), "--png", str(png)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == "mnist-subset, dirichlet, 10 clients, seed 536"
@@ -30,7 +30,8 @@ def test_prints_every_clients_class_counts_and_saves_a_heat_map(tmp_path, capsys
 def test_bad_config_exits_2_with_the_reason(capsys):
     assert main(["--config", "nope.yaml"]) == 2
     assert "no such file" in capsys.readouterr().err
-    assert main(["--overrides", "partition.scheme=k-classes partition.num_partitions=3"]) == 2
+    assert main(["--config", str(ROOT / "conf/mnist-dir0.5.yaml"), "--overrides",
+                 "partition.scheme=k-classes partition.num_partitions=3"]) == 2
     assert "cannot hold all 10 classes" in capsys.readouterr().err
 
 
@@ -51,4 +52,17 @@ def test_dirichlet_0_1_is_more_skewed_than_0_5():
         counts = client_class_counts(load_experiment(ROOT / "conf" / name))
         return np.mean(counts.max(axis=1) / counts.sum(axis=1))
 
-    assert top_share("mnist-dir0.1.yaml") > top_share("default.yaml")
+    assert top_share("mnist-dir0.1.yaml") > top_share("mnist-dir0.5.yaml")
+
+
+def test_the_default_experiment_shows_one_domain_per_client(tmp_path, capsys):
+    png = tmp_path / "digits.png"
+    assert main(["--overrides", f"data.root={tmp_path}", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("digits-offline, domains, 10 clients, seed 536")
+    domain_table = out.split("\n\n")[1].splitlines()
+    assert domain_table[0].split() == ["client", "mnist", "uci", "synth", "mnistm", "total",
+                                      "domains"]
+    for line in domain_table[2:12]:  # the ten clients
+        assert line.split()[-1] == "1"  # each holds a single domain
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -58,3 +58,17 @@ def test_resume_continues_at_the_next_round_like_an_uninterrupted_run(two_rounds
     hp_resumed = checkpoint(out)["strategy_state"]["hyperprototypes"]
     hp_straight = checkpoint(tmp_path / "straight")["strategy_state"]["hyperprototypes"]
     assert torch.allclose(hp_resumed, hp_straight, atol=1e-5)
+
+
+def test_the_default_experiment_reports_accuracy_per_domain(tmp_path):
+    """digits-offline with one client per domain: every round has the four domains' scores."""
+    overrides = f"data.root={tmp_path / 'data'} partition.num_partitions=4 train.local_epochs=1"
+    results = simulate(tmp_path / "run", rounds=1, config="conf/default.yaml",
+                       overrides=overrides, num_clients=4)
+    assert results["config"]["data"]["dataset"] == "digits-offline"
+    row = results["rounds"][0]
+    domains = ("mnist", "uci", "synth", "mnistm")
+    assert all(0.0 <= row[f"accuracy_{d}"] <= 1.0 for d in domains)
+    test_sizes = (500, 359, 500, 500)  # 20% of each domain's (domain, class) strata
+    overall = sum(row[f"accuracy_{d}"] * n for d, n in zip(domains, test_sizes, strict=True))
+    assert row["accuracy"] == pytest.approx(overall / sum(test_sizes), abs=1e-9)
