@@ -76,10 +76,10 @@ def domain_accuracies(
     if data.domain is None:
         return {}
     model.eval()
-    correct = torch.zeros(len(data.domains))
+    correct = torch.zeros(len(data.domains), dtype=torch.float64)
     for start in range(0, len(data), batch_size):
         x = data.x[start : start + batch_size].to(device)
-        hit = (model(x).argmax(dim=1).cpu() == data.y[start : start + batch_size]).float()
+        hit = (model(x).argmax(dim=1).cpu() == data.y[start : start + batch_size]).double()
         correct.index_add_(0, data.domain[start : start + batch_size], hit)
     totals = data.domain_counts().clamp(min=1)
     return {f"accuracy_{name}": (correct[d] / totals[d]).item()
