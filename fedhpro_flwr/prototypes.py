@@ -45,13 +45,6 @@ def weighted_class_mean(
     return mean, totals > 0
 
 
-def class_mean_over_clients(
-    prototypes: torch.Tensor, present: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per class, the plain mean over the clients holding it (FedTGP's and FPL's rule)."""
-    return weighted_class_mean(prototypes, present.to(torch.int64))
-
-
 @torch.no_grad()
 def nearest_prototype_accuracy(
     model: Backbone,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..config import ExperimentConfig
-from ..prototypes import class_mean_over_clients
+from ..gradmatch import masked_class_mean
 from ..strategy_base import ClientReply, checked_state
 from ..tgp import PrototypeGenerator, class_gap_margin, train_generator
 from .base import Method
@@ -40,8 +40,8 @@ class FedTGPStrategy(PrototypeStrategy):
         tgp = self.cfg.fedtgp
         protos, counts = self.stacked(replies)
         held = counts > 0
-        class_means, present = class_mean_over_clients(protos, held)
-        margin = class_gap_margin(class_means, present, tgp.margin_threshold)
+        class_means, holders = masked_class_mean(protos, held)  # plain mean, as FedTGP
+        margin = class_gap_margin(class_means, holders > 0, tgp.margin_threshold)
         client_index, labels = torch.nonzero(held, as_tuple=True)
         before, after = train_generator(
             self.model, protos[client_index, labels], labels, margin, epochs=tgp.server_epochs,

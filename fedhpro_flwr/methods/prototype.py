@@ -77,9 +77,9 @@ class PrototypeStrategy(ExperimentStrategy):
     @staticmethod
     def stacked(replies: list[ClientReply]) -> tuple[torch.Tensor, torch.Tensor]:
         """The replies' prototypes (K, C, d) and class counts (K, C)."""
-        rows: list[ClassRows] = [r.extra for r in replies]
-        counts = torch.stack([r.counts for r in rows if r.counts is not None])
-        return torch.stack([r.rows["prototypes"] for r in rows]), counts
+        rows: list[ClassRows] = [r.extra for r in replies]  # decoded with counts
+        return (torch.stack([r.rows["prototypes"] for r in rows]),
+                torch.stack([r.counts for r in rows]))  # type: ignore[misc]
 
     def train_records(self) -> dict[str, ArrayRecord]:
         return {GLOBAL_RECORD: encode_class_rows(self.present, {"prototypes": self.prototypes})}
