@@ -18,7 +18,7 @@ import torch
 from flwr.app import RecordDict
 
 from fedhpro_flwr.config import load_experiment
-from fedhpro_flwr.data import client_data, dataset_info
+from fedhpro_flwr.data import client_data, dataset_spec
 from fedhpro_flwr.hyperproto import init_hyperprototypes
 from fedhpro_flwr.methods import ClientTask, get_method
 from fedhpro_flwr.methods.fedhpro import HP_RECORD
@@ -36,10 +36,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_experiment(Path(args.config))
-    info = dataset_info(cfg)
+    info = dataset_spec(cfg)
     device = torch.device("cpu")
     torch.manual_seed(cfg.seed)
-    template = build_model(cfg.model, info.input_shape, info.num_classes)
+    template = build_model(cfg.model, info)
     initial = template.state_dict()
     hp = init_hyperprototypes(info.num_classes, cfg.fedhpro.num_hyperprototypes,
                               template.feature_dim, torch.Generator().manual_seed(cfg.seed))
@@ -52,7 +52,7 @@ def main() -> None:
     def timed(run, data) -> float:
         times = []
         for _ in range(args.repeats):
-            model = build_model(cfg.model, info.input_shape, info.num_classes)
+            model = build_model(cfg.model, info)
             model.load_state_dict(initial)
             task = ClientTask(model, data, content, cfg, device,
                               torch.Generator().manual_seed(cfg.seed))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from .config import STRATEGY_KEY, ConfigError, ExperimentConfig
-from .data import client_data, dataset_info
+from .data import SPEC_PREFIX, DataSpec, TensorData, client_data, local_data
 from .methods import ClientTask, get_method
 from .models import build_model
 from .payload import check_state_dict, tensors_to_record
@@ -30,7 +31,17 @@ def pick_device(node_config: dict[str, Any]) -> torch.device:
 
 
 def node_partition(node_config: dict[str, Any], cfg: ExperimentConfig) -> int:
-    """This node's partition id, checked against the experiment's number of partitions."""
+    """This node's partition id, checked against the experiment's number of partitions (a
+    node with its own `data-dir` needs only the id: it names the client in seeds and logs)."""
+    if "data-dir" in node_config:
+        try:
+            partition_id = int(node_config["partition-id"])
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError("a node with 'data-dir' still needs an integer 'partition-id' "
+                              f"(its client id; got {dict(node_config)})") from None
+        if partition_id < 0:
+            raise ConfigError(f"node config 'partition-id' = {partition_id}: must be >= 0")
+        return partition_id
     try:
         partition_id = int(node_config["partition-id"])
         num_partitions = int(node_config["num-partitions"])
@@ -50,12 +61,21 @@ def node_partition(node_config: dict[str, Any], cfg: ExperimentConfig) -> int:
     return partition_id
 
 
+def node_data(node_config: dict[str, Any], cfg: ExperimentConfig, spec: DataSpec,
+              partition_id: int) -> TensorData:
+    """The node's own `data-dir`, used whole, else its partition of the experiment's data."""
+    if "data-dir" in node_config:
+        return local_data(spec, cfg.data, Path(str(node_config["data-dir"])).expanduser())
+    return client_data(cfg, partition_id)
+
+
 def handle_train(msg: Message, context: Context) -> Message:
     """One round of local training for whichever method the server runs."""
     config: ConfigRecord = msg.content.config_records["config"]
-    cfg = ExperimentConfig.from_flat(
-        {k: v for k, v in config.items() if k not in FLOWER_CONFIG_KEYS}
-    )
+    cfg = ExperimentConfig.from_flat({k: v for k, v in config.items()
+                                      if k not in FLOWER_CONFIG_KEYS
+                                      and not k.startswith(SPEC_PREFIX)})
+    spec = DataSpec.from_config(config)
     method = get_method(str(config[STRATEGY_KEY]))
     server_round = int(config["server-round"])
     partition_id = node_partition(dict(context.node_config), cfg)
@@ -63,9 +83,8 @@ def handle_train(msg: Message, context: Context) -> Message:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
 
-    info = dataset_info(cfg)
-    data = client_data(cfg, partition_id)
-    model = build_model(cfg.model, info.input_shape, info.num_classes)
+    data = node_data(dict(context.node_config), cfg, spec, partition_id)
+    model = build_model(cfg.model, spec)
     weights = check_state_dict(msg.content.array_records["arrays"], model.state_dict(),
                                "global model weights")
     model.load_state_dict(weights)

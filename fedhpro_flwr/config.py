@@ -21,7 +21,9 @@ import yaml
 Scalar = bool | int | float | str
 STRATEGY_KEY = "strategy"  # names the method in the ConfigRecord sent to clients
 DATASETS = ("mnist-subset", "uci-digits", "digits-offline", "mnist", "fashion-mnist", "usps",
-            "svhn", "cifar10", "cifar100")  # the sources in sources.py
+            "svhn", "syn", "digits", "cifar10", "cifar100", "office-caltech", "tiny-imagenet",
+            "sun397", "agnews")  # the sources in sources.py; plus "hf:<name>"
+HF_PREFIX = "hf:"  # a Hugging Face dataset, read through flwr-datasets
 
 
 class ConfigError(ValueError):
@@ -35,19 +37,25 @@ def _spec(
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
+    prefixes: tuple[str, ...] = (),
 ) -> Any:
-    """A dataclass field with the constraints `_check_value` enforces."""
-    return field(default=default, metadata={"choices": choices, "ge": ge, "gt": gt, "le": le})
+    """A dataclass field with the constraints `_check_value` enforces; a string starting with
+    one of `prefixes` is allowed beside the `choices`."""
+    return field(default=default, metadata={"choices": choices, "ge": ge, "gt": gt, "le": le,
+                                            "prefixes": prefixes})
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset, and how much of it is held out for server-side evaluation."""
 
-    dataset: str = _spec("mnist-subset", choices=DATASETS)
+    dataset: str = _spec("mnist-subset", choices=DATASETS, prefixes=(HF_PREFIX,))
     test_fraction: float = _spec(0.2, gt=0.0, le=0.9)  # held out when there is no test split
     root: str = _spec("~/fedhpro-data")  # where downloadable datasets live
     download: bool = _spec(False)  # fetch a missing dataset (needs internet)
+    image_size: int = _spec(0, ge=0)  # resize images to this square; 0 = the source's size
+    text_buckets: int = _spec(32768, ge=2)  # text: words are hashed into this many ids
+    max_tokens: int = _spec(64, ge=1)  # text: tokens kept per sample
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,26 @@ class PartitionConfig:
     alpha: float = _spec(0.5, gt=0.0)  # dirichlet, long-tail, domains
     min_size: int = _spec(10, ge=1)  # dirichlet, long-tail, domains
     domain_fraction: float = _spec(1.0, gt=0.0, le=1.0)  # domains: share of each domain used
+    client_fraction: float = _spec(0.0, ge=0.0, le=1.0)  # domains: share of its domain each
+    # client holds (FPL's `percent`); 0 = the domain_fraction split among the domain's clients
+    clients_per_domain: str = _spec("")  # domains: e.g. "3 7 6 4"; "" = dealt round-robin
+
+    def __post_init__(self) -> None:
+        self.domain_clients()  # check the format once, at start
+
+    def domain_clients(self) -> tuple[int, ...]:
+        """`clients_per_domain` as numbers; () when the clients are dealt round-robin."""
+        try:
+            counts = tuple(int(n) for n in self.clients_per_domain.split())
+        except ValueError:
+            counts = (0,)
+        if any(n < 1 for n in counts) or (counts and sum(counts) != self.num_partitions):
+            raise ConfigError(
+                f"config key 'partition.clients_per_domain' = {self.clients_per_domain!r}: "
+                f"expected positive whole numbers, one per domain, adding up to "
+                f"partition.num_partitions = {self.num_partitions}"
+            )
+        return counts
     imbalance_factor: float = _spec(100.0, ge=1.0)  # long-tail: largest / smallest class
     classes_per_client: int = _spec(2, ge=1)  # k-classes
 
@@ -68,8 +96,8 @@ class PartitionConfig:
 class ModelConfig:
     """The backbone: a feature extractor ``features(x) -> z`` plus a linear ``classifier``."""
 
-    name: str = _spec("cnn", choices=("cnn", "resnet10"))
-    feature_dim: int = _spec(128, ge=2)  # the CNN's d; ResNet-10's d is 8 * width
+    name: str = _spec("cnn", choices=("cnn", "resnet10", "text"))
+    feature_dim: int = _spec(128, ge=2)  # d of the CNN and the text model; ResNet-10's is 8 * width
     width: int = _spec(32, ge=1)  # ResNet-10 base filters
 
 
@@ -265,8 +293,11 @@ def _check_value(key: str, value: Any, kind: type, spec: Mapping[str, Any]) -> S
             raise ConfigError(f"{shown}: expected a finite number")
     elif kind is str and not isinstance(value, str):
         raise ConfigError(f"{shown}: expected a string")
-    if spec.get("choices") and value not in spec["choices"]:
-        raise ConfigError(f"{shown}: allowed values are {', '.join(spec['choices'])}")
+    open_ended = any(str(value).startswith(p) and len(str(value)) > len(p)
+                     for p in spec.get("prefixes", ()))
+    if spec.get("choices") and value not in spec["choices"] and not open_ended:
+        allowed = [*spec["choices"], *(f"{p}<name>" for p in spec.get("prefixes", ()))]
+        raise ConfigError(f"{shown}: allowed values are {', '.join(allowed)}")
     if spec.get("ge") is not None and value < spec["ge"]:
         raise ConfigError(f"{shown}: must be >= {spec['ge']}")
     if spec.get("gt") is not None and value <= spec["gt"]:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import ConfigError, ExperimentConfig
+from .config import ConfigError, DataConfig, ExperimentConfig
+from .imagefiles import cached_decode, class_folders, image_files
 from .partition import (
     dirichlet_partition,
     domain_partition,
@@ -18,13 +22,15 @@ from .partition import (
     long_tail_subset,
     stratified_split,
 )
-from .sources import Images, load_source, to_tensor
+from .sources import Samples, load_source, to_tensor
+from .text import encode, read_label_text_csv
 
 
 @dataclass(frozen=True)
 class TensorData:
-    """Images (N, C, H, W) float32, labels (N,) int64, the label space size and, for
-    multi-domain data, each image's domain id (N,) and the domains' names."""
+    """Inputs (images (N, C, H, W) float32 or token ids (N, L) int64), labels (N,) int64,
+    the label space size and, for multi-domain data, each sample's domain id (N,) and the
+    domains' names."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -54,22 +60,72 @@ class TensorData:
         return tuple(self.x.shape[1:])  # type: ignore[return-value]
 
 
-@lru_cache(maxsize=4)
-def load_dataset(name: str, root: str, download: bool) -> tuple[TensorData, TensorData | None]:
-    """(training pool, official test set or None), standardised; cached per process."""
-    splits = load_source(name, Path(root), download)
-    mean, std = splits.statistics()
+@dataclass(frozen=True)
+class DataSpec:
+    """What a node must know of the federation's data to train on its own: the input shape,
+    the class names (labels are their positions), the standardisation statistics and, for
+    text, the number of token ids. The server sends it with every round, so a SuperNode with
+    its own `data-dir` never needs the federation's dataset."""
 
-    def tensors(images: Images) -> TensorData:
-        domain = None if images.domain is None else torch.from_numpy(images.domain)
-        return TensorData(to_tensor(images, mean, std), torch.from_numpy(images.y),
+    input_shape: tuple[int, ...]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...] = ()  # per channel; () for text
+    std: tuple[float, ...] = ()
+    vocab_size: int = 0  # token ids for text; 0 for images
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def is_text(self) -> bool:
+        return self.vocab_size > 0
+
+    def to_config(self) -> dict[str, Any]:
+        """Flat ``{"data-spec.field": value}`` for a Flower ConfigRecord."""
+        return {f"{SPEC_PREFIX}{k}": list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DataSpec:
+        values = {k[len(SPEC_PREFIX):]: v for k, v in config.items()
+                  if k.startswith(SPEC_PREFIX)}
+        try:
+            return cls(tuple(int(n) for n in values["input_shape"]),
+                       tuple(str(c) for c in values["classes"]),
+                       tuple(float(m) for m in values.get("mean", ())),
+                       tuple(float(s) for s in values.get("std", ())),
+                       int(values.get("vocab_size", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"the server's message lacks a valid data spec ({exc!r})") \
+                from None
+
+
+SPEC_PREFIX = "data-spec."
+
+
+@lru_cache(maxsize=4)
+def load_dataset(data: DataConfig) -> tuple[TensorData, TensorData | None, DataSpec]:
+    """(training pool, official test set or None, spec), standardised; cached per process."""
+    splits = load_source(data)
+    if splits.is_text:
+        mean = std = np.zeros(0)
+        spec = DataSpec((data.max_tokens,), splits.class_names(), vocab_size=data.text_buckets)
+    else:
+        mean, std = splits.statistics()
+        spec = DataSpec(tuple(splits.train.x.shape[1:]), splits.class_names(),
+                        tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+    def tensors(samples: Samples) -> TensorData:
+        domain = None if samples.domain is None else torch.from_numpy(samples.domain)
+        return TensorData(to_tensor(samples, mean, std), torch.from_numpy(samples.y),
                           splits.num_classes, domain, splits.domains)
 
-    return tensors(splits.train), None if splits.test is None else tensors(splits.test)
+    return tensors(splits.train), None if splits.test is None else tensors(splits.test), spec
 
 
 def _dataset(cfg: ExperimentConfig) -> tuple[TensorData, TensorData | None]:
-    return load_dataset(cfg.data.dataset, cfg.data.root, cfg.data.download)
+    return load_dataset(cfg.data)[:2]
 
 
 @lru_cache(maxsize=8)
@@ -87,20 +143,31 @@ def _split(cfg: ExperimentConfig) -> tuple[np.ndarray | None, list[np.ndarray]]:
     if p.scheme == "long-tail":  # the training set becomes long-tailed; the test set does not
         train_idx = train_idx[long_tail_subset(data.y.numpy()[train_idx], p.imbalance_factor,
                                                cfg.seed)]
-    labels = data.y.numpy()[train_idx]
-    if p.scheme == "iid":
-        parts = iid_partition(len(train_idx), p.num_partitions, cfg.seed)
-    elif p.scheme == "k-classes":
-        parts = k_classes_partition(labels, p.num_partitions, p.classes_per_client, cfg.seed)
-    elif p.scheme == "domains":
-        if domains is None:
-            raise ConfigError(f"partition.scheme 'domains' needs a multi-domain dataset; "
-                              f"'{cfg.data.dataset}' has one domain")
-        parts = domain_partition(labels, domains[train_idx], p.num_partitions, p.alpha,
-                                 cfg.seed, p.min_size, p.domain_fraction)
-    else:
-        parts = dirichlet_partition(labels, p.num_partitions, p.alpha, cfg.seed, p.min_size)
+    if p.scheme == "domains" and domains is None:
+        raise ConfigError(f"partition.scheme 'domains' needs a multi-domain dataset; "
+                          f"'{cfg.data.dataset}' has one domain")
+    try:
+        parts = _partition(cfg, data.y.numpy()[train_idx],
+                           None if domains is None else domains[train_idx])
+    except ValueError as exc:  # the partitioners' own messages say what cannot be done
+        raise ConfigError(f"partition.scheme '{p.scheme}' on '{cfg.data.dataset}': {exc}") \
+            from None
     return test_idx, [train_idx[part] for part in parts]
+
+
+def _partition(cfg: ExperimentConfig, labels: np.ndarray,
+               domains: np.ndarray | None) -> list[np.ndarray]:
+    p = cfg.partition
+    if p.scheme == "iid":
+        return iid_partition(len(labels), p.num_partitions, cfg.seed)
+    if p.scheme == "k-classes":
+        return k_classes_partition(labels, p.num_partitions, p.classes_per_client, cfg.seed)
+    if p.scheme == "domains":
+        assert domains is not None
+        return domain_partition(labels, domains, p.num_partitions, p.alpha, cfg.seed,
+                                p.min_size, p.domain_fraction, p.domain_clients(),
+                                p.client_fraction)
+    return dirichlet_partition(labels, p.num_partitions, p.alpha, cfg.seed, p.min_size)
 
 
 def held_out_data(cfg: ExperimentConfig) -> TensorData:
@@ -125,6 +192,49 @@ def client_data(cfg: ExperimentConfig, partition_id: int) -> TensorData:
     return _dataset(cfg)[0].subset(parts[partition_id])
 
 
-def dataset_info(cfg: ExperimentConfig) -> TensorData:
-    """The training pool, for its input shape and number of classes."""
-    return _dataset(cfg)[0]
+def dataset_spec(cfg: ExperimentConfig) -> DataSpec:
+    """The input shape, classes and statistics of the experiment's dataset."""
+    return load_dataset(cfg.data)[2]
+
+
+def local_data(spec: DataSpec, data: DataConfig, path: Path) -> TensorData:
+    """A SuperNode's own data, used whole: an image folder (`path/<class name>/...`, class
+    names as the federation's dataset names them) or, for text, a CSV in AG News' layout.
+    Images are resized to the federation's input shape and standardised with its statistics,
+    so the node feeds the global model what every other node feeds it."""
+    if not path.exists():
+        raise ConfigError(f"node config 'data-dir' = '{path}': no such file or folder")
+    if spec.is_text:
+        if not path.is_file():
+            raise ConfigError(f"node config 'data-dir' = '{path}': the federation trains on "
+                              "text, so data-dir must be a CSV file (class number from 1, text)")
+        try:
+            texts, y = read_label_text_csv(path, first_label=1)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"node config 'data-dir': {exc}") from None
+        samples = Samples(encode(texts, spec.vocab_size, spec.input_shape[0]), y)
+    else:
+        if not path.is_dir():
+            raise ConfigError(f"node config 'data-dir' = '{path}': the federation trains on "
+                              "images, so data-dir must be a folder with one folder per class")
+        unknown = [d.name for d in class_folders(path) if d.name not in spec.classes]
+        if unknown:
+            raise ConfigError(f"node config 'data-dir' = '{path}': folder '{unknown[0]}' is not "
+                              f"a class of the federation's dataset ({', '.join(spec.classes)})")
+        files: list[Path] = []
+        labels: list[int] = []
+        for label, name in enumerate(spec.classes):
+            found = image_files(path / name) if (path / name).is_dir() else []
+            files += found
+            labels += [label] * len(found)
+        channels, size = spec.input_shape[0], spec.input_shape[1]
+        samples = Samples(cached_decode(files, size, channels, path / ".fedhpro-cache", "local"),
+                          np.asarray(labels, dtype=np.int64))
+    if len(samples.y) == 0:
+        raise ConfigError(f"node config 'data-dir' = '{path}': no samples found")
+    bad = samples.y[(samples.y < 0) | (samples.y >= spec.num_classes)]
+    if len(bad):
+        raise ConfigError(f"node config 'data-dir' = '{path}': class number {bad[0] + 1} is "
+                          f"outside 1..{spec.num_classes}")
+    x = to_tensor(samples, np.asarray(spec.mean), np.asarray(spec.std))
+    return TensorData(x, torch.from_numpy(samples.y), spec.num_classes)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
+from .data import DataSpec
 
 
 class Backbone(nn.Module):
@@ -83,11 +84,33 @@ class ResNet10(Backbone):
         return self.extractor(x)
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> Backbone:
-    """The backbone the config names, for inputs of shape (C, H, W)."""
-    channels, height, _ = input_shape
+class TextBackbone(Backbone):
+    """fastText-style: the mean of the token embeddings (padding left out), projected to d with
+    a ReLU. Token ids come hashed (text.py), so the embedding table has `vocab_size` rows."""
+
+    def __init__(self, vocab_size: int, num_classes: int, feature_dim: int):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, feature_dim, padding_idx=0)
+        self.project = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.ReLU())
+        self.feature_dim = feature_dim
+        self.classifier = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        present = (x != 0).unsqueeze(-1).float()
+        summed = (self.embedding(x) * present).sum(dim=1)
+        return self.project(summed / present.sum(dim=1).clamp(min=1.0))
+
+
+def build_model(cfg: ModelConfig, spec: DataSpec) -> Backbone:
+    """The backbone the config names, for the data the spec describes."""
+    if (cfg.name == "text") != spec.is_text:
+        kind = "text" if spec.is_text else "images"
+        raise ConfigError(f"config key 'model.name' = '{cfg.name}' does not fit the dataset, "
+                          f"which holds {kind}: use " + ("'text'" if spec.is_text else
+                                                         "'cnn' or 'resnet10'"))
+    if cfg.name == "text":
+        return TextBackbone(spec.vocab_size, spec.num_classes, cfg.feature_dim)
+    channels, height, _ = spec.input_shape
     if cfg.name == "cnn":
-        return SmallCNN(channels, height, num_classes, cfg.feature_dim)
-    if cfg.name == "resnet10":
-        return ResNet10(channels, num_classes, cfg.width)
-    raise ValueError(f"unknown model '{cfg.name}'")
+        return SmallCNN(channels, height, spec.num_classes, cfg.feature_dim)
+    return ResNet10(channels, spec.num_classes, cfg.width)

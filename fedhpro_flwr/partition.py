@@ -118,24 +118,40 @@ def domain_partition(
     seed: int,
     min_size: int = 10,
     fraction: float = 1.0,
+    clients_per_domain: tuple[int, ...] = (),
+    client_fraction: float = 0.0,
 ) -> list[np.ndarray]:
     """Domain shift plus label skew: each client holds data of one domain only.
 
-    Clients are dealt to domains round-robin (client i gets domain i mod D). A random
-    `fraction` of each domain is used, and split over that domain's clients by Dirichlet
+    Clients are dealt to domains round-robin (client i gets domain i mod D), or in blocks of
+    `clients_per_domain` (FPL's setups give the domains unequal numbers of clients). A random
+    `fraction` of each domain is used, or, when `client_fraction` is set, that share of the
+    domain per client (FPL's `percent`), and split over that domain's clients by Dirichlet
     label skew (a large alpha gives FPL's setting: an even share of the domain per client).
-    Disjoint; complete when fraction is 1.
+    Disjoint; complete when fraction is 1 and client_fraction is 0.
     """
     domain_ids = np.unique(domains)
-    if num_partitions < len(domain_ids):
+    if clients_per_domain:
+        if len(clients_per_domain) != len(domain_ids) or sum(clients_per_domain) != num_partitions:
+            raise ValueError(f"clients_per_domain {list(clients_per_domain)} must give each of "
+                             f"the {len(domain_ids)} domains a number of clients, adding up to "
+                             f"{num_partitions}")
+        owner = np.repeat(np.arange(len(domain_ids)), clients_per_domain)
+    elif num_partitions < len(domain_ids):
         raise ValueError(f"{num_partitions} clients cannot cover {len(domain_ids)} domains: "
                          "give every domain at least one client")
+    else:
+        owner = np.arange(num_partitions) % len(domain_ids)
     rng = np.random.default_rng(seed)
     parts: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * num_partitions
     for d, domain in enumerate(domain_ids):
+        clients = np.flatnonzero(owner == d)
+        share = client_fraction * len(clients) if client_fraction else fraction
+        if share > 1:
+            raise ValueError(f"domain {domain}: {len(clients)} clients holding "
+                             f"{client_fraction} of it each need more than the whole domain")
         idx = rng.permutation(np.flatnonzero(domains == domain))
-        idx = np.sort(idx[: max(round(len(idx) * fraction), 1)])
-        clients = list(range(d, num_partitions, len(domain_ids)))
+        idx = np.sort(idx[: max(round(len(idx) * share), 1)])
         split = dirichlet_partition(labels[idx], len(clients), alpha, seed + d, min_size)
         for client, part in zip(clients, split, strict=True):
             parts[client] = idx[part]

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import STRATEGY_KEY, RunSettings, resolve_run_config
-from .data import dataset_info, held_out_data
+from .data import dataset_spec, held_out_data
 from .methods import METHODS, get_method
 from .models import build_model
 from .payload import check_state_dict, tensors_to_record
@@ -45,12 +45,12 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
         # and thrash when clients share the machine (measured here under client load: 0.26 s
         # for the default step with one thread, 11 s with two).
         torch.set_num_threads(cfg.federation.server_threads)
-    info = dataset_info(cfg)
+    spec = dataset_spec(cfg)
     test = held_out_data(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg.model, info.input_shape, info.num_classes)
+    model = build_model(cfg.model, spec)
     strategy = get_method(settings.strategy).make_strategy(
-        cfg, model.state_dict(), info.num_classes, model.feature_dim
+        cfg, model.state_dict(), spec.num_classes, model.feature_dim
     )
     results = RunResults(settings)
     arrays = tensors_to_record(model.state_dict())
@@ -102,7 +102,8 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
             initial_arrays=arrays,
             num_rounds=remaining,
             timeout=cfg.federation.round_timeout,
-            train_config=ConfigRecord({STRATEGY_KEY: settings.strategy, **cfg.to_flat()}),
+            train_config=ConfigRecord({STRATEGY_KEY: settings.strategy, **cfg.to_flat(),
+                                       **spec.to_config()}),
             evaluate_fn=end_of_round,
         )
     else:

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedhpro_flwr.config import ExperimentConfig, PartitionConfig
-from fedhpro_flwr.data import TensorData, client_data, held_out_data
+from fedhpro_flwr.config import ConfigError, ExperimentConfig, PartitionConfig
+from fedhpro_flwr.data import TensorData, client_data, dataset_spec, held_out_data
 from fedhpro_flwr.extraction import extract_class_statistics, sample_per_class
 from fedhpro_flwr.models import build_model
 from fedhpro_flwr.partition import (
@@ -68,7 +68,7 @@ def test_extraction_masks_absent_classes():
     cfg = ExperimentConfig(partition=PartitionConfig(alpha=0.05, num_partitions=10))
     data = next(d for d in (client_data(cfg, i) for i in range(10))
                 if (d.class_counts() == 0).any())
-    model = build_model(cfg.model, data.input_shape, 10)
+    model = build_model(cfg.model, dataset_spec(cfg))
     stats, means = extract_class_statistics(model, data, 20, 2, torch.Generator().manual_seed(0),
                                             torch.device("cpu"))
     absent = data.class_counts() == 0
@@ -120,7 +120,7 @@ def test_uci_digits_is_the_offline_8x8_source():
     train = [client_data(cfg, i) for i in range(10)]
     assert test.x.shape[1:] == (1, 8, 8)
     assert len(test) + sum(len(c) for c in train) == 1797
-    model = build_model(cfg.model, test.input_shape, test.num_classes)
+    model = build_model(cfg.model, dataset_spec(cfg))
     assert model(test.x[:4]).shape == (4, 10)
 
 
@@ -136,6 +136,30 @@ def test_domain_partition_gives_each_client_one_domain():
     assert [len(p) for p in half] == [100, 100, 100]  # FPL's setting: a share of the domain
     with pytest.raises(ValueError, match="2 clients cannot cover 3 domains"):
         domain_partition(labels, domains, 2, 0.5, seed=0)
+
+
+def test_domain_partition_with_fpl_client_counts_and_per_client_shares():
+    labels = np.tile(np.repeat(np.arange(5), 40), 3)  # 3 domains x 5 classes x 40
+    domains = np.repeat(np.arange(3), 200)
+    parts = domain_partition(labels, domains, 6, alpha=1000.0, seed=0, min_size=1,
+                             clients_per_domain=(1, 3, 2), client_fraction=0.1)
+    assert [int(domains[p][0]) for p in parts] == [0, 1, 1, 1, 2, 2]
+    assert all(len(np.unique(domains[p])) == 1 for p in parts)
+    sizes = [len(p) for p in parts]  # 10% of its 200-image domain each, up to the rounding
+    assert sum(sizes) == 120 and all(15 <= n <= 25 for n in sizes)  # of per-class cuts
+    assert len(np.unique(np.concatenate(parts))) == 120  # disjoint
+    with pytest.raises(ValueError, match="need more than the whole domain"):
+        domain_partition(labels, domains, 6, 0.5, 0, clients_per_domain=(1, 3, 2),
+                         client_fraction=0.5)
+    with pytest.raises(ValueError, match="must give each of the 3 domains"):
+        domain_partition(labels, domains, 6, 0.5, 0, clients_per_domain=(3, 3))
+
+
+@pytest.mark.parametrize("text", ["3 x", "2 2", "0 10", "-1 11"])
+def test_clients_per_domain_is_checked_when_the_config_is_read(text):
+    with pytest.raises(ConfigError, match=r"partition\.clients_per_domain"):
+        ExperimentConfig.from_dict({"partition": {"num_partitions": 10,
+                                                  "clients_per_domain": text}})
 
 
 def test_domain_accuracies_split_the_overall_accuracy():

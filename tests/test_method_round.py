@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedhpro_flwr.client import handle_train
 from fedhpro_flwr.config import STRATEGY_KEY, ExperimentConfig
-from fedhpro_flwr.data import dataset_info, held_out_data
+from fedhpro_flwr.data import dataset_spec, held_out_data
 from fedhpro_flwr.methods import METHODS, get_method
 from fedhpro_flwr.methods.fedprox import MU_KEY
 from fedhpro_flwr.models import build_model
@@ -42,7 +42,8 @@ def serverapp_identity():
 
 
 def training_message(name, strategy, arrays: ArrayRecord, node_id: int) -> Message:
-    config = ConfigRecord({STRATEGY_KEY: name, **CFG.to_flat(), "server-round": 1})
+    config = ConfigRecord({STRATEGY_KEY: name, **CFG.to_flat(), "server-round": 1,
+                           **dataset_spec(CFG).to_config()})
     if name == "fedprox":
         config[MU_KEY] = strategy.proximal_mu  # what Flower's FedProx.configure_train adds
     content = RecordDict({"arrays": arrays, "config": config, **strategy.train_records()})
@@ -51,9 +52,9 @@ def training_message(name, strategy, arrays: ArrayRecord, node_id: int) -> Messa
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_one_round_of_each_method(name):
-    info = dataset_info(CFG)
+    info = dataset_spec(CFG)
     torch.manual_seed(CFG.seed)
-    model = build_model(CFG.model, info.input_shape, info.num_classes)
+    model = build_model(CFG.model, info)
     strategy = get_method(name).make_strategy(CFG, model.state_dict(), info.num_classes,
                                               model.feature_dim)
     arrays = tensors_to_record(model.state_dict())

@@ -1,22 +1,45 @@
 import pytest
 import torch
 
-from fedhpro_flwr.config import ModelConfig
+from fedhpro_flwr.config import ConfigError, ModelConfig
+from fedhpro_flwr.data import DataSpec
 from fedhpro_flwr.models import build_model
+
+SEVEN = tuple("abcdefg")
 
 
 @pytest.mark.parametrize(
-    ("cfg", "shape", "dim"),
+    ("cfg", "spec", "dim"),
     [
-        (ModelConfig(name="cnn", feature_dim=64), (1, 28, 28), 64),
-        (ModelConfig(name="resnet10", width=32), (3, 32, 32), 256),
-        (ModelConfig(name="resnet10", width=8), (1, 28, 28), 64),
+        (ModelConfig(name="cnn", feature_dim=64), DataSpec((1, 28, 28), SEVEN), 64),
+        (ModelConfig(name="resnet10", width=32), DataSpec((3, 32, 32), SEVEN), 256),
+        (ModelConfig(name="resnet10", width=8), DataSpec((1, 28, 28), SEVEN), 64),
+        (ModelConfig(name="text", feature_dim=16), DataSpec((12,), SEVEN, vocab_size=50), 16),
     ],
 )
-def test_backbones_expose_features_and_linear_classifier(cfg, shape, dim):
-    model = build_model(cfg, shape, num_classes=7)
-    x = torch.randn(2, *shape)
+def test_backbones_expose_features_and_linear_classifier(cfg, spec, dim):
+    model = build_model(cfg, spec)
+    if spec.is_text:
+        x = torch.randint(0, spec.vocab_size, (2, *spec.input_shape))
+    else:
+        x = torch.randn(2, *spec.input_shape)
     z = model.features(x)
     assert z.shape == (2, dim) and model.feature_dim == dim
     assert isinstance(model.classifier, torch.nn.Linear)
     assert torch.allclose(model(x), model.classifier(z))
+
+
+def test_text_features_ignore_padding():
+    model = build_model(ModelConfig(name="text", feature_dim=8), DataSpec((6,), SEVEN,
+                                                                          vocab_size=20))
+    short = torch.tensor([[3, 5, 0, 0, 0, 0]])
+    longer_padding = torch.tensor([[3, 5, 0, 0, 0, 0, 0, 0, 0]])
+    assert torch.allclose(model.features(short), model.features(longer_padding))
+    assert not torch.allclose(model.features(short), model.features(torch.tensor([[3, 0]])))
+
+
+@pytest.mark.parametrize(("name", "spec"), [("text", DataSpec((1, 8, 8), SEVEN)),
+                                            ("cnn", DataSpec((12,), SEVEN, vocab_size=50))])
+def test_a_model_that_does_not_fit_the_data_is_a_config_error(name, spec):
+    with pytest.raises(ConfigError, match="does not fit the dataset"):
+        build_model(ModelConfig(name=name), spec)

@@ -9,11 +9,15 @@ import pytest
 import torch
 from scipy.io import loadmat, savemat
 
-from fedhpro_flwr.config import DATASETS, ExperimentConfig
+from fedhpro_flwr.config import DATASETS, DataConfig, ExperimentConfig
 from fedhpro_flwr.data import client_data, held_out_data
 from fedhpro_flwr.sources import SOURCES, DataMissing, load_source
 
 RNG = np.random.default_rng(0)
+
+
+def source(name, root, **data):
+    return DataConfig(dataset=name, root=str(root), **data)
 
 
 def write_idx(path, array: np.ndarray) -> None:
@@ -35,7 +39,7 @@ def write_mnist_like(root, folder, n_train=20, n_test=10):
                                               ("fashion-mnist", "FashionMNIST")])
 def test_idx_sources(tmp_path, name, folder):
     write_mnist_like(tmp_path, folder)
-    splits = load_source(name, tmp_path, download=False)
+    splits = load_source(source(name, tmp_path))
     assert splits.train.x.shape == (20, 1, 28, 28) and splits.train.x.dtype == np.uint8
     assert splits.test is not None and splits.test.x.shape == (10, 1, 28, 28)
     assert splits.train.y.tolist() == [i % 10 for i in range(20)]
@@ -48,7 +52,7 @@ def test_usps_reads_libsvm_bz2(tmp_path):
             values = " ".join(f"{j + 1}:{v:.4f}" for j, v in enumerate(RNG.uniform(-1, 1, 256)))
             lines.append(f"{i % 10 + 1} {values}")  # LIBSVM's labels are 1..10
         (tmp_path / filename).write_bytes(bz2.compress("\n".join(lines).encode()))
-    splits = load_source("usps", tmp_path, download=False)
+    splits = load_source(source("usps", tmp_path))
     assert splits.train.x.shape == (12, 1, 16, 16)
     assert splits.train.y.tolist() == [i % 10 for i in range(12)]
     assert splits.test is not None and len(splits.test.y) == 5
@@ -66,7 +70,7 @@ def test_cifar10_reads_the_pickled_batches(tmp_path):
     for i in range(1, 6):
         write_cifar_batch(base / f"data_batch_{i}", 4, "labels", 10)
     write_cifar_batch(base / "test_batch", 6, "labels", 10)
-    splits = load_source("cifar10", tmp_path, download=False)
+    splits = load_source(source("cifar10", tmp_path))
     assert splits.train.x.shape == (20, 3, 32, 32) and splits.num_classes == 10
     assert splits.test is not None and splits.test.x.shape == (6, 3, 32, 32)
     first = pickle.loads((base / "data_batch_1").read_bytes())["data"][0]
@@ -77,7 +81,7 @@ def test_cifar100_uses_the_fine_labels(tmp_path):
     base = tmp_path / "cifar-100-python"
     write_cifar_batch(base / "train", 8, "fine_labels", 100)
     write_cifar_batch(base / "test", 3, "fine_labels", 100)
-    splits = load_source("cifar100", tmp_path, download=False)
+    splits = load_source(source("cifar100", tmp_path))
     assert splits.num_classes == 100 and splits.train.y.tolist() == list(range(8))
 
 
@@ -86,7 +90,7 @@ def test_svhn_reads_the_mat_files_and_maps_label_10_to_0(tmp_path):
         x = RNG.integers(0, 256, (32, 32, 3, n)).astype(np.uint8)
         y = (np.arange(n) % 10 + 1).reshape(-1, 1)  # SVHN: 1..10, 10 meaning the digit 0
         savemat(str(tmp_path / filename), {"X": x, "y": y})
-    splits = load_source("svhn", tmp_path, download=False)
+    splits = load_source(source("svhn", tmp_path))
     assert splits.train.x.shape == (7, 3, 32, 32)
     assert splits.train.y.tolist() == [1, 2, 3, 4, 5, 6, 7]
     assert splits.test is not None and splits.test.y.tolist() == [1, 2, 3]
@@ -98,7 +102,7 @@ def test_svhn_reads_the_mat_files_and_maps_label_10_to_0(tmp_path):
                                   "cifar100"])
 def test_missing_data_names_the_path_and_the_fix(tmp_path, name):
     with pytest.raises(DataMissing) as info:
-        load_source(name, tmp_path, download=False)
+        load_source(source(name, tmp_path))
     message = str(info.value)
     assert f"dataset '{name}' not found at {tmp_path}" in message
     assert "data.download=true" in message

@@ -5,7 +5,7 @@ import torch
 from simulate import NUM_CLIENTS, checkpoint, simulate
 
 from fedhpro_flwr.config import ExperimentConfig
-from fedhpro_flwr.data import dataset_info
+from fedhpro_flwr.data import dataset_spec
 from fedhpro_flwr.methods import get_method
 from fedhpro_flwr.models import build_model
 
@@ -84,8 +84,8 @@ def test_creff_evaluates_the_retrained_classifier_but_sends_the_fedavg_one(runs)
 def test_checkpointed_server_state_loads_into_a_fresh_strategy(runs, strategy):
     out, results = runs(strategy)
     cfg = ExperimentConfig.from_dict(results["config"])
-    info = dataset_info(cfg)
-    model = build_model(cfg.model, info.input_shape, info.num_classes)
+    info = dataset_spec(cfg)
+    model = build_model(cfg.model, info)
     saved = checkpoint(out)["strategy_state"]
     fresh = get_method(strategy).make_strategy(cfg, model.state_dict(), info.num_classes,
                                                model.feature_dim)
