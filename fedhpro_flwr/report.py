@@ -1,0 +1,271 @@
+"""RESULTS.md and plots from a benchmark's results.csv (and its runs' results.json).
+
+    python -m fedhpro_flwr.report benchmarks/default/results.csv
+
+Per setting: the strategies side by side (mean ± std over seeds, the best mean marked),
+per-domain accuracies where the data has domains, and the plots (accuracy per round with a
+band over seeds, per-domain bars, the time of a round split into client, server and
+framework). Then the harness's goals, each marked met or not met with its measured value.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+BASELINE = "fedavg"
+METHOD = "fedhpro"
+
+
+def _float(row: dict[str, str], key: str) -> float:
+    return float(row[key]) if row.get(key) not in (None, "") else float("nan")
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _by(rows: list[dict[str, str]], *keys: str) -> dict[tuple[str, ...], list[dict[str, str]]]:
+    groups: dict[tuple[str, ...], list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        groups[tuple(row[k] for k in keys)].append(row)
+    return groups
+
+
+def machine() -> str:
+    import torch
+
+    try:
+        import flwr
+
+        flwr_version = flwr.__version__
+    except (ImportError, AttributeError):
+        flwr_version = "?"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, {gpu}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, flwr {flwr_version}")
+
+
+def setting_table(rows: list[dict[str, str]]) -> list[str]:
+    """Markdown rows: one per strategy, means ± std over seeds, the best final mean in bold."""
+    by_strategy = _by(rows, "strategy")
+    finals = {s: _stats([_float(r, "final_accuracy") for r in rs])[0]
+              for (s,), rs in by_strategy.items()}
+    best = max(finals, key=finals.__getitem__)
+    lines = ["| strategy | seeds | final accuracy | best accuracy | mean of last 5 | s / round "
+             "| client s / round (sum) | server s / round | framework s / round "
+             "| MB up / round | MB down / round |", "|" + "---|" * 11]
+    for (strategy,), rs in sorted(by_strategy.items(), key=lambda kv: -finals[kv[0][0]]):
+        def cell(key: str, scale: float = 1.0, digits: int = 4, rs=rs) -> str:
+            mean, std = _stats([_float(r, key) * scale for r in rs])
+            return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(rs) > 1 else f"{mean:.{digits}f}"
+
+        name = f"**{strategy}**" if strategy == best else strategy
+        final = cell("final_accuracy")
+        lines.append(
+            f"| {name} | {len(rs)} | {'**' + final + '**' if strategy == best else final} "
+            f"| {cell('best_accuracy')} | {cell('mean_last5_accuracy')} "
+            f"| {cell('wall_seconds', digits=2)} | {cell('client_seconds', digits=2)} "
+            f"| {cell('server_seconds', digits=3)} | {cell('framework_seconds', digits=2)} "
+            f"| {cell('bytes_up_per_round', 1e-6, 3)} | {cell('bytes_down_per_round', 1e-6, 3)} |")
+    return lines
+
+
+def domain_columns(rows: list[dict[str, str]]) -> list[str]:
+    return [k for k in rows[0] if k.startswith("accuracy_") and any(r.get(k) for r in rows)]
+
+
+def domain_table(rows: list[dict[str, str]], columns: list[str]) -> list[str]:
+    names = [c.removeprefix("accuracy_") for c in columns]
+    lines = ["| strategy | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for (strategy,), rs in sorted(_by(rows, "strategy").items()):
+        cells = [f"{_stats([_float(r, c) for r in rs])[0]:.4f}" for c in columns]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def curves(out: Path, setting: str, rows: list[dict[str, str]]) -> dict[str, list[list[float]]]:
+    """Per strategy, each seed's accuracy per round, from the runs' results.json."""
+    found: dict[str, list[list[float]]] = defaultdict(list)
+    for row in rows:
+        path = out / "runs" / setting / row["strategy"] / f"seed{row['seed']}" / "results.json"
+        try:
+            found[row["strategy"]].append([r["accuracy"] for r in
+                                           json.loads(path.read_text())["rounds"]])
+        except (OSError, ValueError, KeyError):
+            continue
+    return found
+
+
+def plot_setting(out: Path, setting: str, rows: list[dict[str, str]],
+                 domains: list[str]) -> list[Path]:
+    """accuracy per round (mean, band = min..max over seeds), per-domain bars, time split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strategy, runs in sorted(curves(out, setting, rows).items()):
+        length = min(len(r) for r in runs)
+        acc = np.array([r[:length] for r in runs])
+        x = np.arange(1, length + 1)
+        ax.plot(x, acc.mean(0), label=strategy, lw=2 if strategy == METHOD else 1)
+        ax.fill_between(x, acc.min(0), acc.max(0), alpha=0.15)
+    ax.set(xlabel="round", ylabel="test accuracy", title=f"{setting}: accuracy per round")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(plots / f"{setting}-accuracy.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    strategies = sorted({r["strategy"] for r in rows})
+    by_strategy = _by(rows, "strategy")
+    if domains:
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(domains) * len(strategies) / 3, 4))
+        width = 0.8 / len(strategies)
+        for i, strategy in enumerate(strategies):
+            means = [_stats([_float(r, d) for r in by_strategy[(strategy,)]])[0]
+                     for d in domains]
+            ax.bar(np.arange(len(domains)) + i * width, means, width, label=strategy)
+        ax.set_xticks(np.arange(len(domains)) + 0.4 - width / 2,
+                      [d.removeprefix("accuracy_") for d in domains])
+        ax.set(ylabel="final test accuracy", title=f"{setting}: accuracy per domain")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(plots / f"{setting}-domains.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottom = np.zeros(len(strategies))
+    for key, label in (("client_seconds", "clients (sum / workers)"),
+                       ("server_seconds", "server step"), ("framework_seconds", "framework")):
+        values = []
+        for s in strategies:
+            rs = by_strategy[(s,)]
+            scale = [1 / float(r["workers"]) if key == "client_seconds" else 1.0 for r in rs]
+            values.append(statistics.fmean(_float(r, key) * k for r, k in zip(rs, scale,
+                                                                                strict=True)))
+        ax.bar(strategies, values, bottom=bottom, label=label)
+        bottom += np.array(values)
+    ax.set(ylabel="seconds per round", title=f"{setting}: where a round's time goes")
+    ax.legend(fontsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=30)
+    fig.tight_layout()
+    paths.append(plots / f"{setting}-time.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def goals(ok: list[dict[str, str]]) -> list[str]:
+    """Each goal of the harness, met or not met, with the measured value."""
+    lines = ["| goal | measured | met |", "|---|---|---|"]
+
+    def mark(met: bool) -> str:
+        return "met" if met else "**not met**"
+
+    for (setting,), rows in sorted(_by(ok, "setting").items()):
+        finals = {s: _stats([_float(r, "final_accuracy") for r in rs])[0]
+                  for (s,), rs in _by(rows, "strategy").items()}
+        if METHOD not in finals or len(finals) < 2:
+            continue
+        rival = max((s for s in finals if s != METHOD), key=finals.__getitem__)
+        lines.append(f"| {setting}: FedHPro ahead of every baseline (mean final accuracy) "
+                     f"| {METHOD} {finals[METHOD]:.4f} vs best baseline {rival} "
+                     f"{finals[rival]:.4f} | {mark(finals[METHOD] > finals[rival])} |")
+
+    def mean_ratio(num: str, den: str, rows: list[dict[str, str]]) -> float:
+        return statistics.fmean(_float(r, num) / _float(r, den) for r in rows)
+
+    if ok:
+        share = mean_ratio("framework_seconds", "wall_seconds", ok)
+        lines.append(f"| framework overhead < 10% of a round (all runs) | {share:.1%} "
+                     f"| {mark(share < 0.10)} |")
+    method = [r for r in ok if r["strategy"] == METHOD]
+    if method:
+        share = mean_ratio("server_seconds", "wall_seconds", method)
+        lines.append(f"| FedHPro's server step < 5% of a round | {share:.1%} "
+                     f"| {mark(share < 0.05)} |")
+    pairs = _by(ok, "setting", "seed")
+    client, up = [], []
+    for rows in pairs.values():
+        named = {r["strategy"]: r for r in rows}
+        if METHOD in named and BASELINE in named:
+            client.append(_float(named[METHOD], "client_seconds")
+                          / _float(named[BASELINE], "client_seconds"))
+            up.append(_float(named[METHOD], "bytes_up_per_round")
+                      / _float(named[BASELINE], "bytes_up_per_round"))
+    if client:
+        time_ratio, byte_ratio = statistics.fmean(client), statistics.fmean(up)
+        lines.append(f"| FedHPro's client time <= 1.25x FedAvg's (same epochs) "
+                     f"| {time_ratio:.2f}x | {mark(time_ratio <= 1.25)} |")
+        lines.append(f"| FedHPro's bytes up per round <= 1.1x FedAvg's | {byte_ratio:.3f}x "
+                     f"| {mark(byte_ratio <= 1.1)} |")
+    return lines
+
+
+def write_report(csv_path: Path, command: str) -> Path:
+    """RESULTS.md (and plots/) next to results.csv."""
+    out = csv_path.parent
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    ok = [r for r in rows if r["status"] == "ok"]
+    failed = [r for r in rows if r["status"] != "ok"]
+    suites = sorted({r["suite"] for r in rows})
+    lines = [f"# Benchmark results: suite {', '.join(suites)}", "",
+             f"- command: `{command}`",
+             f"- machine: {machine()}",
+             f"- date: {datetime.date.today().isoformat()}",
+             f"- runs: {len(ok)} ok, {len(failed)} failed", "",
+             "Accuracy is the global model's on the server's test set; times are means per round "
+             "from round 2 on (round 1 also starts the engine; client = the sum over the round's "
+             "clients; framework = round wall time minus the "
+             "server step minus client time divided by the clients trained at once); ± is the "
+             "standard deviation over seeds.", ""]
+    for (setting,), srows in _by(ok, "setting").items():
+        domains = domain_columns(srows)
+        rounds = srows[0]["rounds"]
+        lines += [f"## {setting}", "", f"{rounds} rounds.", "", *setting_table(srows), ""]
+        if domains:
+            lines += ["Final accuracy per domain (mean over seeds):", "",
+                      *domain_table(srows, domains), ""]
+        for path in plot_setting(out, setting, srows, domains):
+            lines.append(f"![{path.stem}](plots/{path.name})")
+        lines.append("")
+    lines += ["## Goals", "", *goals(ok), ""]
+    if failed:
+        lines += ["## Failed runs", "", "| setting | strategy | seed | reason |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['setting']} | {r['strategy']} | {r['seed']} | {r['reason']} |"
+                  for r in failed]
+        lines.append("")
+    path = out / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m fedhpro_flwr.report RESULTS_CSV", file=sys.stderr)
+        return 2
+    print(write_report(Path(args[0]), f"python -m fedhpro_flwr.report {args[0]}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,125 @@
+"""fedhpro-bench: the smoke suite end to end through the simulation engine (what CI runs),
+resume, a failing run recorded while the suite goes on, and the report's arithmetic."""
+
+import csv
+import json
+
+import pytest
+
+from fedhpro_flwr.benchmark import (
+    Progress,
+    Run,
+    failure_reason,
+    main,
+    plan,
+    read_rows,
+    run_suite,
+    summarize,
+)
+from fedhpro_flwr.report import goals, write_report
+from fedhpro_flwr.suites import ALL_STRATEGIES, SUITES, Setting, Suite
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_smoke_suite_writes_consistent_results_and_resumes(tmp_path, capsys):
+    out = tmp_path / "smoke"
+    assert main(["--suite", "smoke", "--out", str(out)]) == 0
+    rows = read_csv(out / "results.csv")
+    assert [(r["strategy"], r["status"]) for r in rows] == [("fedavg", "ok"), ("fedhpro", "ok")]
+    report = (out / "RESULTS.md").read_text()
+    for row in rows:
+        results = json.loads((out / "runs" / "mnist-dir0.5" / row["strategy"] / "seed0" /
+                              "results.json").read_text())
+        assert len(results["rounds"]) == int(row["rounds"]) == 2
+        assert float(row["final_accuracy"]) == results["final_accuracy"]
+        assert float(row["bytes_up_per_round"]) == results["rounds"][1]["bytes_up"]
+        assert f"{results['final_accuracy']:.4f}" in report
+    assert (out / "plots" / "mnist-dir0.5-accuracy.png").stat().st_size > 0
+    assert (out / "plots" / "mnist-dir0.5-time.png").stat().st_size > 0
+    assert "## Goals" in report and "FedHPro ahead of every baseline" in report
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*/results.json")}
+    capsys.readouterr()
+    assert main(["--suite", "smoke", "--out", str(out)]) == 0
+    assert "2 of 2 runs already done" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing re-run
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path):
+    suite = Suite("tiny", "a broken setting, then a good one",
+                  (Setting("broken", "conf/mnist-dir0.5.yaml",
+                           "partition.num_partitions=3 partition.min_size=5000"),
+                   Setting("good", "conf/mnist-dir0.5.yaml", "partition.num_partitions=3")),
+                  ("fedavg",), (0,), rounds=1, overrides="train.local_epochs=1")
+    rows = read_rows(run_suite(suite, tmp_path))
+    broken, good = rows[("broken", "fedavg", "0")], rows[("good", "fedavg", "0")]
+    assert broken["status"] == "failed" and "cannot give 3 partitions" in broken["reason"]
+    assert good["status"] == "ok" and 0.0 < float(good["final_accuracy"]) <= 1.0
+    write_report(tmp_path / "results.csv", "test")
+    assert "## Failed runs" in (tmp_path / "RESULTS.md").read_text()
+
+
+def test_every_suite_plans_every_strategy_setting_and_seed(tmp_path):
+    default = SUITES["default"]
+    runs = plan(default, tmp_path)
+    assert len(runs) == len(default.settings) * len(ALL_STRATEGIES) * 3
+    assert {r.setting.name for r in runs} == {"digits-offline", "mnist-dir0.1", "mnist-dir0.5",
+                                              "mnist-lt"}
+    paper = plan(SUITES["paper"], tmp_path)
+    assert {r.rounds for r in paper} == {20, 100}  # the YAML's own rounds (agnews has 20)
+    first = runs[0].run_config(resume=False)
+    assert first["seed"] == 0 and first["overrides"] == "train.local_epochs=2"
+
+
+def fake_run(tmp_path, strategy="fedhpro", rounds=3):
+    suite = Suite("t", "", (Setting("s", "conf/mnist-dir0.5.yaml"),), (strategy,), (0,), rounds)
+    return Run(suite, suite.settings[0], strategy, 0, tmp_path, rounds, 4)
+
+
+def test_summary_leaves_round_1_out_of_the_times(tmp_path):
+    rows = [{"round": i, "accuracy": a, "wall_seconds": w, "server_seconds": 0.5,
+             "client_seconds": 8.0, "client_seconds_max": 2.0, "bytes_up": 100.0 * i,
+             "bytes_down": 50.0, "accuracy_mnist": a / 2}
+            for i, (a, w) in enumerate([(0.2, 30.0), (0.6, 6.0), (0.5, 8.0)], start=1)]
+    row = summarize(fake_run(tmp_path), {"rounds": rows}, 60.0)
+    assert row["final_accuracy"] == 0.5 and row["best_accuracy"] == 0.6
+    assert row["mean_last5_accuracy"] == pytest.approx((0.2 + 0.6 + 0.5) / 3)
+    assert row["wall_seconds"] == 7.0 and row["bytes_up_per_round"] == 250.0
+    workers = row["workers"]
+    assert row["framework_seconds"] == pytest.approx(max(7.0 - 0.5 - 8.0 / workers, 0.0))
+    assert row["accuracy_mnist"] == 0.25
+
+
+def test_failure_reason_prefers_the_last_error_line(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("INFO start\nERROR fedhpro-flwr: bad key\nINFO shutting down\n")
+    assert failure_reason(log, 1) == "exit code 1: ERROR fedhpro-flwr: bad key"
+    assert failure_reason(tmp_path / "none.log", -9) == "exit code -9: "
+
+
+def test_progress_eta_comes_from_timed_rounds(tmp_path):
+    runs = [fake_run(tmp_path, rounds=4), fake_run(tmp_path, rounds=4)]
+    progress = Progress(runs, done=0)
+    assert progress.line(0, runs[0], 0, None, 0.0).endswith("suite ETA ?")
+    assert progress.line(0, runs[0], 2, 0.5, 20.0).endswith("suite ETA 00:01:00")  # 6 x 10 s
+
+
+def test_goals_compare_fedhpro_with_the_best_baseline(tmp_path):
+    def row(strategy, seed, final, client, up):
+        return {"suite": "t", "setting": "s", "strategy": strategy, "seed": seed, "status": "ok",
+                "final_accuracy": final, "wall_seconds": 10.0, "server_seconds": 0.2,
+                "framework_seconds": 0.5, "client_seconds": client, "bytes_up_per_round": up}
+
+    rows = [row("fedhpro", "0", 0.9, 12.0, 105.0), row("fedavg", "0", 0.8, 10.0, 100.0),
+            row("fedtgp", "0", 0.95, 11.0, 100.0)]
+    table = "\n".join(goals(rows))
+    assert "fedhpro 0.9000 vs best baseline fedtgp 0.9500 | **not met**" in table
+    assert "| 5.0% | met |" in table  # framework 0.5 of 10 s
+    assert "| 2.0% | met |" in table  # server step 0.2 of 10 s
+    assert "| 1.20x | met |" in table and "| 1.050x | met |" in table
