@@ -3,10 +3,11 @@
     fedhpro-bench --suite smoke --out /tmp/bench
     python -m fedhpro_flwr.benchmark --suite default --out benchmarks/default
 
-Every run is a child process running `fedhpro_flwr.simulation` (one simulation engine per
-run, so a crash or a leak stays in its run). The suite goes on past a failed run and records
-it with its reason; started again with the same --out it skips finished runs and continues a
-half-done one from its checkpoint. When all runs are done, `report` writes RESULTS.md and the
+The runs of one (setting, seed) share a child process running `fedhpro_flwr.simulation`:
+one simulation engine start-up (about 30 s here) for all its strategies, and a crash stays
+in its group. The suite goes on past a failed run and records it with its reason; started
+again with the same --out it skips finished runs and continues a half-done one from its
+checkpoint. When all runs are done, `report` writes RESULTS.md and the
 plots from results.csv.
 """
 
@@ -30,7 +31,7 @@ from .suites import SUITES, Setting, Suite
 COLUMNS = ("suite", "setting", "strategy", "seed", "status", "reason", "final_accuracy",
            "best_accuracy", "mean_last5_accuracy", "rounds", "run_seconds", "wall_seconds",
            "client_seconds", "client_seconds_max", "server_seconds", "framework_seconds",
-           "workers", "bytes_up_per_round", "bytes_down_per_round")
+           "workers", "bytes_up_per_round", "bytes_down_per_round", "peak_rss_mb")
 KEY = ("setting", "strategy", "seed")
 
 
@@ -108,11 +109,34 @@ def summarize(run: Run, results: dict[str, Any], run_seconds: float) -> dict[str
     return row
 
 
-def failure_reason(log: Path, returncode: int) -> str:
-    """The run's last ERROR line, else its last line, for results.csv."""
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (Linux /proc; 0 elsewhere): the
+    simulation engine's workers are grandchildren of the run's process."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        child = int(entry.parent.name)
+        parents[child], rss[child] = int(fields[1]), int(fields[21])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [p for p, pp in parents.items() if pp == parent and p not in tree]
+        tree.update(kids)
+        frontier += kids
+    return sum(rss.get(p, 0) for p in tree) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def failure_reason(log: Path, returncode: int, out_dir: Path) -> str:
+    """Why a run failed, for results.csv: its own ERROR line in the group's log, else the
+    log's last ERROR line (a crash that took the whole group), else its last line."""
     lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
     errors = [line for line in lines if "ERROR" in line]
-    text = (errors or lines or [""])[-1].strip()
+    own = [line for line in errors if str(out_dir) in line]
+    text = (own or errors or lines or [""])[-1].strip()
     return f"exit code {returncode}: {text}"[:300]
 
 
@@ -134,31 +158,26 @@ def write_rows(path: Path, rows: dict[tuple[str, str, str], dict[str, Any]]) -> 
 
 
 class Progress:
-    """Which run, which round, and the suite's ETA from the rounds timed so far."""
+    """Which run, which round, and the suite's ETA from the rounds finished so far."""
 
-    def __init__(self, runs: list[Run], done: int):
-        self.total_rounds = sum(r.rounds for r in runs)
-        self.rounds_done = sum(r.rounds for r in runs[:done])
-        self.seconds = 0.0
-        self.timed_rounds = 0
+    def __init__(self, runs: list[Run], done: int, clock: Any = time.perf_counter):
+        self.left = sum(r.rounds for r in runs[done:])
         self.count = len(runs)
+        self.clock = clock
+        self.start = clock()
+        self.finished = 0
 
-    def line(self, index: int, run: Run, round_: int, accuracy: float | None,
-             elapsed: float) -> str:
-        timed = self.timed_rounds + round_
-        acc = "" if accuracy is None else f" accuracy {accuracy:.4f}"
+    def advance(self, rounds: int) -> None:
+        self.finished += rounds
+
+    def line(self, index: int, run: Run, round_: int, accuracy: float | None) -> str:
         eta = "?"
-        if timed:
-            remaining = self.total_rounds - self.rounds_done - round_
-            left = remaining * (self.seconds + elapsed) / timed
-            eta = time.strftime("%H:%M:%S", time.gmtime(left))
+        if self.finished:
+            per_round = (self.clock() - self.start) / self.finished
+            eta = time.strftime("%H:%M:%S", time.gmtime((self.left - self.finished) * per_round))
+        acc = "" if accuracy is None else f" accuracy {accuracy:.4f}"
         return (f"[{index + 1}/{self.count}] {run.setting.name} {run.strategy} seed {run.seed}: "
                 f"round {round_}/{run.rounds}{acc} | suite ETA {eta}")
-
-    def finish(self, run: Run, seconds: float, rounds_run: int) -> None:
-        self.rounds_done += run.rounds
-        self.seconds += seconds
-        self.timed_rounds += rounds_run
 
 
 def rounds_in(path: Path) -> list[dict[str, Any]]:
@@ -168,44 +187,58 @@ def rounds_in(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-def execute(run: Run, index: int, progress: Progress, timeout: float | None) -> dict[str, Any]:
-    """Run one experiment in a child process, printing its rounds as they finish."""
-    run.out_dir.mkdir(parents=True, exist_ok=True)
-    log = run.out_dir / "run.log"
-    results_path = run.out_dir / "results.json"
-    resume = (run.out_dir / "checkpoint.pt").is_file()
-    before = len(rounds_in(results_path)) if resume else 0
+def execute(group: list[Run], first: int, progress: Progress,
+            timeout: float | None) -> list[dict[str, Any]]:
+    """Run one (setting, seed)'s runs one after another in a child process (one engine
+    start-up for all), printing rounds as they finish; a row per run."""
+    log = group[0].out_dir.parent.parent / f"seed{group[0].seed}.log"
+    configs = []
+    for run in group:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        configs.append(run.run_config(resume=(run.out_dir / "checkpoint.pt").is_file()))
+    seen = [len(rounds_in(r.out_dir / "results.json")) if c["resume"] else 0
+            for r, c in zip(group, configs, strict=True)]
     command = [sys.executable, "-m", "fedhpro_flwr.simulation",
-               "--run-config", json.dumps(run.run_config(resume)),
-               "--supernodes", str(run.supernodes),
-               "--cpus-per-client", str(run.suite.cpus_per_client),
-               "--gpus-per-client", str(run.suite.gpus_per_client)]
+               "--run-config", json.dumps(configs), "--supernodes", str(group[0].supernodes),
+               "--cpus-per-client", str(group[0].suite.cpus_per_client),
+               "--gpus-per-client", str(group[0].suite.gpus_per_client)]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    seen = before
-    print(progress.line(index, run, seen, None, 0.0), flush=True)
+    peak = 0.0
+    print(progress.line(first, group[0], seen[0], None), flush=True)
     with open(log, "a") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                  cwd=APP_DIR)
         while child.poll() is None:
             time.sleep(1.0)
+            peak = max(peak, tree_rss_mb(child.pid))
+            for i, run in enumerate(group):
+                rows = rounds_in(run.out_dir / "results.json")
+                if len(rows) > seen[i]:
+                    progress.advance(len(rows) - seen[i])
+                    seen[i] = len(rows)
+                    print(progress.line(first + i, run, seen[i], rows[-1]["accuracy"]),
+                          flush=True)
             elapsed = time.perf_counter() - start
-            rows = rounds_in(results_path)
-            if len(rows) > seen:
-                seen = len(rows)
-                print(progress.line(index, run, seen, rows[-1]["accuracy"], elapsed), flush=True)
-            if timeout and elapsed > timeout:
+            if timeout and elapsed > timeout * len(group):
                 child.kill()
                 child.wait()
-                out.write(f"ERROR fedhpro-bench: stopped after {timeout:.0f} s\n")
+                out.write(f"ERROR fedhpro-bench: stopped after {elapsed:.0f} s\n")
     seconds = time.perf_counter() - start
-    progress.finish(run, seconds, max(seen - before, 0))
-    rows = rounds_in(results_path)
-    if len(rows) == run.rounds and child.returncode == 0:
-        return summarize(run, json.loads(results_path.read_text()), seconds)
-    return {"suite": run.suite.name, "setting": run.setting.name, "strategy": run.strategy,
-            "seed": run.seed, "status": "failed", "rounds": len(rows), "run_seconds": seconds,
-            "reason": failure_reason(log, child.returncode)}
+    rows_out = []
+    for run in group:
+        results_path = run.out_dir / "results.json"
+        rows = rounds_in(results_path)
+        share = seconds / len(group)  # the group's time, shared out
+        if len(rows) == run.rounds:
+            row = summarize(run, json.loads(results_path.read_text()), share)
+            rows_out.append({**row, "peak_rss_mb": peak})  # the group's peak
+        else:
+            rows_out.append({"suite": run.suite.name, "setting": run.setting.name,
+                             "strategy": run.strategy, "seed": run.seed, "status": "failed",
+                             "rounds": len(rows), "run_seconds": share,
+                             "reason": failure_reason(log, child.returncode, run.out_dir)})
+    return rows_out
 
 
 def run_suite(suite: Suite, out: Path, timeout: float | None = None) -> Path:
@@ -220,12 +253,18 @@ def run_suite(suite: Suite, out: Path, timeout: float | None = None) -> Path:
         print(f"fedhpro-bench: {len(finished)} of {len(runs)} runs already done in {out}; "
               "running the rest", flush=True)
     progress = Progress(finished + pending, len(finished))
-    for i, run in enumerate(pending, start=len(finished)):
-        row = execute(run, i, progress, timeout)
-        rows[run.key] = row
+    groups: dict[tuple[str, int], list[Run]] = {}
+    for run in pending:
+        groups.setdefault((run.setting.name, run.seed), []).append(run)
+    index = len(finished)
+    for group in groups.values():
+        for run, row in zip(group, execute(group, index, progress, timeout), strict=True):
+            rows[run.key] = row
+            if row["status"] != "ok":
+                print(f"  {run.setting.name} {run.strategy} seed {run.seed} failed, recorded, "
+                      f"going on: {row['reason']}", flush=True)
         write_rows(csv_path, rows)
-        if row["status"] != "ok":
-            print(f"  failed, recorded, going on: {row['reason']}", flush=True)
+        index += len(group)
     failed = sum(1 for r in rows.values() if r.get("status") != "ok")
     print(f"fedhpro-bench: {len(runs) - failed} of {len(runs)} runs ok -> {csv_path}", flush=True)
     return csv_path

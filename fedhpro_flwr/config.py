@@ -139,6 +139,7 @@ class FedHProConfig:
     rounds_of_hp: int = _spec(30, ge=0)  # matching steps per round; 0 = fixed anchors
     lr_hp: float = _spec(0.1, gt=0.0)
     distance: str = _spec("cosine", choices=("cosine", "mse"))
+    float16_upload: bool = _spec(False)  # send the per-class gradients as float16
     recalibration: bool = _spec(True)
     recal_features: int = _spec(50, ge=1)  # M federated features per class
     recal_match_steps: int = _spec(100, ge=0)

@@ -37,7 +37,8 @@ def record_to_tensors(
 ) -> dict[str, torch.Tensor]:
     """Decode and check: `expected` maps each name to (shape with None for free axes, kind).
 
-    kind is "float" (float32, all finite) or "int" (int64).
+    kind is "float" (float32, all finite), "real" (float32 or float16, all finite, returned
+    as float32) or "int" (int64).
     """
     missing = sorted(set(expected) - set(record.keys()))
     extra = sorted(set(record.keys()) - set(expected))
@@ -49,19 +50,21 @@ def record_to_tensors(
             array = record[name].numpy()
         except Exception as exc:  # corrupt bytes or unknown dtype
             raise PayloadError(f"{what}: array '{name}' cannot be decoded: {exc}") from exc
-        want_dtype = np.float32 if kind == "float" else np.int64
-        if array.dtype != want_dtype:
-            raise PayloadError(f"{what}: array '{name}' has dtype {array.dtype}, "
-                               f"expected {np.dtype(want_dtype)}")
+        allowed = {"float": (np.float32,), "real": (np.float32, np.float16),
+                   "int": (np.int64,)}[kind]
+        if array.dtype not in allowed:
+            raise PayloadError(f"{what}: array '{name}' has dtype {array.dtype}, expected "
+                               + " or ".join(str(np.dtype(a)) for a in allowed))
         if len(array.shape) != len(shape) or any(
             s is not None and s != a for s, a in zip(shape, array.shape, strict=True)
         ):
             shown = tuple("*" if s is None else s for s in shape)
             raise PayloadError(f"{what}: array '{name}' has shape {array.shape}, "
                                f"expected {shown}")
-        if kind == "float" and not np.isfinite(array).all():
+        if kind != "int" and not np.isfinite(array).all():
             raise PayloadError(f"{what}: array '{name}' contains NaN or Inf")
-        out[name] = torch.from_numpy(array.copy())
+        out[name] = torch.from_numpy(array.astype(np.float32) if kind == "real"
+                                     else array.copy())
     return out
 
 
@@ -77,10 +80,12 @@ def check_state_dict(
 
 
 def encode_class_rows(present: torch.Tensor, rows: Mapping[str, torch.Tensor],
-                      counts: torch.Tensor | None = None) -> ArrayRecord:
-    """Per-class rows of only the `present` classes; `classes` says which rows they are."""
+                      counts: torch.Tensor | None = None,
+                      dtype: torch.dtype = torch.float32) -> ArrayRecord:
+    """Per-class rows of only the `present` classes, as `dtype` (float16 halves the bytes);
+    `classes` says which rows they are."""
     classes = torch.nonzero(present).flatten()
-    tensors = {"classes": classes, **{name: t[classes] for name, t in rows.items()}}
+    tensors = {"classes": classes, **{name: t[classes].to(dtype) for name, t in rows.items()}}
     if counts is not None:
         tensors["counts"] = counts.to(torch.int64)
     return tensors_to_record(tensors)
@@ -105,7 +110,7 @@ def decode_class_rows(
     """Inverse of `encode_class_rows`: checks class ids, row counts, shapes and counts."""
     c = num_classes
     expected: dict[str, tuple[tuple[int | None, ...], str]] = {"classes": ((None,), "int")}
-    expected |= {name: ((None, *shape), "float") for name, shape in row_shapes.items()}
+    expected |= {name: ((None, *shape), "real") for name, shape in row_shapes.items()}
     if with_counts:
         expected["counts"] = ((c,), "int")
     t = record_to_tensors(record, expected, what)
@@ -139,10 +144,11 @@ def decode_class_rows(
 _GRADIENT_ROWS = ("feature_grads", "weight_grads", "bias_grads")
 
 
-def encode_class_statistics(stats: ClassStatistics) -> ArrayRecord:
+def encode_class_statistics(stats: ClassStatistics,
+                            dtype: torch.dtype = torch.float32) -> ArrayRecord:
     """Only the classes the client holds are sent."""
     return encode_class_rows(stats.present, {name: getattr(stats, name) for name in _GRADIENT_ROWS},
-                             stats.counts)
+                             stats.counts, dtype)
 
 
 def decode_class_statistics(

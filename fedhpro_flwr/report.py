@@ -1,6 +1,6 @@
 """RESULTS.md and plots from a benchmark's results.csv (and its runs' results.json).
 
-    python -m fedhpro_flwr.report benchmarks/default/results.csv
+    python -m fedhpro_flwr.report benchmarks/results.csv [--command "how it was made"]
 
 Per setting: the strategies side by side (mean ± std over seeds, the best mean marked),
 per-domain accuracies where the data has domains, and the plots (accuracy per round with a
@@ -10,6 +10,7 @@ framework). Then the harness's goals, each marked met or not met with its measur
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
@@ -170,13 +171,37 @@ def plot_setting(out: Path, setting: str, rows: list[dict[str, str]],
     return paths
 
 
+def _mark(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
+def scale_goals(ok: list[dict[str, str]], scaling: list[dict[str, str]]) -> list[str]:
+    """Memory with 100 clients against the same data on 10; server step against classes."""
+    lines = []
+    many = [r for r in ok if r["suite"] == "scale" and r.get("peak_rss_mb")]
+    few = [r for r in ok if r["suite"] != "scale" and r["setting"] == "mnist-dir0.5"
+           and r.get("peak_rss_mb")]
+    if many and few:
+        big = max(_float(r, "peak_rss_mb") for r in many)
+        small = max(_float(r, "peak_rss_mb") for r in few)
+        lines.append(f"| 100 clients, 10% sampled per round: memory bounded (peak of the run's "
+                     f"processes at most 1.25x the 10-client peak) | {big:.0f} MB vs {small:.0f} "
+                     f"MB ({big / small:.2f}x) | {_mark(big <= 1.25 * small)} |")
+    if len(scaling) >= 2:
+        first, last = scaling[0], scaling[-1]
+        classes = float(last["classes"]) / float(first["classes"])
+        grows = _float(last, "server_seconds") / _float(first, "server_seconds")
+        lines.append(f"| FedHPro's server step grows no worse than linearly in the classes "
+                     f"({first['classes']} -> {last['classes']}) | {grows:.1f}x the time for "
+                     f"{classes:.0f}x the classes | {_mark(grows <= 1.1 * classes)} |")
+    return lines
+
+
 def goals(ok: list[dict[str, str]]) -> list[str]:
-    """Each goal of the harness, met or not met, with the measured value."""
+    """Each goal measured by the suites' runs, met or not met, with the measured value."""
     lines = ["| goal | measured | met |", "|---|---|---|"]
-
-    def mark(met: bool) -> str:
-        return "met" if met else "**not met**"
-
+    mark = _mark
+    ok = [r for r in ok if r["suite"] != "scale"]
     for (setting,), rows in sorted(_by(ok, "setting").items()):
         finals = {s: _stats([_float(r, "final_accuracy") for r in rs])[0]
                   for (s,), rs in _by(rows, "strategy").items()}
@@ -238,14 +263,34 @@ def write_report(csv_path: Path, command: str) -> Path:
     for (setting,), srows in _by(ok, "setting").items():
         domains = domain_columns(srows)
         rounds = srows[0]["rounds"]
-        lines += [f"## {setting}", "", f"{rounds} rounds.", "", *setting_table(srows), ""]
+        peaks = [_float(r, "peak_rss_mb") for r in srows if r.get("peak_rss_mb")]
+        memory = f" Peak memory of a run's processes: {max(peaks):.0f} MB." if peaks else ""
+        lines += [f"## {setting}", "", f"Suite {srows[0]['suite']}, {rounds} rounds.{memory}",
+                  "", *setting_table(srows), ""]
         if domains:
             lines += ["Final accuracy per domain (mean over seeds):", "",
                       *domain_table(srows, domains), ""]
         for path in plot_setting(out, setting, srows, domains):
             lines.append(f"![{path.stem}](plots/{path.name})")
         lines.append("")
-    lines += ["## Goals", "", *goals(ok), ""]
+    scaling_path = out / "server_scaling.csv"
+    scaling = []
+    if scaling_path.is_file():
+        with open(scaling_path, newline="") as f:
+            scaling = list(csv.DictReader(f))
+        lines += ["## Server step and upload against the number of classes", "",
+                  f"`python benchmarks/server_scaling.py --csv {scaling_path.name}` (one thread, "
+                  "10 clients holding every class, d = 128):", "",
+                  "| classes | server step (s) | client upload MB (weights + gradients) "
+                  "| upload / FedAvg's | with float16 gradients |", "|---|---|---|---|---|"]
+        for r in scaling:
+            weights, grads = _float(r, "weights_bytes"), _float(r, "gradients_bytes")
+            half = _float(r, "gradients_bytes_fp16")
+            lines.append(f"| {r['classes']} | {_float(r, 'server_seconds'):.3f} "
+                         f"| {(weights + grads) / 1e6:.3f} | {(weights + grads) / weights:.3f}x "
+                         f"| {(weights + half) / weights:.3f}x |")
+        lines.append("")
+    lines += ["## Goals", "", *goals(ok), *scale_goals(ok, scaling), ""]
     if failed:
         lines += ["## Failed runs", "", "| setting | strategy | seed | reason |",
                   "|---|---|---|---|"]
@@ -258,11 +303,13 @@ def write_report(csv_path: Path, command: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m fedhpro_flwr.report RESULTS_CSV", file=sys.stderr)
-        return 2
-    print(write_report(Path(args[0]), f"python -m fedhpro_flwr.report {args[0]}"))
+    parser = argparse.ArgumentParser(prog="python -m fedhpro_flwr.report",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("results_csv", type=Path)
+    parser.add_argument("--command", help="how the results were made, for RESULTS.md")
+    args = parser.parse_args(argv)
+    command = args.command or f"python -m fedhpro_flwr.report {args.results_csv}"
+    print(write_report(args.results_csv, command))
     return 0
 
 

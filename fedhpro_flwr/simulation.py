@@ -1,10 +1,12 @@
-"""One experiment through Flower's simulation engine, from Python or the command line.
+"""Experiments through Flower's simulation engine, from Python or the command line.
 
 `flwr run .` is the way for a person; this is the way for programs (the benchmark harness,
 the tests): the same ServerApp logic and ClientApp, run by `flwr.simulation.run_simulation`
-with the run config given directly instead of through a SuperLink.
+with run configs given directly instead of through a SuperLink. Several experiments can run
+one after another on the same simulated federation, paying the engine's start-up once; one
+that fails is logged and the next one starts.
 
-    python -m fedhpro_flwr.simulation --supernodes 10 --run-config '{"strategy": "fedavg"}'
+    python -m fedhpro_flwr.simulation --supernodes 10 --run-config '[{"strategy": "fedavg"}]'
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from typing import Any
 APP_DIR = Path(__file__).resolve().parents[1]  # where pyproject.toml and conf/ live
 
 
-def simulate(run_config: dict[str, Any], num_supernodes: int, app_dir: Path = APP_DIR,
+def simulate(run_configs: list[dict[str, Any]], num_supernodes: int, app_dir: Path = APP_DIR,
              cpus_per_client: float = 1.0, gpus_per_client: float = 0.0) -> None:
-    """Run the experiment `run_config` describes (Flower run-config keys) on
-    `num_supernodes` simulated SuperNodes; results go to its `out-dir`."""
+    """Run the experiments the run configs describe (Flower run-config keys), in order, on
+    `num_supernodes` simulated SuperNodes; each writes to its own `out-dir`."""
     from flwr.common.logger import log
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -36,11 +38,13 @@ def simulate(run_config: dict[str, Any], num_supernodes: int, app_dir: Path = AP
 
     @server_app.main()
     def main(grid: Any, context: Any) -> None:
-        try:
-            run_server(grid, run_config, app_dir)
-        except ConfigError as exc:
-            log(ERROR, "fedhpro-flwr: %s", exc)
-            raise
+        for run_config in run_configs:
+            try:
+                run_server(grid, run_config, app_dir)
+            except Exception as exc:  # recorded by the caller from this line; go on
+                kind = "" if isinstance(exc, ConfigError) else f"{type(exc).__name__}: "
+                log(ERROR, "fedhpro-flwr: run %s failed: %s%s", run_config.get("out-dir", ""),
+                    kind, exc)
 
     resources = {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client}
     run_simulation(server_app, client_app, num_supernodes=num_supernodes,
@@ -50,7 +54,8 @@ def simulate(run_config: dict[str, Any], num_supernodes: int, app_dir: Path = AP
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedhpro_flwr.simulation",
                                      description=__doc__.splitlines()[0])
-    parser.add_argument("--run-config", required=True, help="JSON object of run-config keys")
+    parser.add_argument("--run-config", required=True,
+                        help="JSON list of run configs (objects of run-config keys)")
     parser.add_argument("--supernodes", type=int, required=True)
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
     parser.add_argument("--gpus-per-client", type=float, default=0.0)

@@ -49,6 +49,14 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         ALL_STRATEGIES, (0, 1, 2), rounds=10, overrides="train.local_epochs=2",
     ),
     Suite(
+        "scale", "100 clients of the MNIST subset, 10 sampled per round: memory and time stay "
+        "bounded",
+        (Setting("mnist-100-clients", "conf/mnist-dir0.5.yaml",
+                 "partition.num_partitions=100 partition.min_size=5 "
+                 "federation.fraction_train=0.1 federation.min_train_nodes=10"),),
+        ("fedavg", "fedhpro"), (0,), rounds=5,
+    ),
+    Suite(
         "paper", "the paper's settings at full size, every strategy, 3 seeds; for a GPU machine",
         (Setting("cifar10-lt", "conf/cifar10-lt.yaml"),
          Setting("cifar100-lt", "conf/cifar100-lt.yaml"),

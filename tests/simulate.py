@@ -17,8 +17,8 @@ def simulate(out_dir: Path, rounds: int, resume: bool = False, strategy: str = "
              config: str = CONFIG, overrides: str = OVERRIDES,
              num_clients: int = NUM_CLIENTS) -> dict:
     """Run `rounds` rounds with `num_clients` SuperNodes; return results.json."""
-    run_experiment({"strategy": strategy, "config": config, "num-server-rounds": rounds,
-                    "out-dir": str(out_dir), "resume": resume, "overrides": overrides},
+    run_experiment([{"strategy": strategy, "config": config, "num-server-rounds": rounds,
+                     "out-dir": str(out_dir), "resume": resume, "overrides": overrides}],
                    num_clients)
     return json.loads((out_dir / "results.json").read_text())
 

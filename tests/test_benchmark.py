@@ -3,6 +3,10 @@ resume, a failing run recorded while the suite goes on, and the report's arithme
 
 import csv
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -15,8 +19,9 @@ from fedhpro_flwr.benchmark import (
     read_rows,
     run_suite,
     summarize,
+    tree_rss_mb,
 )
-from fedhpro_flwr.report import goals, write_report
+from fedhpro_flwr.report import goals, scale_goals, write_report
 from fedhpro_flwr.suites import ALL_STRATEGIES, SUITES, Setting, Suite
 
 
@@ -96,18 +101,40 @@ def test_summary_leaves_round_1_out_of_the_times(tmp_path):
     assert row["accuracy_mnist"] == 0.25
 
 
-def test_failure_reason_prefers_the_last_error_line(tmp_path):
-    log = tmp_path / "run.log"
-    log.write_text("INFO start\nERROR fedhpro-flwr: bad key\nINFO shutting down\n")
-    assert failure_reason(log, 1) == "exit code 1: ERROR fedhpro-flwr: bad key"
-    assert failure_reason(tmp_path / "none.log", -9) == "exit code -9: "
+def test_failure_reason_prefers_the_runs_own_error_line(tmp_path):
+    log = tmp_path / "group.log"
+    log.write_text(f"INFO start\nERROR fedhpro-flwr: run {tmp_path / 'a'} failed: bad key\n"
+                   f"ERROR fedhpro-flwr: run {tmp_path / 'b'} failed: other\nINFO done\n")
+    assert failure_reason(log, 0, tmp_path / "a").endswith("failed: bad key")
+    assert failure_reason(log, -9, tmp_path / "c").endswith("failed: other")  # the group's last
+    assert failure_reason(tmp_path / "none.log", -9, tmp_path / "a") == "exit code -9: "
 
 
-def test_progress_eta_comes_from_timed_rounds(tmp_path):
+def test_progress_eta_comes_from_the_rounds_finished_so_far(tmp_path):
+    now = [0.0]
     runs = [fake_run(tmp_path, rounds=4), fake_run(tmp_path, rounds=4)]
-    progress = Progress(runs, done=0)
-    assert progress.line(0, runs[0], 0, None, 0.0).endswith("suite ETA ?")
-    assert progress.line(0, runs[0], 2, 0.5, 20.0).endswith("suite ETA 00:01:00")  # 6 x 10 s
+    progress = Progress(runs, done=0, clock=lambda: now[0])
+    assert progress.line(0, runs[0], 0, None).endswith("suite ETA ?")
+    now[0] = 20.0
+    progress.advance(2)
+    assert progress.line(0, runs[0], 2, 0.5).endswith("round 2/4 accuracy 0.5000 | suite ETA "
+                                                      "00:01:00")  # 6 rounds left x 10 s
+
+
+def test_tree_memory_counts_the_children():
+    alone = tree_rss_mb(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(200 * 2**20); "
+                              "time.sleep(30)"])
+    try:
+        for _ in range(100):  # until the child has allocated
+            if tree_rss_mb(os.getpid()) > alone + 150:
+                break
+            time.sleep(0.1)
+        assert tree_rss_mb(os.getpid()) > alone + 150
+        assert 150 < tree_rss_mb(child.pid) < tree_rss_mb(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_goals_compare_fedhpro_with_the_best_baseline(tmp_path):
@@ -123,3 +150,13 @@ def test_goals_compare_fedhpro_with_the_best_baseline(tmp_path):
     assert "| 5.0% | met |" in table  # framework 0.5 of 10 s
     assert "| 2.0% | met |" in table  # server step 0.2 of 10 s
     assert "| 1.20x | met |" in table and "| 1.050x | met |" in table
+
+
+def test_scale_goals_compare_memory_and_class_growth():
+    ok = [{"suite": "scale", "setting": "mnist-100-clients", "peak_rss_mb": "1100"},
+          {"suite": "default", "setting": "mnist-dir0.5", "peak_rss_mb": "1000"}]
+    scaling = [{"classes": "10", "server_seconds": "0.1"},
+               {"classes": "400", "server_seconds": "5.0"}]
+    lines = "\n".join(scale_goals(ok, scaling))
+    assert "| 1100 MB vs 1000 MB (1.10x) | met |" in lines
+    assert "| 50.0x the time for 40x the classes | **not met** |" in lines

@@ -44,6 +44,24 @@ def test_round_trip_sends_only_held_classes():
         assert torch.equal(getattr(decoded, name), getattr(original, name)), name
 
 
+def test_float16_upload_halves_the_gradient_bytes_and_decodes_to_float32():
+    original = stats()
+    half = encode_class_statistics(original, torch.float16)
+    full = encode_class_statistics(original)
+    for name in ("feature_grads", "weight_grads", "bias_grads"):
+        assert half[name].numpy().nbytes * 2 == full[name].numpy().nbytes
+    decoded = decode_class_statistics(half, C, D)
+    assert decoded.weight_grads.dtype == torch.float32
+    assert torch.allclose(decoded.weight_grads, original.weight_grads, rtol=1e-3, atol=1e-3)
+    assert torch.equal(decoded.counts, original.counts)
+
+
+def test_model_weights_stay_float32_only():
+    with pytest.raises(PayloadError, match="expected float32"):
+        check_state_dict(tensors_to_record({"w": torch.ones(2, dtype=torch.float16)}),
+                         {"w": torch.zeros(2)}, "weights")
+
+
 @pytest.mark.parametrize(
     ("replace", "message"),
     [
@@ -51,6 +69,7 @@ def test_round_trip_sends_only_held_classes():
         ({"weight_grads": np.zeros((2, C, D), np.float32)}, "rows"),
         ({"feature_grads": np.full((3, D), np.nan, np.float32)}, "NaN or Inf"),
         ({"bias_grads": np.full((3, C), np.inf, np.float32)}, "NaN or Inf"),
+        ({"bias_grads": np.full((3, C), np.inf, np.float16)}, "NaN or Inf"),
         ({"feature_grads": np.zeros((3, D), np.float64)}, "dtype"),
         ({"classes": np.array([0, 2, 7])}, "outside"),
         ({"classes": np.array([0, 2, 2])}, "repeated"),

@@ -55,7 +55,8 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
 
     metrics = train_epochs(model, data, task.cfg.train, task.generator, task.device, regulariser)
     metrics["margin"] = sum(margins) / len(margins) if margins else 0.0
-    return {STATS_RECORD: encode_class_statistics(stats)}, metrics
+    dtype = torch.float16 if hp_cfg.float16_upload else torch.float32
+    return {STATS_RECORD: encode_class_statistics(stats, dtype)}, metrics
 
 
 class FedHProStrategy(RecalibratingStrategy):

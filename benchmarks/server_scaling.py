@@ -1,0 +1,103 @@
+"""FedHPro's server step as the number of classes grows, and what a client uploads.
+
+    python benchmarks/server_scaling.py [--classes 10 100 400] [--clients 10] [--repeats 3]
+                                        [--csv benchmarks/server_scaling.csv]
+
+For each number of classes C, builds the FedHPro Strategy for a d = 128 model, feeds it the
+replies of `--clients` clients that each hold every class (random per-class statistics of the
+real shapes, sent through the real encoder and decoder), and times `server_step` (classifier
+recalibration + hyper-prototype matching, the config's default steps) with one thread. Also
+prints the bytes one client uploads per round: the model weights (a CNN whose classifier has
+C outputs) and the per-class gradients, in float32 and with `fedhpro.float16_upload`.
+Run it on an otherwise idle machine. With --csv the rows are also written there, where
+`fedhpro_flwr.report` picks them up (next to results.csv).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.data import DataSpec
+from fedhpro_flwr.extraction import ClassStatistics
+from fedhpro_flwr.methods import get_method
+from fedhpro_flwr.models import build_model
+from fedhpro_flwr.payload import (
+    decode_class_statistics,
+    encode_class_statistics,
+    record_nbytes,
+    tensors_to_record,
+)
+from fedhpro_flwr.strategy_base import ClientReply
+
+D = 128
+
+
+def random_statistics(num_classes: int, generator: torch.Generator) -> ClassStatistics:
+    c = num_classes
+    return ClassStatistics(torch.ones(c, dtype=torch.bool), torch.full((c,), 50),
+                           torch.randn(c, D, generator=generator) * 0.01,
+                           torch.randn(c, c, D, generator=generator) * 0.01,
+                           torch.randn(c, c, generator=generator) * 0.01)
+
+
+def measure(num_classes: int, clients: int, repeats: int) -> dict[str, float]:
+    cfg = ExperimentConfig.from_dict({"model": {"feature_dim": D}})
+    model = build_model(cfg.model, DataSpec((1, 28, 28), tuple(map(str, range(num_classes)))))
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    replies = []
+    for i in range(clients):
+        record = encode_class_statistics(random_statistics(num_classes, generator))
+        replies.append(ClientReply(i, i, 100, weights, {"margin": 0.0},
+                                   decode_class_statistics(record, num_classes, D)))
+    seconds = []
+    for _ in range(repeats):
+        strategy = get_method("fedhpro").make_strategy(cfg, weights, num_classes, D)
+        strategy.server_step(0, weights, replies)  # round 0: features initialised
+        start = time.perf_counter()
+        strategy.server_step(1, weights, replies)
+        seconds.append(time.perf_counter() - start)
+    stats = random_statistics(num_classes, generator)
+    return {
+        "server_seconds": statistics.median(seconds),
+        "weights_bytes": record_nbytes(tensors_to_record(weights)),
+        "gradients_bytes": record_nbytes(encode_class_statistics(stats)),
+        "gradients_bytes_fp16": record_nbytes(encode_class_statistics(stats, torch.float16)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 400])
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
+    args = parser.parse_args()
+    rows = []
+    torch.set_num_threads(1)
+    print("| classes | server step (s) | per class (ms) | client upload: weights MB | "
+          "gradients MB (float32) | upload / FedAvg's | with float16 gradients |")
+    print("|---|---|---|---|---|---|---|")
+    for c in args.classes:
+        m = measure(c, args.clients, args.repeats)
+        rows.append({"classes": c, **m})
+        w, g, h = m["weights_bytes"], m["gradients_bytes"], m["gradients_bytes_fp16"]
+        print(f"| {c} | {m['server_seconds']:.3f} | {1000 * m['server_seconds'] / c:.2f} "
+              f"| {w / 1e6:.3f} | {g / 1e6:.3f} | {(w + g) / w:.3f}x | {(w + h) / w:.3f}x |",
+              flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
