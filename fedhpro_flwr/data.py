@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, DataConfig, ExperimentConfig
-from .imagefiles import cached_decode, class_folders, image_files
+from .imagefiles import cached_decode, class_folders, labelled_files
 from .partition import (
     dirichlet_partition,
     domain_partition,
@@ -221,15 +221,10 @@ def local_data(spec: DataSpec, data: DataConfig, path: Path) -> TensorData:
         if unknown:
             raise ConfigError(f"node config 'data-dir' = '{path}': folder '{unknown[0]}' is not "
                               f"a class of the federation's dataset ({', '.join(spec.classes)})")
-        files: list[Path] = []
-        labels: list[int] = []
-        for label, name in enumerate(spec.classes):
-            found = image_files(path / name) if (path / name).is_dir() else []
-            files += found
-            labels += [label] * len(found)
+        files, labels = labelled_files(path, spec.classes)
         channels, size = spec.input_shape[0], spec.input_shape[1]
         samples = Samples(cached_decode(files, size, channels, path / ".fedhpro-cache", "local"),
-                          np.asarray(labels, dtype=np.int64))
+                          labels)
     if len(samples.y) == 0:
         raise ConfigError(f"node config 'data-dir' = '{path}': no samples found")
     bad = samples.y[(samples.y < 0) | (samples.y >= spec.num_classes)]

@@ -37,6 +37,18 @@ def class_folders(folder: Path) -> list[Path]:
     return sorted(d for d in folder.iterdir() if d.is_dir() and image_files(d))
 
 
+def labelled_files(folder: Path, classes: Sequence[str]) -> tuple[list[Path], np.ndarray]:
+    """The images of a class-folder layout (`folder/<class name>/...`), labelled by the class
+    name's position in `classes`; a class without a folder has no images."""
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = image_files(folder / name) if (folder / name).is_dir() else []
+        files += found
+        labels += [label] * len(found)
+    return files, np.asarray(labels, dtype=np.int64)
+
+
 def decode(path: Path, size: int, channels: int) -> np.ndarray:
     """One image file as (channels, size, size) uint8."""
     from PIL import Image

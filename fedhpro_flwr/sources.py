@@ -186,17 +186,6 @@ def _svhn(data: DataConfig) -> Splits:
     return Splits(read(paths[0]), read(paths[1]), 10)
 
 
-def _labelled_files(folder: Path, classes: tuple[str, ...]) -> tuple[list[Path], np.ndarray]:
-    """Files of an image-folder layout (`folder/<class>/...`), labelled by class name."""
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        found = imagefiles.image_files(folder / name) if (folder / name).is_dir() else []
-        files += found
-        labels += [label] * len(found)
-    return files, np.asarray(labels, dtype=np.int64)
-
-
 def _decoded(files: list[Path], labels: np.ndarray, data: DataConfig, size: int, name: str,
              domain: np.ndarray | None = None) -> Samples:
     x = imagefiles.cached_decode(files, data.image_size or size, 3, _root(data) / "cache", name)
@@ -209,7 +198,7 @@ def _syn(data: DataConfig) -> Splits:
     classes = tuple(str(d) for d in range(10))
     parts = []
     for split in ("train", "val"):
-        files, labels = _labelled_files(base / split, classes)
+        files, labels = imagefiles.labelled_files(base / split, classes)
         if not files:
             raise _missing("syn", base / split, "unpack SYN (FPL's syn.zip: train/ and val/ "
                            "with one folder per digit) into " + str(base))
@@ -251,7 +240,7 @@ def _office_caltech(data: DataConfig) -> Splits:
     files: list[Path] = []
     labels, domains = [], []
     for d, name in enumerate(OFFICE_DOMAINS):
-        found, y = _labelled_files(base / name, classes)
+        found, y = imagefiles.labelled_files(base / name, classes)
         files += found
         labels.append(y)
         domains.append(np.full(len(y), d))
