@@ -7,8 +7,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedhpro_flwr.config import ConfigError
-from fedhpro_flwr.server import run_server
+from fedhpro_flwr.server import RUN_STOPPERS, RunStopped, run_server
 
 app = ServerApp()
 
@@ -17,6 +16,6 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     try:
         run_server(grid, context.run_config, app_dir=Path(__file__).resolve().parent)
-    except ConfigError as exc:  # a bad setting or missing data: the message says it all
+    except RUN_STOPPERS as exc:  # the message says it all
         log(ERROR, "fedhpro-flwr: %s", exc)
-        raise SystemExit(1) from None
+        raise RunStopped(str(exc)) from None

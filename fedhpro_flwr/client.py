@@ -13,7 +13,7 @@ from .config import STRATEGY_KEY, ConfigError, ExperimentConfig
 from .data import SPEC_PREFIX, DataSpec, TensorData, client_data, local_data
 from .methods import ClientTask, get_method
 from .models import build_model
-from .payload import check_state_dict, tensors_to_record
+from .payload import check_state_dict, required_record, tensors_to_record
 
 # keys Flower's strategies put in the ConfigRecord beside the experiment's own
 FLOWER_CONFIG_KEYS = ("server-round", "proximal-mu", STRATEGY_KEY)
@@ -85,8 +85,8 @@ def handle_train(msg: Message, context: Context) -> Message:
 
     data = node_data(dict(context.node_config), cfg, spec, partition_id)
     model = build_model(cfg.model, spec)
-    weights = check_state_dict(msg.content.array_records["arrays"], model.state_dict(),
-                               "global model weights")
+    weights = check_state_dict(required_record(msg.content, "arrays"),
+                               model.state_dict(), "global model weights")
     model.load_state_dict(weights)
     model.to(device)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, server_round, partition_id))

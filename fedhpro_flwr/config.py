@@ -119,7 +119,8 @@ class FederationConfig:
 
     rounds: int = _spec(20, ge=1)
     fraction_train: float = _spec(1.0, gt=0.0, le=1.0)
-    min_train_nodes: int = _spec(2, ge=1)
+    min_train_nodes: int = _spec(2, ge=1)  # wait for this many connected nodes, sample >= it
+    min_replies: int = _spec(1, ge=1)  # fewer usable replies in a round stop the run
     round_timeout: float = _spec(3600.0, gt=0.0)  # seconds to wait for replies
     server_threads: int = _spec(1, ge=0)  # torch threads of the ServerApp; 0 = torch's default
 

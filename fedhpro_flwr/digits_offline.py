@@ -15,10 +15,11 @@ cached as an .npz file under ``data.root``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .npzcache import cached_arrays
 
 DOMAINS = ("mnist", "uci", "synth", "mnistm")
 VERSION = 1
@@ -138,13 +139,8 @@ def generate() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def load(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The benchmark, from the cache under `root` (built and written on first use)."""
-    path = root / f"digits-offline-v{VERSION}.npz"
-    if path.is_file():
-        with np.load(path) as cached:
-            return cached["x"], cached["y"], cached["domain"]
-    x, y, domain = generate()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, x=x, y=y, domain=domain)
-    os.replace(tmp, path)  # atomic: concurrent clients never read half a file
-    return x, y, domain
+    def build() -> dict[str, np.ndarray]:
+        return dict(zip(("x", "y", "domain"), generate(), strict=True))
+
+    arrays = cached_arrays(root / f"digits-offline-v{VERSION}.npz", build)
+    return arrays["x"], arrays["y"], arrays["domain"]

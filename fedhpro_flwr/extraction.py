@@ -24,8 +24,8 @@ class ClassStatistics:
     present: torch.Tensor  # (C,) bool: classes the client holds
     counts: torch.Tensor  # (C,) int64: samples per class in the client's data
     feature_grads: torch.Tensor  # (C, d)
-    weight_grads: torch.Tensor  # (C, C, d)
-    bias_grads: torch.Tensor  # (C, C)
+    weight_grads: torch.Tensor | None  # (C, C, d); None when not uploaded
+    bias_grads: torch.Tensor | None  # (C, C)
 
 
 def sample_per_class(

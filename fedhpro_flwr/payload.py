@@ -11,13 +11,21 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from .extraction import ClassStatistics
 
 
 class PayloadError(ValueError):
     """A message carries missing, malformed or non-finite arrays."""
+
+
+def required_record(content: RecordDict, name: str,
+                    what: str = "the server's message") -> ArrayRecord:
+    """The ArrayRecord `name` of a message's content, or a PayloadError saying it is missing."""
+    if name not in content.array_records:
+        raise PayloadError(f"{what} lacks the '{name}' record")
+    return content.array_records[name]
 
 
 def record_nbytes(record: ArrayRecord) -> int:
@@ -141,23 +149,27 @@ def decode_class_rows(
     return ClassRows(present, {name: scatter(t[name]) for name in row_shapes}, counts)
 
 
-_GRADIENT_ROWS = ("feature_grads", "weight_grads", "bias_grads")
+def _gradient_rows(classifier: bool) -> tuple[str, ...]:
+    return ("feature_grads", "weight_grads", "bias_grads") if classifier else ("feature_grads",)
 
 
-def encode_class_statistics(stats: ClassStatistics,
-                            dtype: torch.dtype = torch.float32) -> ArrayRecord:
-    """Only the classes the client holds are sent."""
-    return encode_class_rows(stats.present, {name: getattr(stats, name) for name in _GRADIENT_ROWS},
-                             stats.counts, dtype)
+def encode_class_statistics(stats: ClassStatistics, dtype: torch.dtype = torch.float32,
+                            classifier: bool = True) -> ArrayRecord:
+    """Only the classes the client holds are sent; the classifier gradients (C x C x d per
+    client, the bulk at many classes) only when `classifier`."""
+    rows = {name: getattr(stats, name) for name in _gradient_rows(classifier)}
+    return encode_class_rows(stats.present, rows, stats.counts, dtype)
 
 
 def decode_class_statistics(
-    record: ArrayRecord, num_classes: int, feature_dim: int, what: str = "class statistics"
+    record: ArrayRecord, num_classes: int, feature_dim: int, what: str = "class statistics",
+    classifier: bool = True,
 ) -> ClassStatistics:
     """Inverse of `encode_class_statistics`, with absent classes back as zero rows."""
     c, d = num_classes, feature_dim
-    shapes = dict(zip(_GRADIENT_ROWS, ((d,), (c, d), (c,)), strict=True))
+    names = _gradient_rows(classifier)
+    shapes = dict(zip(names, ((d,), (c, d), (c,)), strict=False))
     decoded = decode_class_rows(record, c, shapes, what, with_counts=True)
     assert decoded.counts is not None
-    return ClassStatistics(decoded.present, decoded.counts,
-                           *(decoded.rows[name] for name in _GRADIENT_ROWS))
+    return ClassStatistics(decoded.present, decoded.counts, decoded.rows["feature_grads"],
+                           decoded.rows.get("weight_grads"), decoded.rows.get("bias_grads"))

@@ -159,6 +159,8 @@ class FederatedFeatures:
         generator: torch.Generator,
     ) -> RecalibrationResult:
         """Match against `weight`, `bias` (held fixed); the features keep the result."""
+        if any(s.weight_grads is None or s.bias_grads is None for s in stats):
+            raise ValueError("recalibration needs the classifier gradients of every reply")
         held = torch.stack([s.present for s in stats])
         feature, holders = masked_class_mean(torch.stack([s.feature_grads for s in stats]), held)
         target = ClassGradients(

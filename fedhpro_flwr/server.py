@@ -18,13 +18,26 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import STRATEGY_KEY, RunSettings, resolve_run_config
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .config import STRATEGY_KEY, ConfigError, RunSettings, resolve_run_config
 from .data import dataset_spec, held_out_data
 from .methods import METHODS, get_method
 from .models import build_model
 from .payload import check_state_dict, tensors_to_record
 from .results import RunResults
+from .strategy_base import TooFewReplies
+
+# Errors whose message says everything a user needs (logged without a traceback): a bad
+# setting or missing data, an unusable checkpoint, a round with too few usable replies.
+# The checkpoint of the last completed round stays as it was.
+RUN_STOPPERS = (ConfigError, CheckpointError, TooFewReplies)
+
+
+class RunStopped(Exception):
+    """What the ServerApp raises for a RUN_STOPPERS error. An exception, not SystemExit:
+    Flower then marks the run failed at once, with the message as its status details, and
+    uploads the log (on SystemExit the SuperLink only learns from the missing heartbeat, a
+    minute later, and the log's last lines are lost)."""
 
 
 def run_server(grid: Grid, run_config: Mapping[str, Any], app_dir: Path) -> dict[str, Any]:
@@ -97,15 +110,20 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
 
     remaining = total_rounds - done
     if remaining > 0:
-        strategy.start(
-            grid=grid,
-            initial_arrays=arrays,
-            num_rounds=remaining,
-            timeout=cfg.federation.round_timeout,
-            train_config=ConfigRecord({STRATEGY_KEY: settings.strategy, **cfg.to_flat(),
-                                       **spec.to_config()}),
-            evaluate_fn=end_of_round,
-        )
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=arrays,
+                num_rounds=remaining,
+                timeout=cfg.federation.round_timeout,
+                train_config=ConfigRecord({STRATEGY_KEY: settings.strategy, **cfg.to_flat(),
+                                           **spec.to_config()}),
+                evaluate_fn=end_of_round,
+            )
+        except TooFewReplies as exc:  # the rounds before it stand, and so does the checkpoint
+            results.data["stopped"] = str(exc)
+            results.write()
+            raise
     else:
         log(INFO, "checkpoint already holds all %d rounds; nothing to run", total_rounds)
     path = results.write()

@@ -22,17 +22,19 @@ APP_DIR = Path(__file__).resolve().parents[1]  # where pyproject.toml and conf/ 
 
 
 def simulate(run_configs: list[dict[str, Any]], num_supernodes: int, app_dir: Path = APP_DIR,
-             cpus_per_client: float = 1.0, gpus_per_client: float = 0.0) -> None:
+             cpus_per_client: float = 1.0, gpus_per_client: float = 0.0,
+             client_app: Any = None) -> None:
     """Run the experiments the run configs describe (Flower run-config keys), in order, on
-    `num_supernodes` simulated SuperNodes; each writes to its own `out-dir`."""
+    `num_supernodes` simulated SuperNodes; each writes to its own `out-dir`. `client_app`
+    replaces the app's ClientApp (tests use one that misbehaves)."""
     from flwr.common.logger import log
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from client_app import app as client_app
+    if client_app is None:
+        from client_app import app as client_app
 
-    from .config import ConfigError
-    from .server import run_server
+    from .server import RUN_STOPPERS, run_server
 
     server_app = ServerApp()
 
@@ -42,7 +44,7 @@ def simulate(run_configs: list[dict[str, Any]], num_supernodes: int, app_dir: Pa
             try:
                 run_server(grid, run_config, app_dir)
             except Exception as exc:  # recorded by the caller from this line; go on
-                kind = "" if isinstance(exc, ConfigError) else f"{type(exc).__name__}: "
+                kind = "" if isinstance(exc, RUN_STOPPERS) else f"{type(exc).__name__}: "
                 log(ERROR, "fedhpro-flwr: run %s failed: %s%s", run_config.get("out-dir", ""),
                     kind, exc)
 

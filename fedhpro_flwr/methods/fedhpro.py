@@ -13,7 +13,7 @@ from ..extraction import ClassStatistics, extract_class_statistics
 from ..gradmatch import masked_class_mean
 from ..hyperproto import anchors, centers, init_hyperprototypes, match_hyperprototypes
 from ..losses import RunningClassMeans, hpal, hpcl
-from ..payload import encode_class_statistics, record_to_tensors, tensors_to_record
+from ..payload import encode_class_statistics, record_to_tensors, required_record, tensors_to_record
 from ..recalibration import RecalibrationSettings
 from ..strategy_base import ClientReply, checked_state, mean_metric
 from ..training import train_epochs
@@ -34,7 +34,7 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     """Measure per-class gradients at the global model, then train with CE + HPCL + HPAL."""
     hp_cfg = task.cfg.fedhpro
     model, data = task.model, task.data
-    hp = decode_hyperprototypes(task.content.array_records[HP_RECORD], data.num_classes,
+    hp = decode_hyperprototypes(required_record(task.content, HP_RECORD), data.num_classes,
                                 model.feature_dim, hp_cfg.num_hyperprototypes).to(task.device)
     stats, feature_means = extract_class_statistics(
         model, data, hp_cfg.batch_real, hp_cfg.repeat_num, task.generator, task.device
@@ -56,7 +56,9 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     metrics = train_epochs(model, data, task.cfg.train, task.generator, task.device, regulariser)
     metrics["margin"] = sum(margins) / len(margins) if margins else 0.0
     dtype = torch.float16 if hp_cfg.float16_upload else torch.float32
-    return {STATS_RECORD: encode_class_statistics(stats, dtype)}, metrics
+    # the classifier gradients serve only the server's recalibration
+    record = encode_class_statistics(stats, dtype, classifier=hp_cfg.recalibration)
+    return {STATS_RECORD: record}, metrics
 
 
 class FedHProStrategy(RecalibratingStrategy):
@@ -74,7 +76,7 @@ class FedHProStrategy(RecalibratingStrategy):
             hp_cfg.recal_lr, hp_cfg.recal_batch_size, hp_cfg.distance,  # type: ignore[arg-type]
         )
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
-                         settings, generator)
+                         settings, generator, classifier_gradients=hp_cfg.recalibration)
         self.hyperprototypes = hyperprototypes
 
     def train_records(self) -> dict[str, ArrayRecord]:

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord
 
 from ..finch import cluster_means, finch
 from ..losses import fpl_loss
-from ..payload import PayloadError, record_to_tensors, tensors_to_record
+from ..payload import PayloadError, record_to_tensors, required_record, tensors_to_record
 from ..strategy_base import ClientReply
 from ..training import train_epochs
 from .base import ClientTask, Method
@@ -47,9 +47,7 @@ def decode_clusters(record: ArrayRecord, present: torch.Tensor,
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
     """CE + FPL's cluster InfoNCE and unbiased-prototype MSE, then upload prototypes."""
     unbiased, present = received_prototypes(task)
-    if CLUSTER_RECORD not in task.content.array_records:
-        raise PayloadError(f"training message lacks the '{CLUSTER_RECORD}' record")
-    clusters, labels = decode_clusters(task.content.array_records[CLUSTER_RECORD], present,
+    clusters, labels = decode_clusters(required_record(task.content, CLUSTER_RECORD), present,
                                        task.model.feature_dim)
     clusters, labels = clusters.to(task.device), labels.to(task.device)
     tau = task.cfg.fpl.tau

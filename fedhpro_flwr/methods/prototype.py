@@ -18,7 +18,7 @@ from ..config import ExperimentConfig
 from ..data import TensorData
 from ..losses import prototype_mse
 from ..models import Backbone
-from ..payload import ClassRows, PayloadError, decode_class_rows, encode_class_rows
+from ..payload import ClassRows, decode_class_rows, encode_class_rows, required_record
 from ..prototypes import local_prototypes, nearest_prototype_accuracy
 from ..strategy_base import ClientReply, ExperimentStrategy, checked_state
 from ..training import train_epochs
@@ -36,9 +36,7 @@ def upload_prototypes(task: ClientTask) -> dict[str, ArrayRecord]:
 
 def received_prototypes(task: ClientTask) -> tuple[torch.Tensor, torch.Tensor]:
     """The server's global prototypes (C, d) and which classes have one, on the device."""
-    if GLOBAL_RECORD not in task.content.array_records:
-        raise PayloadError(f"training message lacks the '{GLOBAL_RECORD}' record")
-    decoded = decode_class_rows(task.content.array_records[GLOBAL_RECORD], task.data.num_classes,
+    decoded = decode_class_rows(required_record(task.content, GLOBAL_RECORD), task.data.num_classes,
                                 {"prototypes": (task.model.feature_dim,)}, "global prototypes")
     return decoded.rows["prototypes"].to(task.device), decoded.present.to(task.device)
 
@@ -85,9 +83,7 @@ class PrototypeStrategy(ExperimentStrategy):
         return {GLOBAL_RECORD: encode_class_rows(self.present, {"prototypes": self.prototypes})}
 
     def decode_extra(self, content: RecordDict) -> ClassRows:
-        if LOCAL_RECORD not in content.array_records:
-            raise PayloadError(f"reply lacks the '{LOCAL_RECORD}' record")
-        return decode_class_rows(content.array_records[LOCAL_RECORD], self.num_classes,
+        return decode_class_rows(required_record(content, LOCAL_RECORD, "reply"), self.num_classes,
                                  {"prototypes": (self.feature_dim,)}, "local prototypes",
                                  with_counts=True)
 

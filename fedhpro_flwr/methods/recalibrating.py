@@ -14,7 +14,7 @@ from flwr.app import RecordDict
 
 from ..config import ExperimentConfig
 from ..extraction import ClassStatistics
-from ..payload import PayloadError, decode_class_statistics
+from ..payload import decode_class_statistics, required_record
 from ..recalibration import FederatedFeatures, RecalibrationResult, RecalibrationSettings
 from ..strategy_base import ClientReply, ExperimentStrategy, checked_state
 
@@ -26,8 +26,10 @@ class RecalibratingStrategy(ExperimentStrategy):
 
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int, features_per_class: int,
-                 settings: RecalibrationSettings, generator: torch.Generator):
+                 settings: RecalibrationSettings, generator: torch.Generator,
+                 classifier_gradients: bool = True):
         super().__init__(cfg, reference_state)
+        self.classifier_gradients = classifier_gradients  # do replies carry them?
         self.num_classes, self.feature_dim = num_classes, feature_dim
         self.settings = settings
         self.generator = generator
@@ -38,10 +40,9 @@ class RecalibratingStrategy(ExperimentStrategy):
                      "bias": reference_state["classifier.bias"].detach().clone()}
 
     def decode_extra(self, content: RecordDict) -> ClassStatistics:
-        if STATS_RECORD not in content.array_records:
-            raise PayloadError(f"reply lacks the '{STATS_RECORD}' record")
-        return decode_class_statistics(content.array_records[STATS_RECORD], self.num_classes,
-                                       self.feature_dim)
+        return decode_class_statistics(required_record(content, STATS_RECORD, "reply"),
+                                       self.num_classes,
+                                       self.feature_dim, classifier=self.classifier_gradients)
 
     def recalibrate(self, replies: list[ClientReply]) -> RecalibrationResult:
         """Match the features at `head` to the replies' gradients; re-train a classifier."""
