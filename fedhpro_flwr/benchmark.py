@@ -26,7 +26,7 @@ from typing import Any
 
 from .config import load_experiment, parse_overrides
 from .simulation import APP_DIR
-from .suites import SUITES, Setting, Suite
+from .suites import SUITES, Setting, Suite, Variant
 
 COLUMNS = ("suite", "setting", "strategy", "seed", "status", "reason", "final_accuracy",
            "best_accuracy", "mean_last5_accuracy", "rounds", "run_seconds", "wall_seconds",
@@ -39,35 +39,48 @@ KEY = ("setting", "strategy", "seed")
 class Run:
     suite: Suite
     setting: Setting
-    strategy: str
+    variant: Variant
     seed: int
     out_dir: Path
     rounds: int
     supernodes: int
 
     @property
+    def strategy(self) -> str:
+        """The row's name in results.csv and RESULTS.md (the variant's)."""
+        return self.variant.name
+
+    @property
     def key(self) -> tuple[str, str, str]:
         return self.setting.name, self.strategy, str(self.seed)
 
     def run_config(self, resume: bool) -> dict[str, Any]:
-        return {"strategy": self.strategy, "config": self.setting.config,
+        overrides = (self.suite.overrides, self.setting.overrides, self.variant.overrides)
+        return {"strategy": self.variant.strategy, "config": self.setting.config,
                 "num-server-rounds": self.rounds, "seed": self.seed,
                 "out-dir": str(self.out_dir), "resume": resume,
-                "overrides": f"{self.suite.overrides} {self.setting.overrides}".strip()}
+                "overrides": " ".join(o for o in overrides if o)}
 
 
-def plan(suite: Suite, out: Path) -> list[Run]:
-    """Every run of the suite, setting by setting, seed by seed, strategy by strategy."""
+def plan(suite: Suite, out: Path, only: tuple[str, ...] = ()) -> list[Run]:
+    """Every run of the suite (of the variants named in `only`, when given), setting by
+    setting, seed by seed, variant by variant."""
+    names = [v.name for v in suite.variants]
+    unknown = sorted(set(only) - set(names))
+    if unknown:
+        raise ValueError(f"suite '{suite.name}' has no {', '.join(unknown)}; "
+                         f"it runs {', '.join(names)}")
+    variants = [v for v in suite.variants if not only or v.name in only]
     runs = []
     for setting in suite.settings:
         overrides = parse_overrides(f"{suite.overrides} {setting.overrides}")
         cfg = load_experiment(APP_DIR / setting.config, overrides)
         rounds = suite.rounds or cfg.federation.rounds
         for seed in suite.seeds:
-            for strategy in suite.strategies:
-                runs.append(Run(suite, setting, strategy, seed,
-                                out / "runs" / setting.name / strategy / f"seed{seed}", rounds,
-                                cfg.partition.num_partitions))
+            for variant in variants:
+                runs.append(Run(suite, setting, variant, seed,
+                                out / "runs" / setting.name / variant.name / f"seed{seed}",
+                                rounds, cfg.partition.num_partitions))
     return runs
 
 
@@ -241,12 +254,14 @@ def execute(group: list[Run], first: int, progress: Progress,
     return rows_out
 
 
-def run_suite(suite: Suite, out: Path, timeout: float | None = None) -> Path:
-    """Run every unfinished run of `suite` into `out`; returns results.csv's path."""
+def run_suite(suite: Suite, out: Path, timeout: float | None = None,
+              only: tuple[str, ...] = ()) -> Path:
+    """Run every unfinished run of `suite` (of the variants in `only`, when given) into `out`;
+    returns results.csv's path."""
+    runs = plan(suite, out, only)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = read_rows(csv_path)
-    runs = plan(suite, out)
     finished = [r for r in runs if rows.get(r.key, {}).get("status") == "ok"]
     pending = [r for r in runs if r not in finished]
     if finished:
@@ -276,11 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="results folder")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds before a run is stopped and recorded as failed")
+    parser.add_argument("--strategies", default="",
+                        help="comma-separated names: run only these of the suite's strategies "
+                             "(or variants)")
     parser.add_argument("--no-report", action="store_true", help="skip RESULTS.md and plots")
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
+    only = tuple(name for name in args.strategies.split(",") if name)
     print(f"fedhpro-bench: suite '{suite.name}': {suite.description}", flush=True)
-    csv_path = run_suite(suite, args.out.resolve(), args.run_timeout)
+    try:
+        csv_path = run_suite(suite, args.out.resolve(), args.run_timeout, only)
+    except ValueError as exc:
+        parser.error(str(exc))
     if not args.no_report:
         from .report import write_report
 

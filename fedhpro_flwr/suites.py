@@ -1,9 +1,9 @@
 """The benchmark suites: which settings, strategies and seeds `fedhpro-bench` runs.
 
 A setting is an experiment YAML from conf/ plus the keys the suite sets on top of it; a suite
-runs every strategy on every setting with every seed. Runs of the same (setting, seed) share
-partitions, initial weights and hyper-prototype seeds, whatever the strategy: all of them
-come from the experiment's seed.
+runs every variant (a strategy, possibly with keys of its own: the ablations) on every setting
+with every seed. Runs of the same (setting, seed) share partitions, initial weights and
+hyper-prototype seeds, whatever the variant: all of them come from the experiment's seed.
 """
 
 from __future__ import annotations
@@ -21,17 +21,47 @@ class Setting:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One row of a suite's tables: a registered strategy run with `overrides` on top."""
+
+    name: str
+    strategy: str
+    overrides: str = ""
+
+
+@dataclass(frozen=True)
 class Suite:
     name: str
     description: str
     settings: tuple[Setting, ...]
-    strategies: tuple[str, ...]
+    strategies: tuple[str | Variant, ...]  # a bare name is that strategy as configured
     seeds: tuple[int, ...]
     rounds: int  # 0 = each YAML's federation.rounds
     overrides: str = ""  # applied to every setting (the suite's sizing)
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
 
+    @property
+    def variants(self) -> tuple[Variant, ...]:
+        return tuple(s if isinstance(s, Variant) else Variant(s, s) for s in self.strategies)
+
+
+DEFAULT_SETTINGS = (Setting("digits-offline", "conf/default.yaml"),
+                    Setting("mnist-dir0.1", "conf/mnist-dir0.1.yaml"),
+                    Setting("mnist-dir0.5", "conf/mnist-dir0.5.yaml"),
+                    Setting("mnist-lt", "conf/mnist-lt.yaml"))
+
+# FedHPro with one part switched off or changed at a time (the paper's method first)
+ABLATIONS = (
+    Variant("fedhpro", "fedhpro"),
+    Variant("fedhpro-fixed-anchors", "fedhpro", "fedhpro.rounds_of_hp=0"),
+    Variant("fedhpro-mse-matching", "fedhpro", "fedhpro.distance=mse"),
+    Variant("fedhpro-no-hpcl", "fedhpro", "fedhpro.w_cl=0"),
+    Variant("fedhpro-no-hpal", "fedhpro", "fedhpro.w_al=0"),
+    Variant("fedhpro-no-margin", "fedhpro", "fedhpro.margin=false"),
+    Variant("fedhpro-no-recalibration", "fedhpro", "fedhpro.recalibration=false"),
+    Variant("fedhpro-one-hp-per-class", "fedhpro", "fedhpro.num_hyperprototypes=1"),
+)
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite(
@@ -42,11 +72,12 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     ),
     Suite(
         "default", "the offline benchmarks, every strategy, 3 seeds; about an hour on 2 CPU cores",
-        (Setting("digits-offline", "conf/default.yaml"),
-         Setting("mnist-dir0.1", "conf/mnist-dir0.1.yaml"),
-         Setting("mnist-dir0.5", "conf/mnist-dir0.5.yaml"),
-         Setting("mnist-lt", "conf/mnist-lt.yaml")),
-        ALL_STRATEGIES, (0, 1, 2), rounds=10, overrides="train.local_epochs=2",
+        DEFAULT_SETTINGS, ALL_STRATEGIES, (0, 1, 2), rounds=10, overrides="train.local_epochs=2",
+    ),
+    Suite(
+        "ablation", "FedHPro with one part switched off at a time, on the default suite's "
+        "settings, 3 seeds; about 1.5 hours on 2 CPU cores",
+        DEFAULT_SETTINGS, ABLATIONS, (0, 1, 2), rounds=10, overrides="train.local_epochs=2",
     ),
     Suite(
         "scale", "100 clients of the MNIST subset, 10 sampled per round: memory and time stay "

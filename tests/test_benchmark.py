@@ -21,8 +21,10 @@ from fedhpro_flwr.benchmark import (
     summarize,
     tree_rss_mb,
 )
+from fedhpro_flwr.config import load_experiment, parse_overrides
 from fedhpro_flwr.report import goals, scale_goals, write_report
-from fedhpro_flwr.suites import ALL_STRATEGIES, SUITES, Setting, Suite
+from fedhpro_flwr.simulation import APP_DIR
+from fedhpro_flwr.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant
 
 
 def read_csv(path):
@@ -82,9 +84,33 @@ def test_every_suite_plans_every_strategy_setting_and_seed(tmp_path):
     assert first["seed"] == 0 and first["overrides"] == "train.local_epochs=2"
 
 
+def test_ablation_variants_run_fedhpro_with_their_own_keys(tmp_path):
+    ablation = SUITES["ablation"]
+    runs = plan(ablation, tmp_path)
+    assert len(runs) == len(ablation.settings) * len(ablation.variants) * 3
+    names = [v.name for v in ablation.variants]
+    assert names[0] == "fedhpro" and len(set(names)) == len(names)
+    configs = {r.strategy: r.run_config(resume=False) for r in runs if r.seed == 0
+               and r.setting.name == "mnist-lt"}
+    assert {c["strategy"] for c in configs.values()} == {"fedhpro"}
+    assert configs["fedhpro"]["overrides"] == "train.local_epochs=2"
+    no_recal = configs["fedhpro-no-recalibration"]
+    assert no_recal["overrides"] == "train.local_epochs=2 fedhpro.recalibration=false"
+    assert no_recal["out-dir"].endswith("mnist-lt/fedhpro-no-recalibration/seed0")
+    for config in configs.values():  # every variant's keys are real, valid config keys
+        load_experiment(APP_DIR / config["config"], parse_overrides(config["overrides"]))
+
+
+def test_a_suite_can_be_run_for_some_of_its_strategies(tmp_path):
+    runs = plan(SUITES["default"], tmp_path, only=("fedhpro", "fedavg"))
+    assert {r.strategy for r in runs} == {"fedhpro", "fedavg"} and len(runs) == 4 * 2 * 3
+    with pytest.raises(ValueError, match="has no fedhpro-typo"):
+        plan(SUITES["default"], tmp_path, only=("fedhpro-typo",))
+
+
 def fake_run(tmp_path, strategy="fedhpro", rounds=3):
     suite = Suite("t", "", (Setting("s", "conf/mnist-dir0.5.yaml"),), (strategy,), (0,), rounds)
-    return Run(suite, suite.settings[0], strategy, 0, tmp_path, rounds, 4)
+    return Run(suite, suite.settings[0], Variant(strategy, strategy), 0, tmp_path, rounds, 4)
 
 
 def test_summary_leaves_round_1_out_of_the_times(tmp_path):
@@ -144,7 +170,8 @@ def test_goals_compare_fedhpro_with_the_best_baseline(tmp_path):
                 "framework_seconds": 0.5, "client_seconds": client, "bytes_up_per_round": up}
 
     rows = [row("fedhpro", "0", 0.9, 12.0, 105.0), row("fedavg", "0", 0.8, 10.0, 100.0),
-            row("fedtgp", "0", 0.95, 11.0, 100.0)]
+            row("fedtgp", "0", 0.95, 11.0, 100.0),
+            row("fedhpro-no-hpal", "0", 0.99, 12.0, 105.0)]  # an ablation is no baseline
     table = "\n".join(goals(rows))
     assert "fedhpro 0.9000 vs best baseline fedtgp 0.9500 | **not met**" in table
     assert "| 5.0% | met |" in table  # framework 0.5 of 10 s
