@@ -25,6 +25,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from fedhpro_flwr import proctree
 from fedhpro_flwr.localfed import LocalFederation
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -51,30 +52,16 @@ def in_deployment(out: Path, nodes: int, rounds: int) -> tuple[float, float]:
     configs = [f"partition-id={i} num-partitions={nodes}" for i in range(nodes)]
     with LocalFederation(out / "federation", configs) as federation:
         time.sleep(10)  # let every SuperNode connect
-        idle_cores = cpu_seconds(federation.pids(), IDLE_SECONDS) / IDLE_SECONDS
+        pids = federation.pids()
+        before = proctree.cpu_seconds(pids)
+        time.sleep(IDLE_SECONDS)
+        idle_cores = (proctree.cpu_seconds(pids) - before) / IDLE_SECONDS
         start = time.perf_counter()
         status = federation.run(APP_DIR, run_config(out, nodes, rounds), timeout=3600)
         seconds = time.perf_counter() - start
     if status != "finished:completed":
         raise SystemExit(f"deployment run ended {status}; logs in {out / 'federation'}")
     return seconds, idle_cores
-
-
-def cpu_seconds(pids: list[int], seconds: float) -> float:
-    """CPU time (user + system) the processes use during the next `seconds`."""
-    def total() -> float:
-        ticks = 0
-        for pid in pids:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # gone
-                continue
-            ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
-
-    before = total()
-    time.sleep(seconds)
-    return total() - before
 
 
 def process_start(repeats: int = 3) -> float:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import proctree
 from .config import load_experiment, parse_overrides
 from .simulation import APP_DIR
 from .suites import SUITES, Setting, Suite, Variant
@@ -125,22 +126,7 @@ def summarize(run: Run, results: dict[str, Any], run_seconds: float) -> dict[str
 def tree_rss_mb(pid: int) -> float:
     """Resident memory of a process and all its descendants (Linux /proc; 0 elsewhere): the
     simulation engine's workers are grandchildren of the run's process."""
-    parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        child = int(entry.parent.name)
-        parents[child], rss[child] = int(fields[1]), int(fields[21])
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, pp in parents.items() if pp == parent and p not in tree]
-        tree.update(kids)
-        frontier += kids
-    return sum(rss.get(p, 0) for p in tree) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return proctree.rss_mb(proctree.tree(pid))
 
 
 def failure_reason(log: Path, returncode: int, out_dir: Path) -> str:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import proctree
+
 CONNECTION = "local"
 CREDENTIALS_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make-dev-credentials.sh"
 FINISHED = "finished"
@@ -161,25 +163,23 @@ class LocalFederation:
 
     def pause_node(self, index: int) -> None:
         """Freeze SuperNode `index` and its processes (SIGSTOP): a machine that hangs."""
-        node = self.supernodes[index].pid
-        for pid in (node, *_descendants(node)):
+        for pid in proctree.tree(self.supernodes[index].pid):
             _signal(pid, signal.SIGSTOP)
 
     def resume_node(self, index: int) -> None:
-        node = self.supernodes[index].pid
-        for pid in (node, *_descendants(node)):
+        for pid in proctree.tree(self.supernodes[index].pid):
             _signal(pid, signal.SIGCONT)
 
     def pids(self) -> list[int]:
         """Every process of the federation now: SuperLink, SuperNodes and their children."""
         started = [p.pid for p in [self.superlink, *self.supernodes] if p is not None]
-        return [pid for top in started for pid in (top, *_descendants(top))]
+        return [pid for top in started for pid in proctree.tree(top)]
 
     def serverapp_pids(self) -> list[int]:
         """The running ServerApp processes (descendants of the SuperLink)."""
         assert self.superlink is not None
-        return [pid for pid in _descendants(self.superlink.pid)
-                if "flwr-serverapp" in _cmdline(pid)]
+        return [pid for pid in proctree.descendants(self.superlink.pid)
+                if "flwr-serverapp" in proctree.cmdline(pid)]
 
     # ---- runs ---------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> str:
@@ -264,31 +264,7 @@ class LocalFederation:
         raise FederationError(f"{name} did not listen on 127.0.0.1:{port} within "
                               f"{self.start_timeout:.0f} s")
 
+
 def _signal(pid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-
-
-def _descendants(pid: int) -> list[int]:
-    """All processes below `pid` in the process tree, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
