@@ -114,7 +114,7 @@ class ExperimentStrategy(FedAvg):
         self.cfg = cfg
         self.reference_state = {k: v.detach().cpu() for k, v in reference_state.items()}
         self.round_offset = 0  # rounds already done before this process (resume)
-        self.last_round: dict[str, float] = {}
+        self.last_round: dict[str, Any] = {}  # the round's row of results.json
         self._round_start = 0.0
         self._bytes_down = 0
         self._sampled: list[int] = []  # node ids asked to train this round
