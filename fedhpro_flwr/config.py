@@ -137,9 +137,13 @@ class FedHProConfig:
     margin_momentum: float = _spec(0.9, ge=0.0, le=1.0)  # running class-mean update
     batch_real: int = _spec(100, ge=1)  # samples per class for gradient extraction
     repeat_num: int = _spec(1, ge=1)
+    init: str = _spec("normal", choices=("normal", "orthogonal"))  # hyper-prototypes at start
     rounds_of_hp: int = _spec(30, ge=0)  # matching steps per round; 0 = fixed anchors
     lr_hp: float = _spec(0.1, gt=0.0)
-    distance: str = _spec("cosine", choices=("cosine", "mse"))
+    hp_step: str = _spec("sgd", choices=("sgd", "normalized"))  # see gradmatch.descend
+    # matching distance; "scalar" (the reference code's loop) applies to the hyper-prototypes
+    # only, the recalibration then matches whole rows by cosine as that code does
+    distance: str = _spec("cosine", choices=("cosine", "mse", "scalar"))
     float16_upload: bool = _spec(False)  # send the per-class gradients as float16
     recalibration: bool = _spec(True)
     recal_features: int = _spec(50, ge=1)  # M federated features per class
@@ -148,6 +152,12 @@ class FedHProConfig:
     recal_epochs: int = _spec(100, ge=1)
     recal_lr: float = _spec(0.01, gt=0.0)
     recal_batch_size: int = _spec(50, ge=1)
+    # measure the classifier gradients after local training (at the trained extractor, with
+    # the received classifier) instead of before it, as the paper and CReFF do
+    recal_after_training: bool = _spec(False)
+    # move each class's federated features so that their mean is the class's mean feature,
+    # read off the clients' classifier gradients (row c of dCE/dW over dCE/db_c)
+    recal_recentre: bool = _spec(False)
 
 
 @dataclass(frozen=True)
@@ -198,6 +208,32 @@ class CReFFConfig:
 
 
 @dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Measurements that cost extra work; what comes free is always in results.json."""
+
+    # clients report the mean cosine between their class prototypes after training and the
+    # global anchors they received (prototype methods, FedHPro: one more pass over the data)
+    consistency: bool = _spec(False)
+    embedding_rounds: str = _spec("")  # e.g. "1,10": save a 2-D PCA of test features + anchors
+    embedding_samples: int = _spec(50, ge=1)  # test samples per class in that picture
+
+    def __post_init__(self) -> None:
+        self.rounds()
+
+    def rounds(self) -> tuple[int, ...]:
+        """`embedding_rounds` as numbers."""
+        try:
+            rounds = tuple(int(n) for n in self.embedding_rounds.replace(",", " ").split())
+        except ValueError:
+            rounds = (0,)
+        if any(n < 1 for n in rounds):
+            raise ConfigError(f"config key 'diagnostics.embedding_rounds' = "
+                              f"{self.embedding_rounds!r}: expected round numbers >= 1, "
+                              f"separated by commas")
+        return rounds
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment: the YAML file's content after overrides."""
 
@@ -213,6 +249,7 @@ class ExperimentConfig:
     fedtgp: FedTGPConfig = field(default_factory=FedTGPConfig)
     fpl: FPLConfig = field(default_factory=FPLConfig)
     creff: CReFFConfig = field(default_factory=CReFFConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def to_flat(self) -> dict[str, Scalar]:
         """``{"section.key": value}``: what a Flower ConfigRecord can carry."""
@@ -293,6 +330,8 @@ def _check_value(key: str, value: Any, kind: type, spec: Mapping[str, Any]) -> S
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{shown}: expected a finite number")
+    elif kind is str and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # a lone number where a list of numbers is read from a string
     elif kind is str and not isinstance(value, str):
         raise ConfigError(f"{shown}: expected a string")
     open_ended = any(str(value).startswith(p) and len(str(value)) > len(p)

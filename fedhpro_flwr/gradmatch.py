@@ -17,7 +17,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Distance = Literal["cosine", "mse"]
+Distance = Literal["cosine", "mse", "scalar"]
+Step = Literal["sgd", "normalized"]
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,20 @@ def vector_distance(a: torch.Tensor, b: torch.Tensor, kind: Distance) -> torch.T
     """Distance per leading index between tensors of shape (N, ..., k).
 
     cosine: 1 - cos over the last axis, summed over the axes between (per output row,
-    as in Dataset Condensation's layer-wise distance); mse: summed squared difference.
+    as in Dataset Condensation's layer-wise distance); mse: summed squared difference;
+    scalar: 1 - cos of every single entry, summed: the FedHPro reference code's loop, which
+    walks the vector one scalar at a time. A scalar's cosine is the product of the signs, so
+    this counts sign disagreements and has no gradient; it exists to reproduce that code.
     """
     if kind == "cosine":
         per_row = 1.0 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)
     elif kind == "mse":
         per_row = (a - b).pow(2).sum(dim=-1)
+    elif kind == "scalar":
+        per_row = (1.0 - F.cosine_similarity(a[..., None], b[..., None], dim=-1,
+                                             eps=1e-12)).sum(dim=-1)
     else:
-        raise ValueError(f"unknown distance '{kind}'; allowed: cosine, mse")
+        raise ValueError(f"unknown distance '{kind}'; allowed: cosine, mse, scalar")
     return per_row.reshape(per_row.shape[0], -1).sum(dim=1)
 
 
@@ -98,11 +105,19 @@ def masked_class_mean(
 
 
 def descend(
-    start: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], steps: int, lr: float
+    start: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    steps: int,
+    lr: float,
+    step: Step = "sgd",
 ) -> tuple[torch.Tensor, float, float]:
-    """Plain SGD on a copy of `start`: (result, loss at the start, loss at the end).
+    """Gradient descent on a copy of `start`: (result, loss at the start, loss at the end).
 
     The server's two matching problems (hyper-prototypes, federated features) are both this.
+    `step` "sgd" moves by ``lr * gradient``; "normalized" moves every leading-index block
+    (a class) by ``lr * its norm`` along its gradient's direction, whatever the gradient's
+    scale: a cosine distance between gradients that nearly agree has a tiny gradient, and
+    plain steps then barely move the parameters.
     """
     params = start.detach().clone().requires_grad_(True)
     optimizer = torch.optim.SGD([params], lr=lr)
@@ -111,6 +126,13 @@ def descend(
     for _ in range(steps):
         optimizer.zero_grad()
         loss_fn(params).backward()
+        if step == "normalized":
+            assert params.grad is not None
+            with torch.no_grad():
+                block = tuple(range(1, params.dim()))
+                ratio = (params.norm(dim=block, keepdim=True)
+                         / params.grad.norm(dim=block, keepdim=True).clamp(min=1e-12))
+                params.grad.mul_(ratio)
         optimizer.step()
     result = params.detach()
     with torch.no_grad():

@@ -8,18 +8,40 @@ gradients clients measured on real features (`match_hyperprototypes`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from .gradmatch import Distance, class_gradients, descend, vector_distance
+from .gradmatch import Distance, Step, class_gradients, descend, vector_distance
+
+Init = Literal["normal", "orthogonal"]
 
 
 def init_hyperprototypes(
-    num_classes: int, per_class: int, dim: int, generator: torch.Generator
+    num_classes: int, per_class: int, dim: int, generator: torch.Generator,
+    kind: Init = "normal",
 ) -> torch.Tensor:
-    """(C, L, d) drawn from N(0, 1)."""
-    return torch.randn(num_classes, per_class, dim, generator=generator)
+    """(C, L, d) drawn from N(0, 1) (the paper).
+
+    "orthogonal" then moves each class's draws so that their mean points along one of C
+    orthonormal directions (C <= d), keeping its length and the spread within the class:
+    the mean directions of N(0, 1) draws are only nearly orthogonal (cosines of order
+    1/sqrt(d)), which matters when C approaches d.
+    """
+    draws = torch.randn(num_classes, per_class, dim, generator=generator)
+    if kind == "normal":
+        return draws
+    if kind != "orthogonal":
+        raise ValueError(f"unknown initialisation '{kind}'; allowed: normal, orthogonal")
+    if num_classes > dim:
+        raise ValueError(f"orthogonal initialisation needs classes <= feature dim "
+                         f"({num_classes} > {dim})")
+    means = draws.mean(dim=1)  # (C, d)
+    basis, _ = torch.linalg.qr(means.T)  # (d, C) orthonormal; column c spans means[:c+1]
+    directions = basis.T * torch.sign((basis.T * means).sum(dim=1, keepdim=True))
+    target = directions * means.norm(dim=1, keepdim=True)
+    return draws + (target - means)[:, None, :]
 
 
 def anchors(hyperprototypes: torch.Tensor) -> torch.Tensor:
@@ -65,8 +87,10 @@ def match_hyperprototypes(
     steps: int,
     lr: float,
     distance: Distance = "cosine",
+    step: Step = "sgd",
 ) -> MatchResult:
-    """`steps` SGD steps on the hyper-prototypes against the clients' mean feature gradients.
+    """`steps` descent steps on the hyper-prototypes against the clients' mean feature
+    gradients (`step`: see `gradmatch.descend`).
 
     Args:
         hyperprototypes: (C, L, d).
@@ -77,7 +101,8 @@ def match_hyperprototypes(
     weight, bias = weight.detach(), bias.detach()
     start = hyperprototypes.detach()
     result, before, after = descend(
-        start, lambda p: matching_loss(p, weight, bias, target, present, distance), steps, lr
+        start, lambda p: matching_loss(p, weight, bias, target, present, distance), steps, lr,
+        step,
     )
     movement = ((result - start).norm() / start.norm().clamp(min=1e-12)).item()
     return MatchResult(result, before, after, movement)

@@ -127,6 +127,36 @@ def recalibrate(
     return RecalibrationResult(matched, new_weight, new_bias, before, after)
 
 
+def class_means_from_gradients(target: ClassGradients) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each class's mean feature, read off its classifier gradients: (C, d) and (C,) valid.
+
+    For samples z of class c, row c of dCE/dW is mean((p_c - 1) z) and entry c of dCE/db is
+    mean(p_c - 1): their ratio is the class's mean feature, weighted by 1 - p_c (how badly
+    the classifier fits each sample). Classes whose samples it fits perfectly are not valid.
+    """
+    assert target.weight is not None and target.bias is not None
+    c = torch.arange(target.bias.shape[0])
+    residual = target.bias[c, c]  # mean(p_c - 1) <= 0
+    valid = residual < -1e-8
+    means = target.weight[c, c] / torch.where(valid, residual, -1.0)[:, None]
+    return means, valid
+
+
+def recentred(features: torch.Tensor, means: torch.Tensor, move: torch.Tensor,
+              fresh: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The features of the classes in `move` shifted so that their mean is `means`.
+
+    A class in `fresh` (seen for the first time) has no spread of its own yet: it starts
+    from its mean plus N(0, s^2) noise, s = ||mean|| / (2 sqrt(d)).
+    """
+    dim = features.shape[-1]
+    noise = torch.randn(features.shape, generator=generator)
+    noise = noise * (means.norm(dim=-1) / (2 * dim**0.5))[:, None, None]
+    start = torch.where((move & fresh)[:, None, None], noise, features)
+    shifted = start - start.mean(dim=1, keepdim=True) + means[:, None, :]
+    return torch.where(move[:, None, None], shifted, features)
+
+
 @dataclass(frozen=True)
 class RecalibrationSettings:
     """The knobs of `recalibrate` that a method's config sets."""
@@ -137,6 +167,7 @@ class RecalibrationSettings:
     lr: float
     batch_size: int
     distance: Distance = "cosine"
+    recentre: bool = False  # put each class's features at its mean feature first
 
 
 class FederatedFeatures:
@@ -169,6 +200,10 @@ class FederatedFeatures:
             masked_class_mean(torch.stack([s.bias_grads for s in stats]), held)[0],
         )
         present = holders > 0
+        if settings.recentre:
+            means, valid = class_means_from_gradients(target)
+            self.features = recentred(self.features, means, valid & present, ~self.seen,
+                                      generator)
         self.seen |= present
         result = recalibrate(
             self.features, weight, bias, target, present,

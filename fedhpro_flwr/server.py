@@ -6,6 +6,7 @@ results.json and a checkpoint is written, all from `Strategy.start`'s `evaluate_
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ from flwr.serverapp import Grid
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import STRATEGY_KEY, ConfigError, RunSettings, resolve_run_config
 from .data import dataset_spec, held_out_data
+from .diagnostics import embedding_of
 from .methods import METHODS, get_method
 from .models import build_model
 from .payload import check_state_dict, tensors_to_record
@@ -80,6 +82,7 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
         log(INFO, "resuming from %s/checkpoint.pt after round %d", settings.out_dir, done)
     strategy.round_offset = done
     model.to(device)
+    embedding_rounds = cfg.diagnostics.rounds()
 
     def end_of_round(server_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
         round_ = server_round + done
@@ -101,6 +104,12 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
                 "server %.2fs wall %.1fs", round_, total_rounds, accuracy, loss,
                 row["train_loss"], row["client_seconds"], row["server_seconds"],
                 row["wall_seconds"])
+            anchors = strategy.global_anchors()
+            if round_ in embedding_rounds and anchors is not None:
+                picture = embedding_of(model, test, *anchors, cfg.diagnostics.embedding_samples,
+                                       cfg.seed, device)
+                (settings.out_dir / f"embedding-round{round_}.json").write_text(
+                    json.dumps({"round": round_, "strategy": settings.strategy, **picture}))
             save_checkpoint(Checkpoint.capture(
                 settings.strategy, cfg.fingerprint(), round_, weights,
                 strategy.state_dict(), results.data,

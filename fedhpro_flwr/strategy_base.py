@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from .config import ExperimentConfig
 from .data import TensorData
+from .diagnostics import anchor_cosines, relative_change, spread
 from .models import Backbone
 from .payload import PayloadError, check_state_dict, record_nbytes, tensors_to_record
 from .training import domain_accuracies, evaluate
@@ -118,6 +119,7 @@ class ExperimentStrategy(FedAvg):
         self._round_start = 0.0
         self._bytes_down = 0
         self._sampled: list[int] = []  # node ids asked to train this round
+        self._anchors_sent: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- method hooks -------------------------------------------------------------------
     def train_records(self) -> dict[str, ArrayRecord]:
@@ -142,6 +144,11 @@ class ExperimentStrategy(FedAvg):
         loss, accuracy = evaluate(model, data, device)
         return {"accuracy": accuracy, "loss": loss, **domain_accuracies(model, data, device)}
 
+    def global_anchors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The class anchors clients are pulled towards, (C, d), and which classes have one
+        (C,); None for methods without any. Read by the diagnostics."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """Server state beyond the model weights, for checkpoints."""
         return {}
@@ -163,6 +170,7 @@ class ExperimentStrategy(FedAvg):
         payload = record_nbytes(arrays) + sum(record_nbytes(r) for r in extra.values())
         self._bytes_down = payload * len(messages)
         self._sampled = [message.metadata.dst_node_id for message in messages]
+        self._anchors_sent = self.global_anchors()
         return messages
 
     def aggregate_train(
@@ -183,6 +191,7 @@ class ExperimentStrategy(FedAvg):
         counts = [float(r.num_examples) for r in valid]
         weights = weighted_average([r.weights for r in valid], counts)
         weights, diagnostics = self.server_step(round_, weights, valid)
+        diagnostics |= self._anchor_diagnostics(valid)
         train_loss = sum(
             r.metrics["train_loss"] * n for r, n in zip(valid, counts, strict=True)
         ) / sum(counts)
@@ -205,6 +214,23 @@ class ExperimentStrategy(FedAvg):
         }
         metrics = MetricRecord({"train_loss": train_loss, "clients": len(valid)})
         return tensors_to_record(weights), metrics
+
+    def _anchor_diagnostics(self, replies: list[ClientReply]) -> dict[str, float]:
+        """Separation and movement of the anchors, and the clients' consistency with the
+        anchors they were sent (see `diagnostics`)."""
+        found = self.global_anchors()
+        if found is None:
+            return {}
+        anchors, present = found
+        out = anchor_cosines(anchors, present)
+        if self._anchors_sent is not None:
+            before, before_present = self._anchors_sent
+            both = present & before_present
+            if bool(both.any()):
+                out["anchor_movement"] = relative_change(before, anchors, both)
+        values = [r.metrics["consistency"] for r in replies if "consistency" in r.metrics]
+        return out | spread([v for v in values if math.isfinite(v) and abs(v) <= 1.0],
+                            "consistency")
 
     # ---- reply validation ---------------------------------------------------------------
     def _validate(self, round_: int, replies: list[Message]

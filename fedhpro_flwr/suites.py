@@ -61,6 +61,13 @@ ABLATIONS = (
     Variant("fedhpro-no-margin", "fedhpro", "fedhpro.margin=false"),
     Variant("fedhpro-no-recalibration", "fedhpro", "fedhpro.recalibration=false"),
     Variant("fedhpro-one-hp-per-class", "fedhpro", "fedhpro.num_hyperprototypes=1"),
+    # the fixes proposed for the two questions the ablation raised (see benchmarks/ablation)
+    Variant("fedhpro-recal-fix", "fedhpro",
+            "fedhpro.recal_after_training=true fedhpro.recal_recentre=true"),
+    Variant("fedhpro-normalized-steps", "fedhpro", "fedhpro.hp_step=normalized fedhpro.lr_hp=0.01"),
+    # the reference code's per-scalar matching, and orthogonal hyper-prototypes at the start
+    Variant("fedhpro-scalar-distance", "fedhpro", "fedhpro.distance=scalar"),
+    Variant("fedhpro-orthogonal-init", "fedhpro", "fedhpro.init=orthogonal"),
 )
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
@@ -78,6 +85,14 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         "ablation", "FedHPro with one part switched off at a time, on the default suite's "
         "settings, 3 seeds; about 1.5 hours on 2 CPU cores",
         DEFAULT_SETTINGS, ABLATIONS, (0, 1, 2), rounds=10, overrides="train.local_epochs=2",
+    ),
+    Suite(
+        "diagnostics", "FedHPro's anchors and the prototype methods' global prototypes, measured "
+        "the same way (consistency with client prototypes, separation, movement, 2-D pictures), "
+        "under domain shift and label skew, 3 seeds; about 30 minutes on 2 CPU cores",
+        DEFAULT_SETTINGS[:2], ("fedhpro", "fedproto", "fedtgp", "fpl"), (0, 1, 2), rounds=10,
+        overrides="train.local_epochs=2 diagnostics.consistency=true "
+                  "diagnostics.embedding_rounds=1,10",
     ),
     Suite(
         "scale", "100 clients of the MNIST subset, 10 sampled per round: memory and time stay "

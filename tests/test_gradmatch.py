@@ -54,5 +54,9 @@ def test_vector_distances():
     b = torch.tensor([[[2.0, 0.0], [1.0, 0.0]]])
     assert vector_distance(a, b, "cosine").item() == pytest.approx(0.0 + 1.0)
     assert vector_distance(a, b, "mse").item() == pytest.approx(1.0 + 1.0 + 4.0)
+    # per scalar: 1 - sign(a_i) sign(b_i), so 0 for agreeing signs, 2 for opposite ones
+    c = torch.tensor([[[1.0, -3.0], [0.5, 2.0]]])
+    d = torch.tensor([[[4.0, 2.0], [-1.0, 0.1]]])
+    assert vector_distance(c, d, "scalar").item() == pytest.approx(0.0 + 2.0 + 2.0 + 0.0)
     with pytest.raises(ValueError, match="unknown distance"):
         vector_distance(a, b, "l1")  # type: ignore[arg-type]

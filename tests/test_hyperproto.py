@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -66,3 +67,37 @@ def test_mse_distance_also_descends():
     present = torch.ones(5, dtype=torch.bool)
     result = match_hyperprototypes(hp, weight, bias, target, present, 50, 0.5, "mse")
     assert result.loss_after < result.loss_before
+
+
+def test_orthogonal_init_makes_class_means_orthogonal_and_keeps_the_spread():
+    g = torch.Generator().manual_seed(4)
+    normal = init_hyperprototypes(10, 5, 32, torch.Generator().manual_seed(4))
+    hp = init_hyperprototypes(10, 5, 32, g, "orthogonal")
+    unit = centers(hp)
+    assert torch.allclose(unit @ unit.T, torch.eye(10), atol=1e-5)
+    assert (centers(normal) @ centers(normal).T - torch.eye(10)).abs().max() > 0.1
+    # each class's draws are shifted together: differences within a class are unchanged
+    assert torch.allclose(hp - hp[:, :1], normal - normal[:, :1], atol=1e-5)
+    assert torch.allclose(hp.mean(dim=1).norm(dim=1), normal.mean(dim=1).norm(dim=1), atol=1e-5)
+    with pytest.raises(ValueError, match="classes <= feature dim"):
+        init_hyperprototypes(40, 5, 32, g, "orthogonal")
+
+
+def test_normalized_steps_move_each_class_by_lr_times_its_norm():
+    hp, weight, bias, target = setup(5)
+    present = torch.tensor([True, True, False, True, True])
+    one = match_hyperprototypes(hp, weight, bias, target, present, 1, 0.01, step="normalized")
+    moved = (one.hyperprototypes - hp).flatten(1).norm(dim=1)
+    assert torch.allclose(moved[present], 0.01 * hp[present].flatten(1).norm(dim=1), rtol=1e-4)
+    assert moved[~present].item() == 0.0
+    plain = match_hyperprototypes(hp, weight, bias, target, present, 30, 0.1)
+    far = match_hyperprototypes(hp, weight, bias, target, present, 30, 0.01, step="normalized")
+    assert far.loss_after < plain.loss_after and far.movement > plain.movement
+
+
+def test_the_reference_codes_per_scalar_distance_never_moves_the_hyperprototypes():
+    hp, weight, bias, target = setup(6)
+    present = torch.ones(5, dtype=torch.bool)
+    result = match_hyperprototypes(hp, weight, bias, target, present, 30, 0.1, "scalar")
+    assert torch.equal(result.hyperprototypes, hp)  # a sign agreement has no gradient
+    assert result.loss_before == result.loss_after > 0

@@ -1,11 +1,13 @@
 import torch
 
 from fedhpro_flwr.extraction import ClassStatistics
-from fedhpro_flwr.gradmatch import class_gradients
+from fedhpro_flwr.gradmatch import ClassGradients, class_gradients
 from fedhpro_flwr.recalibration import (
     FederatedFeatures,
     RecalibrationSettings,
+    class_means_from_gradients,
     recalibrate,
+    recentred,
     train_linear,
 )
 
@@ -82,3 +84,35 @@ def test_federated_features_average_over_holders_and_remember_seen_classes():
     federated.recalibrate(weight, bias, [client_statistics(real, weight, bias, [3])], settings, g)
     assert federated.seen.all()  # classes seen in earlier rounds still train the classifier
     assert not torch.equal(federated.features[3], untouched)
+
+
+def test_class_means_are_read_off_the_classifier_gradients():
+    g = torch.Generator().manual_seed(7)
+    features = torch.randn(4, 30, 6, generator=g).relu() + 1.0
+    weight, bias = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+    grads = class_gradients(features, weight, bias)
+    means, valid = class_means_from_gradients(grads)
+    p = torch.softmax(features @ weight.T + bias, dim=-1)
+    for c in range(4):
+        miss = 1 - p[c, :, c]  # how badly each sample of class c is fitted
+        expected = (miss[:, None] * features[c]).sum(0) / miss.sum()
+        assert torch.allclose(means[c], expected, atol=1e-5)
+    assert valid.all()
+    perfect = ClassGradients(grads.feature, torch.zeros_like(grads.weight),
+                             torch.zeros_like(grads.bias))
+    assert not class_means_from_gradients(perfect)[1].any()
+
+
+def test_recentred_features_sit_at_the_class_means():
+    g = torch.Generator().manual_seed(8)
+    features = torch.randn(3, 50, 16, generator=g)
+    means = torch.randn(3, 16, generator=g) * 4
+    move = torch.tensor([True, True, False])
+    fresh = torch.tensor([False, True, True])
+    out = recentred(features, means, move, fresh, g)
+    assert torch.allclose(out[:2].mean(dim=1), means[:2], atol=1e-5)
+    assert torch.equal(out[2], features[2])  # not moved, fresh or not
+    # a known class keeps its spread; a fresh one gets noise of norm ~ ||mean|| / 2
+    assert torch.allclose(out[0] - out[0].mean(0), features[0] - features[0].mean(0), atol=1e-5)
+    spread = (out[1] - means[1]).norm(dim=1).mean()
+    assert 0.35 * means[1].norm() < spread < 0.65 * means[1].norm()

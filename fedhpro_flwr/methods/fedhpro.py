@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
 
 from ..config import ExperimentConfig
+from ..data import TensorData
+from ..diagnostics import consistency_metric
 from ..extraction import ClassStatistics, extract_class_statistics
 from ..gradmatch import masked_class_mean
 from ..hyperproto import anchors, centers, init_hyperprototypes, match_hyperprototypes
 from ..losses import RunningClassMeans, hpal, hpcl
+from ..models import Backbone
 from ..payload import encode_class_statistics, record_to_tensors, required_record, tensors_to_record
+from ..prototypes import local_prototypes
 from ..recalibration import RecalibrationSettings
 from ..strategy_base import ClientReply, checked_state, mean_metric
-from ..training import train_epochs
+from ..training import evaluate, train_epochs
 from .base import ClientTask, Method
 from .recalibrating import STATS_RECORD, RecalibratingStrategy
 
@@ -40,6 +46,7 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
         model, data, hp_cfg.batch_real, hp_cfg.repeat_num, task.generator, task.device
     )
     class_anchors, class_centers = anchors(hp), centers(hp)
+    head = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
     running = RunningClassMeans(feature_means.to(task.device), stats.present.to(task.device),
                                 hp_cfg.margin_momentum)
     margins: list[float] = []
@@ -55,6 +62,15 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
 
     metrics = train_epochs(model, data, task.cfg.train, task.generator, task.device, regulariser)
     metrics["margin"] = sum(margins) / len(margins) if margins else 0.0
+    if hp_cfg.recalibration and hp_cfg.recal_after_training:
+        # the trained extractor's features, seen through the classifier the server matches at
+        after, _ = extract_class_statistics(model, data, hp_cfg.batch_real, hp_cfg.repeat_num,
+                                            task.generator, task.device, head=head)
+        stats = replace(stats, weight_grads=after.weight_grads, bias_grads=after.bias_grads)
+    if task.cfg.diagnostics.consistency:
+        protos, counts = local_prototypes(model, data, task.device)
+        metrics |= consistency_metric(protos, counts > 0, class_anchors,
+                                      torch.ones(data.num_classes, dtype=torch.bool))
     dtype = torch.float16 if hp_cfg.float16_upload else torch.float32
     # the classifier gradients serve only the server's recalibration
     record = encode_class_statistics(stats, dtype, classifier=hp_cfg.recalibration)
@@ -69,18 +85,25 @@ class FedHProStrategy(RecalibratingStrategy):
         hp_cfg = cfg.fedhpro
         generator = torch.Generator().manual_seed(cfg.seed)
         hyperprototypes = init_hyperprototypes(
-            num_classes, hp_cfg.num_hyperprototypes, feature_dim, generator
+            num_classes, hp_cfg.num_hyperprototypes, feature_dim, generator,
+            hp_cfg.init,  # type: ignore[arg-type]
         )
         settings = RecalibrationSettings(
             hp_cfg.recal_match_steps, hp_cfg.recal_feature_lr, hp_cfg.recal_epochs,
-            hp_cfg.recal_lr, hp_cfg.recal_batch_size, hp_cfg.distance,  # type: ignore[arg-type]
+            hp_cfg.recal_lr, hp_cfg.recal_batch_size,
+            "cosine" if hp_cfg.distance == "scalar" else hp_cfg.distance,  # type: ignore[arg-type]
+            recentre=hp_cfg.recal_recentre,
         )
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
                          settings, generator, classifier_gradients=hp_cfg.recalibration)
         self.hyperprototypes = hyperprototypes
+        self.aggregated_head: dict[str, torch.Tensor] | None = None  # what recalibration replaced
 
     def train_records(self) -> dict[str, ArrayRecord]:
         return {HP_RECORD: tensors_to_record({"hp": self.hyperprototypes})}
+
+    def global_anchors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return anchors(self.hyperprototypes), torch.ones(self.num_classes, dtype=torch.bool)
 
     def server_step(self, server_round: int, weights: dict[str, torch.Tensor],
                     replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -96,6 +119,7 @@ class FedHProStrategy(RecalibratingStrategy):
         if hp_cfg.recalibration:
             # matched at the classifier the gradients were measured at, as the authors' code
             result = self.recalibrate(replies)
+            self.aggregated_head = {"weight": weights[w_key], "bias": weights[b_key]}
             weights = {**weights, w_key: result.weight, b_key: result.bias}
             diagnostics |= {"recal_match_loss_before": result.match_loss_before,
                             "recal_match_loss_after": result.match_loss_after}
@@ -103,6 +127,7 @@ class FedHProStrategy(RecalibratingStrategy):
         match = match_hyperprototypes(
             self.hyperprototypes, weights[w_key], weights[b_key], feature_target, present,
             hp_cfg.rounds_of_hp, hp_cfg.lr_hp, hp_cfg.distance,  # type: ignore[arg-type]
+            hp_cfg.hp_step,  # type: ignore[arg-type]
         )
         self.hyperprototypes = match.hyperprototypes
         self.head = {"weight": weights[w_key].clone(), "bias": weights[b_key].clone()}
@@ -111,6 +136,17 @@ class FedHProStrategy(RecalibratingStrategy):
                         "hp_movement": match.movement,
                         "margin": mean_metric(replies, "margin")}
         return weights, diagnostics
+
+    def evaluate_model(self, model: Backbone, data: TensorData,
+                       device: torch.device) -> dict[str, float]:
+        """Also the accuracy with the FedAvg'd classifier that recalibration replaced: whether
+        recalibration paid this round."""
+        scores = super().evaluate_model(model, data, device)
+        if self.aggregated_head is not None:
+            averaged = copy.deepcopy(model)
+            averaged.classifier.load_state_dict(self.aggregated_head)
+            scores["aggregated_head_accuracy"] = evaluate(averaged, data, device)[1]
+        return scores
 
     def state_dict(self) -> dict[str, Any]:
         return {"hyperprototypes": self.hyperprototypes, **super().state_dict()}

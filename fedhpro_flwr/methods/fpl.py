@@ -57,7 +57,8 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
 
     metrics = train_epochs(task.model, task.data, task.cfg.train, task.generator, task.device,
                            regulariser if bool(present.any()) else None)
-    return upload_prototypes(task), metrics
+    records, diagnostics = upload_prototypes(task, (unbiased, present))
+    return records, metrics | diagnostics
 
 
 class FPLStrategy(PrototypeStrategy):

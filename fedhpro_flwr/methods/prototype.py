@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, RecordDict
 
 from ..config import ExperimentConfig
 from ..data import TensorData
+from ..diagnostics import consistency_metric
 from ..losses import prototype_mse
 from ..models import Backbone
 from ..payload import ClassRows, decode_class_rows, encode_class_rows, required_record
@@ -28,10 +29,14 @@ LOCAL_RECORD = "local-prototypes"
 GLOBAL_RECORD = "global-prototypes"
 
 
-def upload_prototypes(task: ClientTask) -> dict[str, ArrayRecord]:
-    """The reply's prototype record: the trained model's class means and class counts."""
+def upload_prototypes(task: ClientTask, received: tuple[torch.Tensor, torch.Tensor]
+                      ) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
+    """The reply's prototype record (the trained model's class means and class counts) and,
+    with `diagnostics.consistency`, their consistency with the `received` global ones."""
     protos, counts = local_prototypes(task.model, task.data, task.device)
-    return {LOCAL_RECORD: encode_class_rows(counts > 0, {"prototypes": protos}, counts)}
+    metrics = (consistency_metric(protos, counts > 0, *received)
+               if task.cfg.diagnostics.consistency else {})
+    return {LOCAL_RECORD: encode_class_rows(counts > 0, {"prototypes": protos}, counts)}, metrics
 
 
 def received_prototypes(task: ClientTask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +58,8 @@ def prototype_mse_trainer(weight: Callable[[ExperimentConfig], float]) -> Client
 
         metrics = train_epochs(task.model, task.data, task.cfg.train, task.generator,
                                task.device, regulariser if bool(present.any()) else None)
-        return upload_prototypes(task), metrics
+        records, diagnostics = upload_prototypes(task, (protos, present))
+        return records, metrics | diagnostics
 
     return client_train
 
@@ -86,6 +92,9 @@ class PrototypeStrategy(ExperimentStrategy):
         return decode_class_rows(required_record(content, LOCAL_RECORD, "reply"), self.num_classes,
                                  {"prototypes": (self.feature_dim,)}, "local prototypes",
                                  with_counts=True)
+
+    def global_anchors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.prototypes, self.present
 
     def server_step(self, server_round: int, weights: dict[str, torch.Tensor],
                     replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
