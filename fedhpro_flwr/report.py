@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -21,8 +20,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from .diagreport import diagnostics_section, series
 from .suites import ALL_STRATEGIES
 
+FINDINGS_NAME = "FINDINGS.md"
 BASELINE = "fedavg"
 METHOD = "fedhpro"
 
@@ -94,19 +95,6 @@ def domain_table(rows: list[dict[str, str]], columns: list[str]) -> list[str]:
     return lines
 
 
-def curves(out: Path, setting: str, rows: list[dict[str, str]]) -> dict[str, list[list[float]]]:
-    """Per strategy, each seed's accuracy per round, from the runs' results.json."""
-    found: dict[str, list[list[float]]] = defaultdict(list)
-    for row in rows:
-        path = out / "runs" / setting / row["strategy"] / f"seed{row['seed']}" / "results.json"
-        try:
-            found[row["strategy"]].append([r["accuracy"] for r in
-                                           json.loads(path.read_text())["rounds"]])
-        except (OSError, ValueError, KeyError):
-            continue
-    return found
-
-
 def plot_setting(out: Path, setting: str, rows: list[dict[str, str]],
                  domains: list[str]) -> list[Path]:
     """accuracy per round (mean, band = min..max over seeds), per-domain bars, time split."""
@@ -120,7 +108,7 @@ def plot_setting(out: Path, setting: str, rows: list[dict[str, str]],
     plots.mkdir(parents=True, exist_ok=True)
     paths = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    for strategy, runs in sorted(curves(out, setting, rows).items()):
+    for strategy, runs in sorted(series(out, setting, rows, "accuracy").items()):
         length = min(len(r) for r in runs)
         acc = np.array([r[:length] for r in runs])
         x = np.arange(1, length + 1)
@@ -293,6 +281,7 @@ def write_report(csv_path: Path, command: str) -> Path:
                          f"| {(weights + grads) / 1e6:.3f} | {(weights + grads) / weights:.3f}x "
                          f"| {(weights + half) / weights:.3f}x |")
         lines.append("")
+    lines += diagnostics_section(out, ok)
     lines += ["## Goals", "", *goals(ok), *scale_goals(ok, scaling), ""]
     if failed:
         lines += ["## Failed runs", "", "| setting | strategy | seed | reason |",
@@ -300,6 +289,9 @@ def write_report(csv_path: Path, command: str) -> Path:
         lines += [f"| {r['setting']} | {r['strategy']} | {r['seed']} | {r['reason']} |"
                   for r in failed]
         lines.append("")
+    findings = out / FINDINGS_NAME
+    if findings.is_file():  # written by hand from these numbers; kept across regenerations
+        lines += [findings.read_text().strip(), ""]
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines))
     return path

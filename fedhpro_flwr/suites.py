@@ -83,7 +83,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     ),
     Suite(
         "ablation", "FedHPro with one part switched off at a time, on the default suite's "
-        "settings, 3 seeds; about 1.5 hours on 2 CPU cores",
+        "settings, 3 seeds; about 2.5 hours on 2 CPU cores",
         DEFAULT_SETTINGS, ABLATIONS, (0, 1, 2), rounds=10, overrides="train.local_epochs=2",
     ),
     Suite(
