@@ -119,7 +119,8 @@ def summarize(run: Run, results: dict[str, Any], run_seconds: float) -> dict[str
         "workers": parallel,
         "bytes_up_per_round": mean("bytes_up"), "bytes_down_per_round": mean("bytes_down"),
     }
-    row.update({k: v for k, v in rows[-1].items() if k.startswith("accuracy_")})
+    row.update({k: v for k, v in rows[-1].items() if k.startswith("accuracy_")
+                or k in ("client_accuracy_std", "client_accuracy_min")})  # heterogeneous clients
     return row
 
 

@@ -9,11 +9,13 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from . import hetero
 from .config import STRATEGY_KEY, ConfigError, ExperimentConfig
 from .data import SPEC_PREFIX, DataSpec, TensorData, client_data, local_data
 from .methods import ClientTask, get_method
 from .models import build_model
 from .payload import check_state_dict, required_record, tensors_to_record
+from .training import evaluate
 
 # keys Flower's strategies put in the ConfigRecord beside the experiment's own
 FLOWER_CONFIG_KEYS = ("server-round", "proximal-mu", STRATEGY_KEY)
@@ -78,18 +80,28 @@ def handle_train(msg: Message, context: Context) -> Message:
     spec = DataSpec.from_config(config)
     method = get_method(str(config[STRATEGY_KEY]))
     server_round = int(config["server-round"])
-    partition_id = node_partition(dict(context.node_config), cfg)
-    device = pick_device(dict(context.node_config))
+    node_config = dict(context.node_config)
+    partition_id = node_partition(node_config, cfg)
+    device = pick_device(node_config)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
 
-    data = node_data(dict(context.node_config), cfg, spec, partition_id)
-    model = build_model(cfg.model, spec)
-    weights = check_state_dict(required_record(msg.content, "arrays"),
-                               model.state_dict(), "global model weights")
-    model.load_state_dict(weights)
-    model.to(device)
+    data = node_data(node_config, cfg, spec, partition_id)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, server_round, partition_id))
+    received = required_record(msg.content, "arrays")
+    if hetero.is_hetero(cfg):
+        hetero.check_method(method, cfg)
+        data, local_test = hetero.local_split(data, cfg, partition_id)
+        model, _ = hetero.local_model(cfg, spec, hetero.assigned_backbone(
+            cfg, partition_id, node_config), context.state, client_seed(cfg.seed, 0, partition_id))
+        shared = check_state_dict(received, hetero.shared_part(model.state_dict(), method),
+                                  "shared weights")
+        model.load_state_dict(shared, strict=False)
+    else:
+        model = build_model(cfg.model, spec)
+        model.load_state_dict(check_state_dict(received, model.state_dict(),
+                                               "global model weights"))
+    model.to(device)
 
     start = time.perf_counter()
     extra, train_metrics = method.client_train(
@@ -97,12 +109,19 @@ def handle_train(msg: Message, context: Context) -> Message:
     )
     seconds = time.perf_counter() - start
 
+    weights = model.state_dict()
+    if hetero.is_hetero(cfg):
+        hetero.save_local_model(model, context.state)
+        if len(local_test):
+            loss, accuracy = evaluate(model, local_test, device)
+            train_metrics |= {"local_accuracy": accuracy, "local_loss": loss,
+                              "local_test_size": len(local_test)}
+        weights = hetero.shared_part(weights, method)
     metrics = MetricRecord({
         "num-examples": len(data),
         "partition-id": partition_id,
         "client-seconds": seconds,
         **train_metrics,
     })
-    reply = RecordDict({"arrays": tensors_to_record(model.state_dict()), "metrics": metrics,
-                        **extra})
+    reply = RecordDict({"arrays": tensors_to_record(weights), "metrics": metrics, **extra})
     return Message(content=reply, reply_to=msg)

@@ -71,6 +71,9 @@ class PartitionConfig:
     client_fraction: float = _spec(0.0, ge=0.0, le=1.0)  # domains: share of its domain each
     # client holds (FPL's `percent`); 0 = the domain_fraction split among the domain's clients
     clients_per_domain: str = _spec("")  # domains: e.g. "3 7 6 4"; "" = dealt round-robin
+    # heterogeneous clients (model.backbones): each client's share held out to evaluate its
+    # own model on
+    local_test_fraction: float = _spec(0.2, gt=0.0, le=0.9)
 
     def __post_init__(self) -> None:
         self.domain_clients()  # check the format once, at start
@@ -99,6 +102,28 @@ class ModelConfig:
     name: str = _spec("cnn", choices=("cnn", "resnet10", "text"))
     feature_dim: int = _spec(128, ge=2)  # d of the CNN and the text model; ResNet-10's is 8 * width
     width: int = _spec(32, ge=1)  # ResNet-10 base filters
+    # heterogeneous clients: backbones dealt to the partitions in turn, e.g.
+    # "cnn-8,cnn-16,resnet10-8" (name-width), all projecting to feature_dim; "" = every
+    # client runs `name` and the whole model is averaged
+    backbones: str = _spec("")
+
+    def __post_init__(self) -> None:
+        self.backbone_list()  # check the format once, at start
+
+    def backbone_list(self) -> tuple[tuple[str, int], ...]:
+        """`backbones` as (name, width) pairs; () when the clients are homogeneous."""
+        found = []
+        for entry in filter(None, (e.strip() for e in self.backbones.split(","))):
+            name, _, width = entry.partition("-")
+            if name not in ("cnn", "resnet10") or not width.isdigit() or int(width) < 1:
+                raise ConfigError(
+                    f"config key 'model.backbones' = {self.backbones!r}: entry {entry!r} is not "
+                    f"cnn-W or resnet10-W (W: base filters, a positive whole number)")
+            found.append((name, int(width)))
+        if found and self.name == "text":
+            raise ConfigError("config key 'model.backbones' is for image data; "
+                              "model.name = 'text' has one backbone")
+        return tuple(found)
 
 
 @dataclass(frozen=True)

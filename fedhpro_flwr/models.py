@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 
@@ -23,17 +25,19 @@ class Backbone(nn.Module):
 
 
 class SmallCNN(Backbone):
-    """Three 3x3 conv blocks and a ReLU projection to d (~100k parameters at 28x28, d=128):
-    small enough for CPU federations."""
+    """Three 3x3 conv blocks of width, 2x and 4x width filters and a ReLU projection to d
+    (~100k parameters at 28x28, width 16, d=128): small enough for CPU federations."""
 
-    def __init__(self, in_channels: int, image_size: int, num_classes: int, feature_dim: int):
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, feature_dim: int,
+                 width: int = 16):
         super().__init__()
         blocks: list[nn.Module] = []
-        for c_in, c_out in ((in_channels, 16), (16, 32), (32, 64)):
+        channels = (in_channels, width, 2 * width, 4 * width)
+        for c_in, c_out in pairwise(channels):
             blocks += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
         self.extractor = nn.Sequential(
             *blocks, nn.Flatten(),
-            nn.Linear(64 * (image_size // 8) ** 2, feature_dim), nn.ReLU(),
+            nn.Linear(4 * width * (image_size // 8) ** 2, feature_dim), nn.ReLU(),
         )
         self.feature_dim = feature_dim
         self.classifier = nn.Linear(feature_dim, num_classes)
@@ -63,9 +67,11 @@ class BasicBlock(nn.Module):
 
 
 class ResNet10(Backbone):
-    """CIFAR-style ResNet with BasicBlock [1, 1, 1, 1]; d = 8 * width (256 for width 32)."""
+    """CIFAR-style ResNet with BasicBlock [1, 1, 1, 1]; d = 8 * width (256 for width 32), or
+    `feature_dim` through a ReLU projection (clients of different widths sharing one d)."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32,
+                 feature_dim: int | None = None):
         super().__init__()
         planes = [width, 2 * width, 4 * width, 8 * width]
         layers: list[nn.Module] = [
@@ -76,8 +82,11 @@ class ResNet10(Backbone):
             layers.append(BasicBlock(in_planes, p, stride=1 if i == 0 else 2))
             in_planes = p
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
-        self.extractor = nn.Sequential(*layers)
         self.feature_dim = planes[-1]
+        if feature_dim is not None and feature_dim != planes[-1]:
+            layers += [nn.Linear(planes[-1], feature_dim), nn.ReLU()]
+            self.feature_dim = feature_dim
+        self.extractor = nn.Sequential(*layers)
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +110,16 @@ class TextBackbone(Backbone):
         return self.project(summed / present.sum(dim=1).clamp(min=1.0))
 
 
-def build_model(cfg: ModelConfig, spec: DataSpec) -> Backbone:
-    """The backbone the config names, for the data the spec describes."""
+def build_model(cfg: ModelConfig, spec: DataSpec,
+                backbone: tuple[str, int] | None = None) -> Backbone:
+    """The backbone the config names, for the data the spec describes; `backbone` (name,
+    width), one of `model.backbones`, builds that one instead, with d = model.feature_dim."""
+    if backbone is not None:
+        channels, height, _ = spec.input_shape
+        name, width = backbone
+        if name == "cnn":
+            return SmallCNN(channels, height, spec.num_classes, cfg.feature_dim, width)
+        return ResNet10(channels, spec.num_classes, width, cfg.feature_dim)
     if (cfg.name == "text") != spec.is_text:
         kind = "text" if spec.is_text else "images"
         raise ConfigError(f"config key 'model.name' = '{cfg.name}' does not fit the dataset, "

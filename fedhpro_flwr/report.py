@@ -82,6 +82,15 @@ def setting_table(rows: list[dict[str, str]]) -> list[str]:
     return lines
 
 
+def client_spread_table(rows: list[dict[str, str]]) -> list[str]:
+    lines = ["| strategy | std over clients | worst client |", "|---|---|---|"]
+    for (strategy,), rs in sorted(_by(rows, "strategy").items()):
+        std = _stats([_float(r, "client_accuracy_std") for r in rs])[0]
+        worst = _stats([_float(r, "client_accuracy_min") for r in rs])[0]
+        lines.append(f"| {strategy} | {std:.4f} | {worst:.4f} |")
+    return lines
+
+
 def domain_columns(rows: list[dict[str, str]]) -> list[str]:
     return [k for k in rows[0] if k.startswith("accuracy_") and any(r.get(k) for r in rows)]
 
@@ -261,6 +270,10 @@ def write_report(csv_path: Path, command: str) -> Path:
         if domains:
             lines += ["Final accuracy per domain (mean over seeds):", "",
                       *domain_table(srows, domains), ""]
+        if any(r.get("client_accuracy_std") for r in srows):
+            lines += ["Heterogeneous clients: accuracy is personalised (each client's own model "
+                      "on its own test split, averaged over clients). Across clients, last "
+                      "round (mean over seeds):", "", *client_spread_table(srows), ""]
         for path in plot_setting(out, setting, srows, domains):
             lines.append(f"![{path.stem}](plots/{path.name})")
         lines.append("")

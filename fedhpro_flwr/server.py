@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
+from . import hetero
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .config import STRATEGY_KEY, ConfigError, RunSettings, resolve_run_config
 from .data import dataset_spec, held_out_data
@@ -63,22 +64,29 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
     spec = dataset_spec(cfg)
     test = held_out_data(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(cfg.model, spec)
-    strategy = get_method(settings.strategy).make_strategy(
-        cfg, model.state_dict(), spec.num_classes, model.feature_dim
-    )
+    method = get_method(settings.strategy)
+    personalised = hetero.is_hetero(cfg)
+    if personalised:
+        hetero.check_method(method, cfg)
+        # clients keep their own models: the server holds only what the method shares
+        model = build_model(cfg.model, spec, cfg.model.backbone_list()[0])
+        reference = hetero.shared_part(model.state_dict(), method)
+    else:
+        model = build_model(cfg.model, spec)
+        reference = model.state_dict()
+    strategy = method.make_strategy(cfg, reference, spec.num_classes, model.feature_dim)
     results = RunResults(settings)
-    arrays = tensors_to_record(model.state_dict())
+    arrays = tensors_to_record(reference)
     done = 0
     if settings.resume:
         checkpoint = load_checkpoint(settings.out_dir, settings.strategy, cfg.fingerprint())
         done = checkpoint.round
-        model.load_state_dict(check_state_dict(tensors_to_record(checkpoint.weights),
-                                               model.state_dict(), "checkpoint weights"))
+        restored = check_state_dict(tensors_to_record(checkpoint.weights), reference,
+                                    "checkpoint weights")
         strategy.load_state_dict(checkpoint.strategy_state)
         checkpoint.restore_rng()
         results.restore(checkpoint.results)
-        arrays = tensors_to_record(model.state_dict())
+        arrays = tensors_to_record(restored)
         log(INFO, "resuming from %s/checkpoint.pt after round %d", settings.out_dir, done)
     strategy.round_offset = done
     model.to(device)
@@ -90,8 +98,17 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
             return None  # the initial model was evaluated by the first run
         start = time.perf_counter()
         weights = round_arrays.to_torch_state_dict()
-        model.load_state_dict(weights)
-        scores = strategy.evaluate_model(model, test, device)
+        if personalised:
+            if server_round == 0:
+                return None  # no client has evaluated anything yet
+            if "client_accuracy_mean" not in strategy.last_round:
+                raise ConfigError(f"round {round_}: no client had a sample left for its own test "
+                                  f"split; raise partition.local_test_fraction")
+            scores = {"accuracy": strategy.last_round["client_accuracy_mean"],
+                      "loss": strategy.last_round["client_loss_mean"]}
+        else:
+            model.load_state_dict(weights)
+            scores = strategy.evaluate_model(model, test, device)
         accuracy, loss = scores["accuracy"], scores["loss"]
         if server_round == 0:
             results.set_initial(scores)
@@ -105,7 +122,7 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
                 row["train_loss"], row["client_seconds"], row["server_seconds"],
                 row["wall_seconds"])
             anchors = strategy.global_anchors()
-            if round_ in embedding_rounds and anchors is not None:
+            if round_ in embedding_rounds and anchors is not None and not personalised:
                 picture = embedding_of(model, test, *anchors, cfg.diagnostics.embedding_samples,
                                        cfg.seed, device)
                 (settings.out_dir / f"embedding-round{round_}.json").write_text(

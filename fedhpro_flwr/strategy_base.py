@@ -72,6 +72,20 @@ def mean_metric(replies: list[ClientReply], key: str) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def personal_accuracy(replies: list[ClientReply]) -> dict[str, Any]:
+    """Heterogeneous clients evaluate their own models on their own test splits: the mean,
+    spread and minimum over clients, and each client's, by partition id."""
+    found = {r.partition_id: (r.metrics["local_accuracy"], r.metrics.get("local_loss", math.nan))
+             for r in replies if 0.0 <= r.metrics.get("local_accuracy", -1.0) <= 1.0}
+    if not found:
+        return {}
+    accuracies = [a for a, _ in found.values()]
+    losses = [v for _, v in found.values() if math.isfinite(v)]
+    stats = spread(accuracies, "client_accuracy")
+    return {**stats, "client_loss_mean": sum(losses) / len(losses) if losses else math.nan,
+            "client_accuracies": {str(k): a for k, (a, _) in sorted(found.items())}}
+
+
 def last_line(text: str, limit: int = 300) -> str:
     """The last non-empty line of a client's error (the exception itself, not its traceback
     through Flower and Ray), without terminal colour codes."""
@@ -191,7 +205,7 @@ class ExperimentStrategy(FedAvg):
         counts = [float(r.num_examples) for r in valid]
         weights = weighted_average([r.weights for r in valid], counts)
         weights, diagnostics = self.server_step(round_, weights, valid)
-        diagnostics |= self._anchor_diagnostics(valid)
+        diagnostics |= self._anchor_diagnostics(valid) | personal_accuracy(valid)
         train_loss = sum(
             r.metrics["train_loss"] * n for r, n in zip(valid, counts, strict=True)
         ) / sum(counts)

@@ -19,7 +19,8 @@ OFFLINE = ("mnist-subset", "uci-digits", "digits-offline")  # generated or pip-i
 def test_the_paper_setups_are_shipped():
     names = {p.stem for p in CONFIGS}
     assert {"default", "digits", "office-caltech", "cifar10-lt", "cifar100-lt", "cifar10-dir",
-            "agnews", "mnist-dir0.1", "mnist-dir0.5", "mnist-lt"} <= names
+            "agnews", "mnist-dir0.1", "mnist-dir0.5", "mnist-lt", "hetero",
+            "hetero-paper"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -31,7 +32,10 @@ def test_config_builds_or_names_the_missing_data(path, tmp_path):
             dataset_spec(cfg)
         return
     spec = dataset_spec(cfg)
-    model = build_model(cfg.model, spec)
     data = client_data(cfg, cfg.partition.num_partitions - 1)
-    assert model(data.x[:2]).shape == (2, spec.num_classes)
+    for backbone in cfg.model.backbone_list() or (None,):  # every client's, when they differ
+        model = build_model(cfg.model, spec, backbone)
+        shared_dim = cfg.model.feature_dim if backbone else model.feature_dim
+        assert model.features(data.x[:2]).shape == (2, shared_dim)
+        assert model(data.x[:2]).shape == (2, spec.num_classes)
     assert torch.isfinite(data.x).all()

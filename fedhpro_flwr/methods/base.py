@@ -40,3 +40,6 @@ class Method:
     name: str
     client_train: ClientTrainer
     make_strategy: StrategyFactory  # (cfg, reference weights, num_classes, feature_dim)
+    # with heterogeneous backbones: "head" (the linear head is averaged), "none" (no weights
+    # leave the clients), None (the method averages whole models: not supported)
+    hetero_sharing: str | None = None

@@ -157,4 +157,5 @@ class FedHProStrategy(RecalibratingStrategy):
             state, {"hyperprototypes": self.hyperprototypes})["hyperprototypes"]
 
 
-METHOD = Method("fedhpro", client_train, FedHProStrategy)
+METHOD = Method("fedhpro", client_train, FedHProStrategy,
+                hetero_sharing="head")

@@ -23,4 +23,5 @@ class FedProtoStrategy(PrototypeStrategy):
         return {}
 
 
-METHOD = Method("fedproto", prototype_mse_trainer(lambda cfg: cfg.fedproto.lam), FedProtoStrategy)
+METHOD = Method("fedproto", prototype_mse_trainer(lambda cfg: cfg.fedproto.lam), FedProtoStrategy,
+                hetero_sharing="none")

@@ -65,4 +65,5 @@ class FedTGPStrategy(PrototypeStrategy):
         self.generator.set_state(state["generator"])
 
 
-METHOD = Method("fedtgp", prototype_mse_trainer(lambda cfg: cfg.fedtgp.lam), FedTGPStrategy)
+METHOD = Method("fedtgp", prototype_mse_trainer(lambda cfg: cfg.fedtgp.lam), FedTGPStrategy,
+                hetero_sharing="none")

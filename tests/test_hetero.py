@@ -1,0 +1,135 @@
+"""Clients with different backbones: what they keep, what they share, how they are evaluated.
+
+The in-process tests drive the real ClientApp handler with messages built as the strategies
+build them (see test_method_round); the last test runs Flower's simulation engine.
+"""
+
+from dataclasses import asdict
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from simulate import NUM_CLIENTS, simulate
+from test_method_round import serverapp_identity  # noqa: F401 (fixture)
+
+from fedhpro_flwr import hetero
+from fedhpro_flwr.client import handle_train
+from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, ExperimentConfig
+from fedhpro_flwr.data import dataset_spec
+from fedhpro_flwr.methods import get_method
+from fedhpro_flwr.methods.prototype import LOCAL_RECORD
+from fedhpro_flwr.methods.recalibrating import STATS_RECORD
+from fedhpro_flwr.models import build_model
+from fedhpro_flwr.payload import tensors_to_record
+
+BACKBONES = "cnn-8,cnn-16,resnet10-4"
+CFG = ExperimentConfig.from_dict({
+    "partition": {"num_partitions": NUM_CLIENTS},
+    "model": {"backbones": BACKBONES},
+    "train": {"local_epochs": 1},
+    "fedhpro": {"recal_epochs": 20},
+})
+
+
+def server_side(name, cfg=CFG):
+    info = dataset_spec(cfg)
+    method = get_method(name)
+    model = build_model(cfg.model, info, cfg.model.backbone_list()[0])
+    shared = hetero.shared_part(model.state_dict(), method)
+    return shared, method.make_strategy(cfg, shared, info.num_classes, model.feature_dim)
+
+
+def train(name, strategy, shared, pid, context, cfg=CFG, server_round=1):
+    config = ConfigRecord({STRATEGY_KEY: name, **cfg.to_flat(), "server-round": server_round,
+                           **dataset_spec(cfg).to_config()})
+    content = RecordDict({"arrays": tensors_to_record(shared), "config": config,
+                          **strategy.train_records()})
+    return handle_train(Message(content=content, dst_node_id=100 + pid, message_type="train"),
+                        context)
+
+
+def contexts():
+    return [Context(run_id=1, node_id=100 + pid, state=RecordDict(), run_config={},
+                    node_config={"partition-id": pid, "num-partitions": NUM_CLIENTS})
+            for pid in range(NUM_CLIENTS)]
+
+
+def test_backbones_are_dealt_in_turn_or_named_by_the_node():
+    assert [hetero.assigned_backbone(CFG, k, {}) for k in range(4)] == [
+        ("cnn", 8), ("cnn", 16), ("resnet10", 4), ("cnn", 8)]
+    assert hetero.assigned_backbone(CFG, 0, {"backbone": "resnet10-16"}) == ("resnet10", 16)
+    with pytest.raises(ConfigError, match="node config 'backbone'"):
+        hetero.assigned_backbone(CFG, 0, {"backbone": "vgg-3"})
+    with pytest.raises(ConfigError, match=r"'model\.backbones'.*'cnn' is not cnn-W"):
+        ExperimentConfig.from_dict({"model": {"backbones": "cnn,resnet10-8"}})
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fpl", "creff"])
+def test_weight_averaging_methods_are_refused(name):
+    with pytest.raises(ConfigError, match=f"strategy '{name}' averages the clients' model "
+                                          "weights.*use one of fedhpro, fedproto, fedtgp"):
+        hetero.check_method(get_method(name), CFG)
+
+
+@pytest.mark.parametrize("name", ["fedhpro", "fedproto", "fedtgp"])
+def test_shared_payloads_have_the_same_shapes_across_architectures(name):
+    shared, strategy = server_side(name)
+    replies = [train(name, strategy, shared, pid, ctx) for pid, ctx in enumerate(contexts())]
+    record = STATS_RECORD if name == "fedhpro" else LOCAL_RECORD
+    for reply in replies:
+        assert not reply.has_error()
+        arrays = reply.content.array_records["arrays"]
+        # FedHPro shares only the linear head; FedProto and FedTGP no weights at all
+        assert sorted(arrays.keys()) == sorted(shared)
+        assert {k: a.shape for k, a in arrays.items()} == {k: tuple(t.shape)
+                                                            for k, t in shared.items()}
+        assert 0.0 <= reply.content.metric_records["metrics"]["local_accuracy"] <= 1.0
+    # per class, every client sends rows of the same shape whatever its backbone (the number
+    # of rows is the number of classes it holds)
+    trailing: dict[str, set] = {}
+    for reply in replies:
+        for key, array in reply.content.array_records[record].items():
+            trailing.setdefault(key, set()).add(tuple(array.shape[1:]))
+    assert all(len(shapes) == 1 for shapes in trailing.values()), trailing
+    per_class = "feature_grads" if name == "fedhpro" else "prototypes"
+    assert trailing[per_class] == {(CFG.model.feature_dim,)}
+    assert strategy.aggregate_train(1, replies)[0] is not None
+    assert strategy.last_round["client_accuracy_mean"] == pytest.approx(
+        sum(strategy.last_round["client_accuracies"].values()) / NUM_CLIENTS)
+
+
+def test_a_clients_model_persists_between_rounds():
+    shared, strategy = server_side("fedhpro")
+    context = contexts()[2]  # the ResNet-10 client
+    train("fedhpro", strategy, shared, 2, context)
+    after_one = context.state.array_records[hetero.LOCAL_MODEL].to_torch_state_dict()
+    fresh, restored = hetero.local_model(CFG, dataset_spec(CFG), ("resnet10", 4), RecordDict(),
+                                         seed=1)
+    assert not restored
+    # round 2 with a vanishing step: its model ends where round 1 left it, not anywhere fresh
+    still = ExperimentConfig.from_dict({**asdict(CFG), "train": {"local_epochs": 1,
+                                                                 "lr": 1e-12}})
+    train("fedhpro", strategy, shared, 2, context, still, server_round=2)
+    after_two = context.state.array_records[hetero.LOCAL_MODEL].to_torch_state_dict()
+    for key, value in after_one.items():
+        if key.startswith("extractor") and value.is_floating_point() and "running" not in key:
+            assert torch.allclose(after_two[key], value, atol=1e-6), key
+    changed = [k for k, v in fresh.state_dict().items()
+               if k.startswith("extractor") and not torch.equal(v, after_one[k])]
+    assert changed  # round 1 trained the extractor away from its initialisation
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fedhpro", "fedproto", "fedtgp"])
+def test_heterogeneous_clients_complete_a_simulation(tmp_path, name):
+    overrides = (f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=1 "
+                 f"model.backbones={BACKBONES} fedhpro.recal_epochs=20")
+    results = simulate(tmp_path, rounds=2, strategy=name, overrides=overrides)
+    assert results["initial"] == {}  # nothing is evaluated before the clients train
+    for row in results["rounds"]:
+        clients = row["client_accuracies"]
+        assert sorted(clients) == [str(k) for k in range(NUM_CLIENTS)]
+        assert row["accuracy"] == pytest.approx(sum(clients.values()) / NUM_CLIENTS)
+        assert row["client_accuracy_min"] == min(clients.values())
+        assert row["client_accuracy_std"] >= 0.0
+    assert results["final_accuracy"] > 0.2  # above the 0.1 of chance
