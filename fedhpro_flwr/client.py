@@ -92,8 +92,9 @@ def handle_train(msg: Message, context: Context) -> Message:
     if hetero.is_hetero(cfg):
         hetero.check_method(method, cfg)
         data, local_test = hetero.local_split(data, cfg, partition_id)
-        model, _ = hetero.local_model(cfg, spec, hetero.assigned_backbone(
-            cfg, partition_id, node_config), context.state, client_seed(cfg.seed, 0, partition_id))
+        model, restored = hetero.local_model(
+            cfg, spec, hetero.assigned_backbone(cfg, partition_id, node_config), context.state,
+            client_seed(cfg.seed, 0, partition_id))
         shared = check_state_dict(received, hetero.shared_part(model.state_dict(), method),
                                   "shared weights")
         model.load_state_dict(shared, strict=False)
@@ -116,6 +117,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             loss, accuracy = evaluate(model, local_test, device)
             train_metrics |= {"local_accuracy": accuracy, "local_loss": loss,
                               "local_test_size": len(local_test)}
+        train_metrics["local_model_restored"] = float(restored)
         weights = hetero.shared_part(weights, method)
     metrics = MetricRecord({
         "num-examples": len(data),

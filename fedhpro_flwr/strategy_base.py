@@ -82,8 +82,12 @@ def personal_accuracy(replies: list[ClientReply]) -> dict[str, Any]:
     accuracies = [a for a, _ in found.values()]
     losses = [v for _, v in found.values() if math.isfinite(v)]
     stats = spread(accuracies, "client_accuracy")
+    restored = sum(1 for r in replies if r.metrics.get("local_model_restored") == 1.0)
     return {**stats, "client_loss_mean": sum(losses) / len(losses) if losses else math.nan,
-            "client_accuracies": {str(k): a for k, (a, _) in sorted(found.items())}}
+            "client_accuracies": {str(k): a for k, (a, _) in sorted(found.items())},
+            # clients that continued from their own model of an earlier round (0 in round 1;
+            # fewer later means nodes restarted and began afresh)
+            "client_models_restored": restored}
 
 
 def last_line(text: str, limit: int = 300) -> str:

@@ -125,3 +125,17 @@ def test_tls_and_supernode_authentication(tmp_path):
     assert status == COMPLETED
     assert [r["participants"] for r in results(tmp_path / "out")["rounds"]] == [[0, 1]] * 2
     assert len(listed["nodes"]) == 2
+
+
+def test_heterogeneous_nodes_keep_their_models_between_rounds(tmp_path):
+    # each SuperNode names its own backbone; the SuperNode keeps the ClientApp's context
+    # state between rounds, so round 2 starts from each node's model of round 1
+    nodes = [f"partition-id={i} num-partitions=2 backbone='{b}'"
+             for i, b in enumerate(("cnn-8", "resnet10-4"))]
+    out = tmp_path / "hetero"
+    with LocalFederation(tmp_path / "fed", nodes) as fed:
+        status = fed.run(APP_DIR, run_config(out, rounds=2, extra="model.backbones=cnn-16"))
+    assert status == COMPLETED
+    first, second = results(out)["rounds"]
+    assert sorted(first["client_accuracies"]) == ["0", "1"]
+    assert first["client_models_restored"] == 0 and second["client_models_restored"] == 2

@@ -132,4 +132,7 @@ def test_heterogeneous_clients_complete_a_simulation(tmp_path, name):
         assert row["accuracy"] == pytest.approx(sum(clients.values()) / NUM_CLIENTS)
         assert row["client_accuracy_min"] == min(clients.values())
         assert row["client_accuracy_std"] >= 0.0
+    first, second = results["rounds"]
+    assert first["client_models_restored"] == 0  # fresh models in round 1...
+    assert second["client_models_restored"] == NUM_CLIENTS  # ...kept by every node for round 2
     assert results["final_accuracy"] > 0.2  # above the 0.1 of chance
