@@ -1,6 +1,7 @@
 """FedHPro's client time against plain CE training, same data, model, epochs and seed.
 
-    python benchmarks/client_overhead.py [--repeats 3] [--threads 1]
+    python benchmarks/client_overhead.py [--repeats 3] [--threads 1] [--device cuda]
+                                         [--overrides "model.name=resnet10 model.width=32"]
 
 For every client of the default experiment, times one FedHPro client round (gradient extraction
 + CE/HPCL/HPAL training) and one round of CE-only training from the same initial weights, and
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from flwr.app import RecordDict
 
-from fedhpro_flwr.config import load_experiment
+from fedhpro_flwr.config import load_experiment, parse_overrides
 from fedhpro_flwr.data import client_data, dataset_spec
 from fedhpro_flwr.hyperproto import init_hyperprototypes
 from fedhpro_flwr.methods import ClientTask, get_method
@@ -33,11 +34,13 @@ def main() -> None:
                                                 / "conf" / "default.yaml"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--overrides", default="", help="dotted YAML keys, as in a run config")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = load_experiment(Path(args.config))
+    cfg = load_experiment(Path(args.config), parse_overrides(args.overrides))
     info = dataset_spec(cfg)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     torch.manual_seed(cfg.seed)
     template = build_model(cfg.model, info)
     initial = template.state_dict()
@@ -54,10 +57,13 @@ def main() -> None:
         for _ in range(args.repeats):
             model = build_model(cfg.model, info)
             model.load_state_dict(initial)
+            model.to(device)
             task = ClientTask(model, data, content, cfg, device,
                               torch.Generator().manual_seed(cfg.seed))
             start = time.perf_counter()
             run(task)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 

@@ -29,7 +29,9 @@ def train_epochs(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
     x_all, y_all = data.x.to(device), data.y.to(device)
-    total = ce_total = 0.0
+    # summed on the device and read once at the end: no GPU synchronisation per batch
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    ce_total = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
     for _ in range(cfg.local_epochs):
         order = torch.randperm(len(data), generator=generator).to(device)
@@ -44,11 +46,11 @@ def train_epochs(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += loss.item()
-            ce_total += ce.item()
+            total += loss.detach()
+            ce_total += ce.detach()
             steps += 1
     steps = max(steps, 1)
-    return {"train_loss": total / steps, "train_ce": ce_total / steps}
+    return {"train_loss": total.item() / steps, "train_ce": ce_total.item() / steps}
 
 
 @torch.no_grad()
