@@ -127,17 +127,23 @@ def recalibrate(
     return RecalibrationResult(matched, new_weight, new_bias, before, after)
 
 
+# Re-centre a class only while the classifier gives its samples less than this probability on
+# average: there the (1 - p)-weighted mean below is close to the plain class mean; once the
+# class is fitted, it is the mean of the few samples still misfitted, not where the class lies.
+RECENTRE_BELOW = 0.5
+
+
 def class_means_from_gradients(target: ClassGradients) -> tuple[torch.Tensor, torch.Tensor]:
     """Each class's mean feature, read off its classifier gradients: (C, d) and (C,) valid.
 
     For samples z of class c, row c of dCE/dW is mean((p_c - 1) z) and entry c of dCE/db is
     mean(p_c - 1): their ratio is the class's mean feature, weighted by 1 - p_c (how badly
-    the classifier fits each sample). Classes whose samples it fits perfectly are not valid.
+    the classifier fits each sample). Valid while mean(p_c) < RECENTRE_BELOW.
     """
     assert target.weight is not None and target.bias is not None
     c = torch.arange(target.bias.shape[0])
-    residual = target.bias[c, c]  # mean(p_c - 1) <= 0
-    valid = residual < -1e-8
+    residual = target.bias[c, c]  # mean(p_c - 1), in [-1, 0]
+    valid = residual < RECENTRE_BELOW - 1.0
     means = target.weight[c, c] / torch.where(valid, residual, -1.0)[:, None]
     return means, valid
 

@@ -1,7 +1,7 @@
 import torch
 
 from fedhpro_flwr.extraction import ClassStatistics
-from fedhpro_flwr.gradmatch import ClassGradients, class_gradients
+from fedhpro_flwr.gradmatch import class_gradients
 from fedhpro_flwr.recalibration import (
     FederatedFeatures,
     RecalibrationSettings,
@@ -89,7 +89,8 @@ def test_federated_features_average_over_holders_and_remember_seen_classes():
 def test_class_means_are_read_off_the_classifier_gradients():
     g = torch.Generator().manual_seed(7)
     features = torch.randn(4, 30, 6, generator=g).relu() + 1.0
-    weight, bias = torch.randn(4, 6, generator=g), torch.randn(4, generator=g)
+    features[torch.arange(4), :, torch.arange(4)] += 3.0  # class c stands out along axis c
+    weight, bias = torch.randn(4, 6, generator=g) * 0.1, torch.zeros(4)  # an unfitted head
     grads = class_gradients(features, weight, bias)
     means, valid = class_means_from_gradients(grads)
     p = torch.softmax(features @ weight.T + bias, dim=-1)
@@ -98,9 +99,9 @@ def test_class_means_are_read_off_the_classifier_gradients():
         expected = (miss[:, None] * features[c]).sum(0) / miss.sum()
         assert torch.allclose(means[c], expected, atol=1e-5)
     assert valid.all()
-    perfect = ClassGradients(grads.feature, torch.zeros_like(grads.weight),
-                             torch.zeros_like(grads.bias))
-    assert not class_means_from_gradients(perfect)[1].any()
+    # once a class is fitted (mean p_c >= 0.5) the weighted mean is no longer its mean
+    fitted = class_gradients(features, torch.eye(4, 6) * 50, bias)
+    assert not class_means_from_gradients(fitted)[1].any()
 
 
 def test_recentred_features_sit_at_the_class_means():
