@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,10 @@ def plot_rounds(out: Path, setting: str, rows: list[dict[str, str]]) -> Path | N
             if not np.isfinite(values).any():
                 continue
             x = np.arange(1, length + 1)
-            ax.plot(x, np.nanmean(values, 0), label=strategy)
-            ax.fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.15)
+            with warnings.catch_warnings():  # rounds without a value (e.g. round 1) stay gaps
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ax.plot(x, np.nanmean(values, 0), label=strategy)
+                ax.fill_between(x, np.nanmin(values, 0), np.nanmax(values, 0), alpha=0.15)
         ax.set(xlabel="round", title=title)
         if title.startswith(("anchor movement", "hyper-prototype")):
             ax.set_yscale("log")

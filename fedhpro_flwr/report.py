@@ -255,7 +255,8 @@ def write_report(csv_path: Path, command: str) -> Path:
              f"- machine: {machine()}",
              f"- date: {datetime.date.today().isoformat()}",
              f"- runs: {len(ok)} ok, {len(failed)} failed", "",
-             "Accuracy is the global model's on the server's test set; times are means per round "
+             "Accuracy is the global model's on the server's test set (with heterogeneous clients: "
+             "each client's own model on its own test split, averaged); times are means per round "
              "from round 2 on (round 1 also starts the engine; client = the sum over the round's "
              "clients; framework = round wall time minus the "
              "server step minus client time divided by the clients trained at once); ± is the "
