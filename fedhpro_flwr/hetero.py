@@ -17,14 +17,13 @@ from flwr.app import RecordDict
 
 from .config import ConfigError, ExperimentConfig
 from .data import DataSpec, TensorData
-from .methods import Method
+from .methods import METHODS, Method
 from .models import Backbone, build_model
 from .partition import stratified_split
 from .payload import check_state_dict, tensors_to_record
 
 LOCAL_MODEL = "local-model"  # the client's whole model, in its context.state
 HEAD_KEYS = ("classifier.weight", "classifier.bias")
-HETERO_METHODS = ("fedhpro", "fedproto", "fedtgp")
 
 
 def is_hetero(cfg: ExperimentConfig) -> bool:
@@ -34,10 +33,11 @@ def is_hetero(cfg: ExperimentConfig) -> bool:
 def check_method(method: Method, cfg: ExperimentConfig) -> None:
     """Refuse a method that averages whole models when the clients' architectures differ."""
     if method.hetero_sharing is None:
+        usable = sorted(name for name, m in METHODS.items() if m.hetero_sharing is not None)
         raise ConfigError(
             f"strategy '{method.name}' averages the clients' model weights, which cannot be done "
             f"when they run different backbones (model.backbones = {cfg.model.backbones!r}); "
-            f"with heterogeneous clients use one of {', '.join(HETERO_METHODS)}")
+            f"with heterogeneous clients use one of {', '.join(usable)}")
 
 
 def shared_part(state: Mapping[str, torch.Tensor], method: Method) -> dict[str, torch.Tensor]:
