@@ -121,6 +121,18 @@ def first_rounds(out: Path, setting: str, rows: list[dict[str, str]],
             "|---|" + "---|" * count, *lines, ""]
 
 
+def save_figure(fig: Any, title: str, path: Path, dpi: int) -> Path:
+    """Title, lay out, write and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_rounds(out: Path, setting: str, rows: list[dict[str, str]]) -> Path | None:
     """The PLOTTED diagnostics per round: mean over seeds, band = min..max."""
     import matplotlib
@@ -149,13 +161,7 @@ def plot_rounds(out: Path, setting: str, rows: list[dict[str, str]]) -> Path | N
         if title.startswith(("anchor movement", "hyper-prototype")):
             ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(setting)
-    fig.tight_layout()
-    path = out / "plots" / f"{setting}-diagnostics.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, setting, out / "plots" / f"{setting}-diagnostics.png", dpi=110)
 
 
 def plot_embeddings(out: Path, setting: str, rows: list[dict[str, str]]) -> Path | None:
@@ -190,13 +196,8 @@ def plot_embeddings(out: Path, setting: str, rows: list[dict[str, str]]) -> Path
             ax.set_title(f"{strategy}, round {shot['round']}", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"{setting} (seed {seed}): PCA of normalised test features and anchors")
-    fig.tight_layout()
-    path = out / "plots" / f"{setting}-embeddings.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, f"{setting} (seed {seed}): PCA of normalised test features and "
+                       "anchors", out / "plots" / f"{setting}-embeddings.png", dpi=100)
 
 
 def diagnostics_section(out: Path, rows: list[dict[str, str]]) -> list[str]:
