@@ -5,10 +5,12 @@
 
 For each number of classes C, builds the FedHPro Strategy for a d = 128 model, feeds it the
 replies of `--clients` clients that each hold every class (random per-class statistics of the
-real shapes, sent through the real encoder and decoder), and times `server_step` (classifier
-recalibration + hyper-prototype matching, the config's default steps) with one thread. Also
-prints the bytes one client uploads per round: the model weights (a CNN whose classifier has
-C outputs) and the per-class gradients, in float32 and with `fedhpro.float16_upload`.
+real shapes, sent through the real encoder and decoder), and times `server_step` with one
+thread: as configured (classifier recalibration + hyper-prototype matching, the default steps)
+and with `fedhpro.recalibration=false` (matching only; clients then send no classifier
+gradients). Also prints the bytes one client uploads per round: the model weights (a CNN whose
+classifier has C outputs) and the per-class gradients, in float32 and with
+`fedhpro.float16_upload`, with and without the classifier gradients.
 Run it on an otherwise idle machine. With --csv the rows are also written there, where
 `fedhpro_flwr.report` picks them up (next to results.csv).
 """
@@ -47,29 +49,41 @@ def random_statistics(num_classes: int, generator: torch.Generator) -> ClassStat
                            torch.randn(c, c, generator=generator) * 0.01)
 
 
-def measure(num_classes: int, clients: int, repeats: int) -> dict[str, float]:
-    cfg = ExperimentConfig.from_dict({"model": {"feature_dim": D}})
+def server_seconds(num_classes: int, clients: int, repeats: int, recalibration: bool) -> float:
+    """Median time of the second server step (the first also initialises the features)."""
+    cfg = ExperimentConfig.from_dict({"model": {"feature_dim": D},
+                                      "fedhpro": {"recalibration": recalibration}})
     model = build_model(cfg.model, DataSpec((1, 28, 28), tuple(map(str, range(num_classes)))))
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     generator = torch.Generator().manual_seed(0)
     replies = []
     for i in range(clients):
-        record = encode_class_statistics(random_statistics(num_classes, generator))
-        replies.append(ClientReply(i, i, 100, weights, {"margin": 0.0},
-                                   decode_class_statistics(record, num_classes, D)))
+        record = encode_class_statistics(random_statistics(num_classes, generator),
+                                         classifier=recalibration)
+        stats = decode_class_statistics(record, num_classes, D, classifier=recalibration)
+        replies.append(ClientReply(i, i, 100, weights, {"margin": 0.0}, stats))
     seconds = []
     for _ in range(repeats):
         strategy = get_method("fedhpro").make_strategy(cfg, weights, num_classes, D)
-        strategy.server_step(0, weights, replies)  # round 0: features initialised
+        strategy.server_step(0, weights, replies)
         start = time.perf_counter()
         strategy.server_step(1, weights, replies)
         seconds.append(time.perf_counter() - start)
-    stats = random_statistics(num_classes, generator)
+    return statistics.median(seconds)
+
+
+def measure(num_classes: int, clients: int, repeats: int) -> dict[str, float]:
+    model = build_model(ExperimentConfig().model,
+                        DataSpec((1, 28, 28), tuple(map(str, range(num_classes)))))
+    stats = random_statistics(num_classes, torch.Generator().manual_seed(1))
     return {
-        "server_seconds": statistics.median(seconds),
-        "weights_bytes": record_nbytes(tensors_to_record(weights)),
+        "server_seconds": server_seconds(num_classes, clients, repeats, True),
+        "server_seconds_no_recal": server_seconds(num_classes, clients, repeats, False),
+        "weights_bytes": record_nbytes(tensors_to_record(model.state_dict())),
         "gradients_bytes": record_nbytes(encode_class_statistics(stats)),
         "gradients_bytes_fp16": record_nbytes(encode_class_statistics(stats, torch.float16)),
+        "feature_gradients_bytes": record_nbytes(encode_class_statistics(stats,
+                                                                         classifier=False)),
     }
 
 
@@ -82,16 +96,17 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     torch.set_num_threads(1)
-    print("| classes | server step (s) | per class (ms) | client upload: weights MB | "
-          "gradients MB (float32) | upload / FedAvg's | with float16 gradients |")
-    print("|---|---|---|---|---|---|---|")
+    print("| classes | server step (s) | without recalibration (s) | weights MB "
+          "| gradients MB | upload / FedAvg's | float16 gradients | without recalibration |")
+    print("|---|---|---|---|---|---|---|---|")
     for c in args.classes:
         m = measure(c, args.clients, args.repeats)
         rows.append({"classes": c, **m})
-        w, g, h = m["weights_bytes"], m["gradients_bytes"], m["gradients_bytes_fp16"]
-        print(f"| {c} | {m['server_seconds']:.3f} | {1000 * m['server_seconds'] / c:.2f} "
-              f"| {w / 1e6:.3f} | {g / 1e6:.3f} | {(w + g) / w:.3f}x | {(w + h) / w:.3f}x |",
-              flush=True)
+        w, g = m["weights_bytes"], m["gradients_bytes"]
+        h, f = m["gradients_bytes_fp16"], m["feature_gradients_bytes"]
+        print(f"| {c} | {m['server_seconds']:.3f} | {m['server_seconds_no_recal']:.3f} "
+              f"| {w / 1e6:.3f} | {g / 1e6:.3f} | {(w + g) / w:.3f}x | {(w + h) / w:.3f}x "
+              f"| {(w + f) / w:.3f}x |", flush=True)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -31,7 +31,8 @@ from .suites import SUITES, Setting, Suite, Variant
 
 COLUMNS = ("suite", "setting", "strategy", "seed", "status", "reason", "final_accuracy",
            "best_accuracy", "mean_last5_accuracy", "rounds", "run_seconds", "wall_seconds",
-           "client_seconds", "client_seconds_max", "server_seconds", "framework_seconds",
+           "client_seconds", "client_seconds_max", "client_busy_seconds", "server_seconds",
+           "framework_seconds",
            "workers", "bytes_up_per_round", "bytes_down_per_round", "peak_rss_mb")
 KEY = ("setting", "strategy", "seed")
 
@@ -105,6 +106,10 @@ def summarize(run: Run, results: dict[str, Any], run_seconds: float) -> dict[str
 
     parallel = workers(run.suite, run.supernodes)
     wall, server = mean("wall_seconds"), mean("server_seconds")
+    if all("client_busy_seconds" in r for r in timed):
+        busy = mean("client_busy_seconds")
+    else:  # a run recorded before clients stamped their start: clients perfectly balanced
+        busy = mean("client_seconds") / parallel
     row: dict[str, Any] = {
         "suite": run.suite.name, "setting": run.setting.name, "strategy": run.strategy,
         "seed": run.seed, "status": "ok", "reason": "",
@@ -113,9 +118,10 @@ def summarize(run: Run, results: dict[str, Any], run_seconds: float) -> dict[str
         "mean_last5_accuracy": sum(r["accuracy"] for r in rows[-5:]) / len(rows[-5:]),
         "rounds": len(rows), "run_seconds": run_seconds, "wall_seconds": wall,
         "client_seconds": mean("client_seconds"),
-        "client_seconds_max": mean("client_seconds_max"), "server_seconds": server,
-        # what is neither client nor server compute, with `parallel` clients training at once
-        "framework_seconds": max(wall - server - mean("client_seconds") / parallel, 0.0),
+        "client_seconds_max": mean("client_seconds_max"), "client_busy_seconds": busy,
+        "server_seconds": server,
+        # the part of a round in which neither a client nor the server computes
+        "framework_seconds": max(wall - server - busy, 0.0),
         "workers": parallel,
         "bytes_up_per_round": mean("bytes_up"), "bytes_down_per_round": mean("bytes_down"),
     }

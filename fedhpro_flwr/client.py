@@ -104,7 +104,7 @@ def handle_train(msg: Message, context: Context) -> Message:
                                                "global model weights"))
     model.to(device)
 
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()  # wall clock, for the server's timeline
     extra, train_metrics = method.client_train(
         ClientTask(model, data, msg.content, cfg, device, generator)
     )
@@ -123,6 +123,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         "num-examples": len(data),
         "partition-id": partition_id,
         "client-seconds": seconds,
+        "client-started": started,
         **train_metrics,
     })
     reply = RecordDict({"arrays": tensors_to_record(weights), "metrics": metrics, **extra})

@@ -104,14 +104,48 @@ def masked_class_mean(
     return total / holders.clamp(min=1).to(values.dtype).reshape(-1, *expand), holders
 
 
+# (loss, its gradient) at a point: what `descend` follows
+LossAndGrad = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def with_autograd(loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> LossAndGrad:
+    """(loss, gradient) of a scalar loss by autograd."""
+
+    def loss_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.detach().requires_grad_(True)
+        loss = loss_fn(x)
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss.detach(), grad
+
+    return loss_and_grad
+
+
+def distance_and_grad(a: torch.Tensor, b: torch.Tensor, kind: Distance
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vector_distance(a, b, kind).sum()`` and its gradient w.r.t. `a`, in closed form.
+
+    cosine: ``d(1 - cos)/da = -(b / (|a||b|) - cos a / |a|^2)`` per last-axis row (norms
+    clamped at 1e-12 as ``F.cosine_similarity`` does); mse: ``2 (a - b)``.
+    """
+    if kind == "cosine":
+        a_norm = a.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        b_norm = b.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        cos = (a * b).sum(dim=-1, keepdim=True) / (a_norm * b_norm)
+        return (1.0 - cos).sum(), cos * a / a_norm.square() - b / (a_norm * b_norm)
+    if kind == "mse":
+        diff = a - b
+        return diff.square().sum(), 2.0 * diff
+    raise ValueError(f"no closed-form gradient for distance '{kind}'; allowed: cosine, mse")
+
+
 def descend(
     start: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    loss_and_grad: LossAndGrad,
     steps: int,
     lr: float,
     step: Step = "sgd",
 ) -> tuple[torch.Tensor, float, float]:
-    """Gradient descent on a copy of `start`: (result, loss at the start, loss at the end).
+    """Gradient descent from `start` (left as it is): (result, loss at the start, at the end).
 
     The server's two matching problems (hyper-prototypes, federated features) are both this.
     `step` "sgd" moves by ``lr * gradient``; "normalized" moves every leading-index block
@@ -119,22 +153,16 @@ def descend(
     scale: a cosine distance between gradients that nearly agree has a tiny gradient, and
     plain steps then barely move the parameters.
     """
-    params = start.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.SGD([params], lr=lr)
-    with torch.no_grad():
-        before = loss_fn(params).item()
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss_fn(params).backward()
+    x = start.detach().clone()
+    loss, grad = loss_and_grad(x)
+    before = loss.item()
+    for i in range(steps):
+        if i:
+            loss, grad = loss_and_grad(x)
         if step == "normalized":
-            assert params.grad is not None
-            with torch.no_grad():
-                block = tuple(range(1, params.dim()))
-                ratio = (params.norm(dim=block, keepdim=True)
-                         / params.grad.norm(dim=block, keepdim=True).clamp(min=1e-12))
-                params.grad.mul_(ratio)
-        optimizer.step()
-    result = params.detach()
-    with torch.no_grad():
-        after = loss_fn(result).item()
-    return result, before, after
+            block = tuple(range(1, x.dim()))
+            grad = grad * (x.norm(dim=block, keepdim=True)
+                           / grad.norm(dim=block, keepdim=True).clamp(min=1e-12))
+        x.add_(grad, alpha=-lr)
+    after = loss_and_grad(x)[0].item() if steps else before
+    return x, before, after

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .gradmatch import Distance, Step, class_gradients, descend, vector_distance
+from .gradmatch import Distance, Step, class_gradients, descend, vector_distance, with_autograd
 
 Init = Literal["normal", "orthogonal"]
 
@@ -101,8 +101,8 @@ def match_hyperprototypes(
     weight, bias = weight.detach(), bias.detach()
     start = hyperprototypes.detach()
     result, before, after = descend(
-        start, lambda p: matching_loss(p, weight, bias, target, present, distance), steps, lr,
-        step,
+        start, with_autograd(lambda p: matching_loss(p, weight, bias, target, present, distance)),
+        steps, lr, step,
     )
     movement = ((result - start).norm() / start.norm().clamp(min=1e-12)).item()
     return MatchResult(result, before, after, movement)

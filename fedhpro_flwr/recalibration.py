@@ -14,14 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .extraction import ClassStatistics
-from .gradmatch import (
-    ClassGradients,
-    Distance,
-    class_gradients,
-    descend,
-    masked_class_mean,
-    vector_distance,
-)
+from .gradmatch import ClassGradients, Distance, descend, distance_and_grad, masked_class_mean
 
 
 @dataclass(frozen=True)
@@ -35,21 +28,36 @@ class RecalibrationResult:
     match_loss_after: float
 
 
-def feature_matching_loss(
+def feature_matching(
     features: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     target: ClassGradients,
     present: torch.Tensor,
     distance: Distance,
-) -> torch.Tensor:
-    """Sum over present classes of D(weight grads) + D(bias grads) against the target."""
-    grads = class_gradients(features, weight, bias)
-    assert grads.weight is not None and grads.bias is not None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matching loss and its gradient w.r.t. the (C, M, d) features, in closed form.
+
+    Loss: sum over present classes of D(weight grads) + D(bias grads) against the target,
+    where class c's features induce ``G_c = R_c^T V_c / M`` and ``g_c = R_c^T 1 / M`` with
+    ``R_c = softmax(V_c W^T + b) - e_c``. Back through those products and the softmax by
+    hand: a few batched matrix products per step instead of autograd's graph, which on the
+    server's small problems cost more than the arithmetic.
+    """
+    num_classes, per_class, _ = features.shape
+    probs = torch.softmax(features @ weight.T + bias, dim=-1)  # (C, M, C)
+    residual = probs - torch.eye(num_classes, dtype=probs.dtype, device=probs.device)[:, None]
+    weight_grads = residual.transpose(1, 2) @ features / per_class  # (C, C, d)
+    bias_grads = residual.sum(dim=1) / per_class  # (C, C)
     assert target.weight is not None and target.bias is not None
-    per_class = vector_distance(grads.weight[present], target.weight[present], distance)
-    per_class = per_class + vector_distance(grads.bias[present], target.bias[present], distance)
-    return per_class.sum()
+    loss_w, d_weight = distance_and_grad(weight_grads[present], target.weight[present], distance)
+    loss_b, d_bias = distance_and_grad(bias_grads[present], target.bias[present], distance)
+    d_weight_grads = torch.zeros_like(weight_grads).index_put_((present,), d_weight)
+    d_bias_grads = torch.zeros_like(bias_grads).index_put_((present,), d_bias)
+    d_residual = (features @ d_weight_grads.transpose(1, 2) + d_bias_grads[:, None]) / per_class
+    d_logits = probs * (d_residual - (d_residual * probs).sum(dim=-1, keepdim=True))
+    d_features = residual @ d_weight_grads / per_class + d_logits @ weight
+    return loss_w + loss_b, d_features
 
 
 def train_linear(
@@ -64,7 +72,8 @@ def train_linear(
     """A freshly initialised linear layer trained by minibatch SGD on CE(features, labels).
 
     The CE gradient of a linear layer is ``(softmax - onehot)^T x / B``; writing it out
-    instead of calling autograd makes the thousand small steps several times faster.
+    (fused into in-place matrix products, each epoch's shuffle gathered once) instead of
+    calling autograd makes the thousand small steps several times faster.
     """
     dim = features.shape[1]
     bound = dim**-0.5  # nn.Linear's default range, drawn from our generator
@@ -73,13 +82,13 @@ def train_linear(
     onehot = F.one_hot(labels, num_classes).to(features.dtype)
     for _ in range(epochs):
         order = torch.randperm(len(labels), generator=generator)
+        shuffled, targets = features[order], onehot[order]
         for start in range(0, len(labels), batch_size):
-            batch = order[start : start + batch_size]
-            x = features[batch]
-            residual = torch.softmax(x @ weight.T + bias, dim=1) - onehot[batch]
-            residual /= len(batch)
-            weight -= lr * (residual.T @ x)
-            bias -= lr * residual.sum(dim=0)
+            x = shuffled[start : start + batch_size]
+            residual = torch.addmm(bias, x, weight.T).softmax(dim=1)
+            residual -= targets[start : start + batch_size]
+            weight.addmm_(residual.T, x, alpha=-lr / len(x))
+            bias.sub_(residual.sum(dim=0), alpha=lr / len(x))
     return weight, bias
 
 
@@ -112,7 +121,7 @@ def recalibrate(
     weight, bias = weight.detach(), bias.detach()
     matched, before, after = descend(
         features,
-        lambda v: feature_matching_loss(v, weight, bias, target, present, distance),
+        lambda v: feature_matching(v, weight, bias, target, present, distance),
         match_steps,
         feature_lr,
     )

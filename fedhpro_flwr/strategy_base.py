@@ -90,6 +90,18 @@ def personal_accuracy(replies: list[ClientReply]) -> dict[str, Any]:
             "client_models_restored": restored}
 
 
+def busy_seconds(spans: Iterable[tuple[float, float]], start: float, end: float) -> float:
+    """How much of [start, end] at least one of the (begin, end) spans covers: the part of a
+    round during which some client was computing, however many ran side by side."""
+    total, covered = 0.0, start
+    for begin, finish in sorted(spans):
+        begin, finish = max(begin, covered), min(finish, end)
+        if finish > begin:
+            total += finish - begin
+            covered = finish
+    return total
+
+
 def last_line(text: str, limit: int = 300) -> str:
     """The last non-empty line of a client's error (the exception itself, not its traceback
     through Flower and Ray), without terminal colour codes."""
@@ -135,6 +147,7 @@ class ExperimentStrategy(FedAvg):
         self.round_offset = 0  # rounds already done before this process (resume)
         self.last_round: dict[str, Any] = {}  # the round's row of results.json
         self._round_start = 0.0
+        self._round_started = 0.0  # the same moment on the wall clock the clients stamp
         self._bytes_down = 0
         self._sampled: list[int] = []  # node ids asked to train this round
         self._anchors_sent: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -179,6 +192,7 @@ class ExperimentStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round_start = time.perf_counter()
+        self._round_started = time.time()
         round_ = server_round + self.round_offset
         messages = list(super().configure_train(round_, arrays, config, grid))
         extra = self.train_records()
@@ -195,7 +209,7 @@ class ExperimentStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_ = server_round + self.round_offset
-        start = time.perf_counter()
+        start, replied = time.perf_counter(), time.time()
         replies = list(replies)
         valid, left_out = self._validate(round_, replies)
         needed = self.cfg.federation.min_replies
@@ -214,11 +228,17 @@ class ExperimentStrategy(FedAvg):
             r.metrics["train_loss"] * n for r, n in zip(valid, counts, strict=True)
         ) / sum(counts)
         client_seconds = [r.metrics["client-seconds"] for r in valid]
+        spans = [(r.metrics["client-started"], r.metrics["client-started"] + seconds)
+                 for r, seconds in zip(valid, client_seconds, strict=True)
+                 if "client-started" in r.metrics]
         end = time.perf_counter()
         self.last_round = {
             "train_loss": train_loss,
             "client_seconds": sum(client_seconds),
             "client_seconds_max": max(client_seconds),
+            # clients on one clock (simulation, SuperNodes on one machine): wall time of the
+            # round during which any client was training
+            "client_busy_seconds": busy_seconds(spans, self._round_started, replied),
             "server_seconds": end - start,
             "wall_seconds": end - self._round_start,
             "bytes_up": sum(record_nbytes(r) for m in replies if not m.has_error()

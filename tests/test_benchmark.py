@@ -24,6 +24,7 @@ from fedhpro_flwr.benchmark import (
 from fedhpro_flwr.config import load_experiment, parse_overrides
 from fedhpro_flwr.report import goals, scale_goals, write_report
 from fedhpro_flwr.simulation import APP_DIR
+from fedhpro_flwr.strategy_base import busy_seconds
 from fedhpro_flwr.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant
 
 
@@ -75,7 +76,8 @@ def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path):
 def test_every_suite_plans_every_strategy_setting_and_seed(tmp_path):
     default = SUITES["default"]
     runs = plan(default, tmp_path)
-    assert len(runs) == len(default.settings) * len(ALL_STRATEGIES) * 3
+    assert len(runs) == len(default.settings) * (len(ALL_STRATEGIES) + 1) * 3  # + float16
+    assert {r.strategy for r in runs} == {*ALL_STRATEGIES, "fedhpro-float16"}
     assert {r.setting.name for r in runs} == {"digits-offline", "mnist-dir0.1", "mnist-dir0.5",
                                               "mnist-lt"}
     paper = plan(SUITES["paper"], tmp_path)
@@ -122,9 +124,14 @@ def test_summary_leaves_round_1_out_of_the_times(tmp_path):
     assert row["final_accuracy"] == 0.5 and row["best_accuracy"] == 0.6
     assert row["mean_last5_accuracy"] == pytest.approx((0.2 + 0.6 + 0.5) / 3)
     assert row["wall_seconds"] == 7.0 and row["bytes_up_per_round"] == 250.0
-    workers = row["workers"]
+    workers = row["workers"]  # recorded without start stamps: clients taken as balanced
     assert row["framework_seconds"] == pytest.approx(max(7.0 - 0.5 - 8.0 / workers, 0.0))
     assert row["accuracy_mnist"] == 0.25
+    for r, busy in zip(rows, (20.0, 4.5, 6.5), strict=True):
+        r["client_busy_seconds"] = busy
+    row = summarize(fake_run(tmp_path), {"rounds": rows}, 60.0)
+    assert row["client_busy_seconds"] == 5.5
+    assert row["framework_seconds"] == pytest.approx(7.0 - 0.5 - 5.5)
 
 
 def test_failure_reason_prefers_the_runs_own_error_line(tmp_path):
@@ -167,23 +174,39 @@ def test_goals_compare_fedhpro_with_the_best_baseline(tmp_path):
     def row(strategy, seed, final, client, up):
         return {"suite": "t", "setting": "s", "strategy": strategy, "seed": seed, "status": "ok",
                 "final_accuracy": final, "wall_seconds": 10.0, "server_seconds": 0.2,
-                "framework_seconds": 0.5, "client_seconds": client, "bytes_up_per_round": up}
+                "framework_seconds": 0.5, "client_seconds": client, "bytes_up_per_round": up,
+                "workers": 2}
 
-    rows = [row("fedhpro", "0", 0.9, 12.0, 105.0), row("fedavg", "0", 0.8, 10.0, 100.0),
+    rows = [row("fedhpro", "0", 0.9, 12.0, 115.0), row("fedavg", "0", 0.8, 10.0, 100.0),
             row("fedtgp", "0", 0.95, 11.0, 100.0),
-            row("fedhpro-no-hpal", "0", 0.99, 12.0, 105.0)]  # an ablation is no baseline
+            row("fedhpro-no-hpal", "0", 0.99, 12.0, 105.0),  # an ablation is no baseline
+            row("fedhpro-float16", "0", 0.9, 12.0, 105.0)]
     table = "\n".join(goals(rows))
     assert "fedhpro 0.9000 vs best baseline fedtgp 0.9500 | **not met**" in table
-    assert "| 5.0% | met |" in table  # framework 0.5 of 10 s
+    # framework 0.5 of 10 s; with balanced clients 10 - 0.2 - client / 2: 3.8, 4.8, 4.3, 3.8, 3.8
+    assert "| 5.0% (counting idle workers as overhead, i.e. clients assumed perfectly " \
+           "balanced: 41.0%) | met |" in table
     assert "| 2.0% | met |" in table  # server step 0.2 of 10 s
-    assert "| 1.20x | met |" in table and "| 1.050x | met |" in table
+    assert "client time <= 1.25x FedAvg's (same epochs) | 1.20x | met |" in table
+    assert "FedHPro's bytes up per round <= 1.1x FedAvg's | 1.150x | **not met** |" in table
+    assert "fedhpro-float16's bytes up per round <= 1.1x FedAvg's | 1.050x | met |" in table
 
 
 def test_scale_goals_compare_memory_and_class_growth():
     ok = [{"suite": "scale", "setting": "mnist-100-clients", "peak_rss_mb": "1100"},
           {"suite": "default", "setting": "mnist-dir0.5", "peak_rss_mb": "1000"}]
-    scaling = [{"classes": "10", "server_seconds": "0.1"},
-               {"classes": "400", "server_seconds": "5.0"}]
+    scaling = [{"classes": "10", "server_seconds": "0.1", "server_seconds_no_recal": "0.02"},
+               {"classes": "400", "server_seconds": "5.0", "server_seconds_no_recal": "0.3"}]
     lines = "\n".join(scale_goals(ok, scaling))
     assert "| 1100 MB vs 1000 MB (1.10x) | met |" in lines
-    assert "| 50.0x the time for 40x the classes | **not met** |" in lines
+    assert "server step grows no worse than linearly in the classes (10 -> 400) | 50.0x the " \
+           "time for 40x the classes | **not met** |" in lines
+    assert "server step (fedhpro.recalibration=false) grows no worse than linearly in the " \
+           "classes (10 -> 400) | 15.0x the time for 40x the classes | met |" in lines
+
+
+def test_busy_time_is_the_union_of_the_client_spans_within_the_round():
+    spans = [(1.0, 4.0), (2.0, 3.0), (3.5, 6.0), (8.0, 9.0), (-5.0, 0.5), (9.5, 20.0)]
+    # [1, 6] + [8, 9] + [9.5, 10] inside [0, 10]; (-5, 0.5) gives 0.5; overlaps count once
+    assert busy_seconds(spans, 0.0, 10.0) == pytest.approx(5.0 + 1.0 + 0.5 + 0.5)
+    assert busy_seconds([], 0.0, 10.0) == 0.0

@@ -2,7 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedhpro_flwr.gradmatch import class_gradients, masked_class_mean, vector_distance
+from fedhpro_flwr.gradmatch import (
+    class_gradients,
+    descend,
+    distance_and_grad,
+    masked_class_mean,
+    vector_distance,
+    with_autograd,
+)
 
 
 def autograd_class_gradients(features, mask, weight, bias):
@@ -60,3 +67,31 @@ def test_vector_distances():
     assert vector_distance(c, d, "scalar").item() == pytest.approx(0.0 + 2.0 + 2.0 + 0.0)
     with pytest.raises(ValueError, match="unknown distance"):
         vector_distance(a, b, "l1")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "mse"])
+def test_closed_form_distance_gradient_matches_autograd(kind):
+    torch.manual_seed(1)
+    a = torch.randn(3, 4, 6, dtype=torch.double, requires_grad=True)
+    b = torch.randn(3, 4, 6, dtype=torch.double)
+    loss, grad = distance_and_grad(a.detach(), b, kind)
+    want = vector_distance(a, b, kind).sum()
+    (want_grad,) = torch.autograd.grad(want, a)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-12)
+    assert torch.allclose(grad, want_grad, atol=1e-12)
+    with pytest.raises(ValueError, match="no closed-form gradient"):
+        distance_and_grad(a.detach(), b, "scalar")
+
+
+def test_descend_finds_a_quadratic_minimum_and_leaves_its_start_alone():
+    start = torch.tensor([[3.0, -1.0], [0.5, 2.0]])
+    target = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    result, before, after = descend(start, with_autograd(lambda x: (x - target).square().sum()),
+                                    steps=50, lr=0.25)
+    assert torch.allclose(result, target, atol=1e-6)
+    assert before == pytest.approx(4 + 4 + 0.25 + 4) and after < 1e-10
+    assert torch.equal(start, torch.tensor([[3.0, -1.0], [0.5, 2.0]]))
+    # a normalized step moves each row by lr * its norm, however small its gradient
+    tiny = with_autograd(lambda x: 1e-9 * x[:, 0].sum())
+    moved, _, _ = descend(start, tiny, steps=1, lr=0.1, step="normalized")
+    assert torch.allclose((moved - start).norm(dim=1), 0.1 * start.norm(dim=1))

@@ -15,7 +15,7 @@ def test_hpcl_matches_hand_computation():
     # sample 0: s = (0.6, 0.4) / 0.5 = (1.2, 0.8); sample 1: s = (0, 0.5) / 0.5 = (0, 1)
     loss0 = -math.log(math.exp(1.2) / (math.exp(1.2) + math.exp(0.8) + margin))
     loss1 = -math.log(math.exp(1.0) / (math.exp(0.0) + math.exp(1.0) + margin))
-    got = hpcl(z, y, anchors, tau, margin)
+    got = hpcl(F.normalize(z, dim=1), y, anchors, tau, margin)
     assert got.item() == pytest.approx((loss0 + loss1) / 2, rel=1e-6)
 
 
@@ -23,16 +23,30 @@ def test_hpcl_without_margin_is_cross_entropy_on_cosine_logits():
     torch.manual_seed(0)
     z, anchors = torch.randn(6, 4), torch.randn(3, 4)
     y = torch.tensor([0, 1, 2, 0, 1, 2])
-    expected = F.cross_entropy(F.normalize(z, dim=1) @ anchors.T / 0.1, y)
-    assert hpcl(z, y, anchors, 0.1, 0.0).item() == pytest.approx(expected.item(), rel=1e-6)
+    zh = F.normalize(z, dim=1)
+    expected = F.cross_entropy(zh @ anchors.T / 0.1, y)
+    assert hpcl(zh, y, anchors, 0.1, 0.0).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_larger_margin_gives_larger_loss():
     torch.manual_seed(1)
     z, anchors = torch.randn(8, 5), F.normalize(torch.randn(4, 5), dim=1)
     y = torch.randint(0, 4, (8,))
-    losses = [hpcl(z, y, anchors, 0.5, m).item() for m in (0.0, 1.0, 100.0, 1e6)]
+    zh = F.normalize(z, dim=1)
+    losses = [hpcl(zh, y, anchors, 0.5, m).item() for m in (0.0, 1.0, 100.0, 1e6)]
     assert losses == sorted(losses) and losses[-1] > losses[0] + 1.0
+
+
+def test_a_margin_tensor_on_the_device_equals_the_same_float():
+    torch.manual_seed(3)
+    zh, anchors = F.normalize(torch.randn(8, 5), dim=1), torch.randn(4, 5)
+    y = torch.randint(0, 4, (8,))
+    for m in (0.0, 0.7, 30.0):
+        as_tensor = hpcl(zh, y, anchors, 0.5, torch.tensor(m)).item()
+        assert as_tensor == pytest.approx(hpcl(zh, y, anchors, 0.5, m).item(), rel=1e-6)
+    zero = zh.clone().requires_grad_(True)  # log(0) = -inf must leave the gradient finite
+    hpcl(zero, y, anchors, 0.5, torch.tensor(0.0)).backward()
+    assert torch.isfinite(zero.grad).all()
 
 
 def test_hpal_matches_smooth_l1_by_hand():
@@ -40,7 +54,8 @@ def test_hpal_matches_smooth_l1_by_hand():
     centers = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     # zh = (0.6, 0.8); target class 1 -> diffs (0.6, -0.2): 0.5*d^2 each (|d| < 1)
     expected = (0.5 * 0.36 + 0.5 * 0.04) / 2
-    assert hpal(z, torch.tensor([1]), centers).item() == pytest.approx(expected, rel=1e-6)
+    got = hpal(F.normalize(z, dim=1), torch.tensor([1]), centers).item()
+    assert got == pytest.approx(expected, rel=1e-6)
 
 
 def test_client_margin_equals_pairwise_sum_over_held_classes():
@@ -49,12 +64,12 @@ def test_client_margin_equals_pairwise_sum_over_held_classes():
     present = torch.tensor([True, False, True, True, False])
     held = means[present]
     pairwise = sum(held[i] @ held[j] for i in range(3) for j in range(3) if i != j)
-    assert client_margin(means, present) == pytest.approx(pairwise.item() / 16, rel=1e-5)
+    assert client_margin(means, present).item() == pytest.approx(pairwise.item() / 16, rel=1e-5)
 
 
 def test_client_margin_is_clamped_at_zero_and_grows_with_entanglement():
     opposite = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-    assert client_margin(opposite, torch.tensor([True, True])) == 0.0
+    assert client_margin(opposite, torch.tensor([True, True])).item() == 0.0
     apart = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
     entangled = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 0.0]])
     both = torch.tensor([True, True, False])

@@ -1,11 +1,13 @@
+import pytest
 import torch
 
 from fedhpro_flwr.extraction import ClassStatistics
-from fedhpro_flwr.gradmatch import class_gradients
+from fedhpro_flwr.gradmatch import class_gradients, vector_distance
 from fedhpro_flwr.recalibration import (
     FederatedFeatures,
     RecalibrationSettings,
     class_means_from_gradients,
+    feature_matching,
     recalibrate,
     recentred,
     train_linear,
@@ -117,3 +119,24 @@ def test_recentred_features_sit_at_the_class_means():
     assert torch.allclose(out[0] - out[0].mean(0), features[0] - features[0].mean(0), atol=1e-5)
     spread = (out[1] - means[1]).norm(dim=1).mean()
     assert 0.35 * means[1].norm() < spread < 0.65 * means[1].norm()
+
+
+@pytest.mark.parametrize("distance", ["cosine", "mse"])
+def test_closed_form_matching_gradient_equals_autograd(distance):
+    """Against the plain formulation: class_gradients + vector_distance, differentiated."""
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(4, 7, 6, generator=g, dtype=torch.double)
+    weight = torch.randn(4, 6, generator=g, dtype=torch.double)
+    bias = torch.randn(4, generator=g, dtype=torch.double)
+    target = class_gradients(torch.randn(4, 9, 6, generator=g, dtype=torch.double), weight, bias)
+    present = torch.tensor([True, False, True, True])
+    loss, grad = feature_matching(features, weight, bias, target, present, distance)
+
+    v = features.clone().requires_grad_(True)
+    mine = class_gradients(v, weight, bias)
+    want = (vector_distance(mine.weight[present], target.weight[present], distance)
+            + vector_distance(mine.bias[present], target.bias[present], distance)).sum()
+    (want_grad,) = torch.autograd.grad(want, v)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-10)
+    assert torch.allclose(grad, want_grad, atol=1e-10)
+    assert torch.equal(grad[1], torch.zeros(7, 6, dtype=torch.double))  # absent: not moved

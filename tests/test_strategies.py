@@ -48,6 +48,11 @@ def test_two_rounds_write_the_common_results_schema(runs, strategy):
     for row in results["rounds"]:
         assert row["clients"] == NUM_CLIENTS and row["failures"] == 0
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0 and row["server_seconds"] > 0
+        # the clients' stamped spans, merged: at least the slowest client, at most their sum
+        # and never more than the round itself
+        busy = row["client_busy_seconds"]
+        assert row["client_seconds_max"] * 0.99 <= busy <= row["client_seconds"] * 1.01
+        assert busy < row["wall_seconds"]
         for key in DIAGNOSTICS[strategy]:
             assert key in row and row[key] == row[key], key  # present, not NaN
     assert checkpoint(out)["strategy"] == strategy

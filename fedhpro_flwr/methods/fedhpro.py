@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord
 
 from ..config import ExperimentConfig
@@ -49,19 +50,23 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     head = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
     running = RunningClassMeans(feature_means.to(task.device), stats.present.to(task.device),
                                 hp_cfg.margin_momentum)
-    margins: list[float] = []
+    margin_sum = torch.zeros((), device=task.device)  # read once, after training
+    batches = 0
 
     def regulariser(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        margin = 0.0
+        nonlocal batches
+        margin: float | torch.Tensor = 0.0
         if hp_cfg.margin:
             running.update(z, y)
             margin = running.margin()
-            margins.append(margin)
-        return (hp_cfg.w_cl * hpcl(z, y, class_anchors, hp_cfg.tau, margin)
-                + hp_cfg.w_al * hpal(z, y, class_centers))
+            margin_sum.add_(margin)
+            batches += 1
+        zh = F.normalize(z, dim=1)
+        return (hp_cfg.w_cl * hpcl(zh, y, class_anchors, hp_cfg.tau, margin)
+                + hp_cfg.w_al * hpal(zh, y, class_centers))
 
     metrics = train_epochs(model, data, task.cfg.train, task.generator, task.device, regulariser)
-    metrics["margin"] = sum(margins) / len(margins) if margins else 0.0
+    metrics["margin"] = margin_sum.item() / batches if batches else 0.0
     if hp_cfg.recalibration and hp_cfg.recal_after_training:
         # the trained extractor's features, seen through the classifier the server matches at
         after, _ = extract_class_statistics(model, data, hp_cfg.batch_real, hp_cfg.repeat_num,
