@@ -32,8 +32,8 @@ from .suites import SUITES, Setting, Suite, Variant
 COLUMNS = ("suite", "setting", "strategy", "seed", "status", "reason", "final_accuracy",
            "best_accuracy", "mean_last5_accuracy", "rounds", "run_seconds", "wall_seconds",
            "client_seconds", "client_seconds_max", "client_busy_seconds", "server_seconds",
-           "framework_seconds",
-           "workers", "bytes_up_per_round", "bytes_down_per_round", "peak_rss_mb")
+           "framework_seconds", "workers", "bytes_up_per_round", "bytes_down_per_round",
+           "peak_rss_mb")
 KEY = ("setting", "strategy", "seed")
 
 
