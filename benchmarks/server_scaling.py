@@ -49,12 +49,11 @@ def random_statistics(num_classes: int, generator: torch.Generator) -> ClassStat
                            torch.randn(c, c, generator=generator) * 0.01)
 
 
-def server_seconds(num_classes: int, clients: int, repeats: int, recalibration: bool) -> float:
+def server_seconds(weights: dict[str, torch.Tensor], num_classes: int, clients: int,
+                   repeats: int, recalibration: bool) -> float:
     """Median time of the second server step (the first also initialises the features)."""
     cfg = ExperimentConfig.from_dict({"model": {"feature_dim": D},
                                       "fedhpro": {"recalibration": recalibration}})
-    model = build_model(cfg.model, DataSpec((1, 28, 28), tuple(map(str, range(num_classes)))))
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     generator = torch.Generator().manual_seed(0)
     replies = []
     for i in range(clients):
@@ -73,13 +72,14 @@ def server_seconds(num_classes: int, clients: int, repeats: int, recalibration: 
 
 
 def measure(num_classes: int, clients: int, repeats: int) -> dict[str, float]:
-    model = build_model(ExperimentConfig().model,
-                        DataSpec((1, 28, 28), tuple(map(str, range(num_classes)))))
+    cfg = ExperimentConfig.from_dict({"model": {"feature_dim": D}})
+    model = build_model(cfg.model, DataSpec((1, 28, 28), tuple(map(str, range(num_classes)))))
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     stats = random_statistics(num_classes, torch.Generator().manual_seed(1))
     return {
-        "server_seconds": server_seconds(num_classes, clients, repeats, True),
-        "server_seconds_no_recal": server_seconds(num_classes, clients, repeats, False),
-        "weights_bytes": record_nbytes(tensors_to_record(model.state_dict())),
+        "server_seconds": server_seconds(weights, num_classes, clients, repeats, True),
+        "server_seconds_no_recal": server_seconds(weights, num_classes, clients, repeats, False),
+        "weights_bytes": record_nbytes(tensors_to_record(weights)),
         "gradients_bytes": record_nbytes(encode_class_statistics(stats)),
         "gradients_bytes_fp16": record_nbytes(encode_class_statistics(stats, torch.float16)),
         "feature_gradients_bytes": record_nbytes(encode_class_statistics(stats,

@@ -30,6 +30,15 @@ class ClassGradients:
     bias: torch.Tensor | None = None
 
 
+def softmax_residual(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, probabilities - one-hot), both (C, B, C), of the linear head on features
+    laid out by class (row c has label c): the residual is dCE/dlogits per sample."""
+    probs = torch.softmax(features @ weight.T + bias, dim=-1)
+    eye = torch.eye(features.shape[0], dtype=probs.dtype, device=probs.device)
+    return probs, probs - eye[:, None, :]
+
+
 def class_gradients(
     features: torch.Tensor,
     weight: torch.Tensor,
@@ -47,10 +56,7 @@ def class_gradients(
     Rows without any sample come out as zeros; callers mask them.
     """
     num_classes = features.shape[0]
-    residual = torch.softmax(features @ weight.T + bias, dim=-1)  # (C, B, C)
-    residual = residual - torch.eye(num_classes, dtype=residual.dtype, device=residual.device)[
-        :, None, :
-    ]
+    residual = softmax_residual(features, weight, bias)[1]
     if mask is None:
         counts = torch.full((num_classes,), features.shape[1], device=features.device)
     else:

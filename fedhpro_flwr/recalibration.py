@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 
 from .extraction import ClassStatistics
-from .gradmatch import ClassGradients, Distance, descend, distance_and_grad, masked_class_mean
+from .gradmatch import (
+    ClassGradients,
+    Distance,
+    descend,
+    distance_and_grad,
+    masked_class_mean,
+    softmax_residual,
+)
 
 
 @dataclass(frozen=True)
@@ -44,9 +51,8 @@ def feature_matching(
     hand: a few batched matrix products per step instead of autograd's graph, which on the
     server's small problems cost more than the arithmetic.
     """
-    num_classes, per_class, _ = features.shape
-    probs = torch.softmax(features @ weight.T + bias, dim=-1)  # (C, M, C)
-    residual = probs - torch.eye(num_classes, dtype=probs.dtype, device=probs.device)[:, None]
+    per_class = features.shape[1]
+    probs, residual = softmax_residual(features, weight, bias)  # (C, M, C)
     weight_grads = residual.transpose(1, 2) @ features / per_class  # (C, C, d)
     bias_grads = residual.sum(dim=1) / per_class  # (C, C)
     assert target.weight is not None and target.bias is not None
