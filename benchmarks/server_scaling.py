@@ -58,8 +58,11 @@ def server_seconds(weights: dict[str, torch.Tensor], num_classes: int, clients: 
     replies = []
     for i in range(clients):
         record = encode_class_statistics(random_statistics(num_classes, generator),
-                                         classifier=recalibration)
-        stats = decode_class_statistics(record, num_classes, D, classifier=recalibration)
+                                         classifier=recalibration,
+                                         feature_grads=not recalibration)
+        stats = decode_class_statistics(
+            record, num_classes, D, classifier=recalibration,
+            measured_at=weights["classifier.weight"] if recalibration else None)
         replies.append(ClientReply(i, i, 100, weights, {"margin": 0.0}, stats))
     seconds = []
     for _ in range(repeats):
@@ -80,8 +83,9 @@ def measure(num_classes: int, clients: int, repeats: int) -> dict[str, float]:
         "server_seconds": server_seconds(weights, num_classes, clients, repeats, True),
         "server_seconds_no_recal": server_seconds(weights, num_classes, clients, repeats, False),
         "weights_bytes": record_nbytes(tensors_to_record(weights)),
-        "gradients_bytes": record_nbytes(encode_class_statistics(stats)),
-        "gradients_bytes_fp16": record_nbytes(encode_class_statistics(stats, torch.float16)),
+        "gradients_bytes": record_nbytes(encode_class_statistics(stats, feature_grads=False)),
+        "gradients_bytes_fp16": record_nbytes(encode_class_statistics(stats, torch.float16,
+                                                                      feature_grads=False)),
         "feature_gradients_bytes": record_nbytes(encode_class_statistics(stats,
                                                                          classifier=False)),
     }

@@ -149,27 +149,69 @@ def decode_class_rows(
     return ClassRows(present, {name: scatter(t[name]) for name in row_shapes}, counts)
 
 
-def _gradient_rows(classifier: bool) -> tuple[str, ...]:
-    return ("feature_grads", "weight_grads", "bias_grads") if classifier else ("feature_grads",)
+def without_own_class(grads: torch.Tensor) -> torch.Tensor:
+    """(C, C, ...) per-class classifier gradients without each class's own entry [c, c]:
+    (C, C - 1, ...). The entry is implied, see `with_own_class`."""
+    c = grads.shape[0]
+    return grads[~torch.eye(c, dtype=torch.bool)].reshape(c, c - 1, *grads.shape[2:])
+
+
+def with_own_class(grads: torch.Tensor) -> torch.Tensor:
+    """Inverse of `without_own_class`. A CE gradient w.r.t. the logits, softmax minus one-hot,
+    sums to zero over the classes, and so do its means times anything: class c's own entry
+    is minus the sum of its others."""
+    c = grads.shape[0]
+    full = grads.new_zeros(c, c, *grads.shape[2:])
+    full[~torch.eye(c, dtype=torch.bool)] = grads.flatten(0, 1)
+    full[torch.eye(c, dtype=torch.bool)] = -grads.sum(dim=1)
+    return full
 
 
 def encode_class_statistics(stats: ClassStatistics, dtype: torch.dtype = torch.float32,
-                            classifier: bool = True) -> ArrayRecord:
-    """Only the classes the client holds are sent; the classifier gradients (C x C x d per
-    client, the bulk at many classes) only when `classifier`."""
-    rows = {name: getattr(stats, name) for name in _gradient_rows(classifier)}
+                            classifier: bool = True, feature_grads: bool = True) -> ArrayRecord:
+    """Only the classes the client holds, and nothing the server can recompute.
+
+    The classifier gradients (C x C x d per client, the bulk at many classes) travel only when
+    `classifier`, without each class's own row (`without_own_class`). The feature gradients
+    travel only when `feature_grads`: for a linear head, dCE/dz = W^T dCE/db, so a server that
+    knows the classifier weight W the client measured at rebuilds them from the bias
+    gradients (`decode_class_statistics`'s `measured_at`)."""
+    if not (classifier or feature_grads):
+        raise ValueError("class statistics need the classifier or the feature gradients")
+    rows: dict[str, torch.Tensor] = {}
+    if feature_grads:
+        rows["feature_grads"] = stats.feature_grads
+    if classifier:
+        assert stats.weight_grads is not None and stats.bias_grads is not None
+        rows["weight_grads"] = without_own_class(stats.weight_grads)
+        rows["bias_grads"] = without_own_class(stats.bias_grads)
     return encode_class_rows(stats.present, rows, stats.counts, dtype)
 
 
 def decode_class_statistics(
     record: ArrayRecord, num_classes: int, feature_dim: int, what: str = "class statistics",
-    classifier: bool = True,
+    classifier: bool = True, measured_at: torch.Tensor | None = None,
 ) -> ClassStatistics:
-    """Inverse of `encode_class_statistics`, with absent classes back as zero rows."""
+    """Inverse of `encode_class_statistics`, with absent classes back as zero rows.
+
+    `measured_at`: the (C, d) classifier weight the client measured its gradients at; given,
+    the record must not carry the feature gradients, which are rebuilt from it."""
     c, d = num_classes, feature_dim
-    names = _gradient_rows(classifier)
-    shapes = dict(zip(names, ((d,), (c, d), (c,)), strict=False))
+    shapes: dict[str, tuple[int, ...]] = {}
+    if measured_at is None:
+        shapes["feature_grads"] = (d,)
+    elif not classifier:
+        raise ValueError("feature gradients can only be rebuilt from the classifier gradients")
+    if classifier:
+        shapes |= {"weight_grads": (c - 1, d), "bias_grads": (c - 1,)}
     decoded = decode_class_rows(record, c, shapes, what, with_counts=True)
     assert decoded.counts is not None
-    return ClassStatistics(decoded.present, decoded.counts, decoded.rows["feature_grads"],
-                           decoded.rows.get("weight_grads"), decoded.rows.get("bias_grads"))
+    rows = decoded.rows
+    weight_grads = with_own_class(rows["weight_grads"]) if classifier else None
+    bias_grads = with_own_class(rows["bias_grads"]) if classifier else None
+    if measured_at is None:
+        feature = rows["feature_grads"]
+    else:
+        assert bias_grads is not None
+        feature = bias_grads @ measured_at
+    return ClassStatistics(decoded.present, decoded.counts, feature, weight_grads, bias_grads)

@@ -96,7 +96,9 @@ def test_one_round_of_each_method(name):
     fresh.load_state_dict(state)
 
 
-def test_fedhpro_without_recalibration_uploads_no_classifier_gradients():
+def test_fedhpro_uploads_only_what_its_server_cannot_rebuild():
+    """With recalibration the feature gradients stay home (the server rebuilds them from the
+    bias gradients at the classifier it sent); without it the classifier gradients do."""
     cfg = ExperimentConfig.from_dict({**asdict(CFG), "fedhpro": {"recalibration": False}})
     info = dataset_spec(cfg)
     model = build_model(cfg.model, info)
@@ -108,16 +110,20 @@ def test_fedhpro_without_recalibration_uploads_no_classifier_gradients():
     lean = client_replies("fedhpro", without, model, cfg)
     assert sorted(lean[0].content.array_records[STATS_RECORD].keys()) == [
         "classes", "counts", "feature_grads"]
+    assert sorted(full[0].content.array_records[STATS_RECORD].keys()) == [
+        "bias_grads", "classes", "counts", "weight_grads"]
+    for sent, rebuilt in zip(lean, full, strict=True):  # same samples: extraction comes first
+        want = without.decode_extra(sent.content).feature_grads
+        assert torch.allclose(with_recal.decode_extra(rebuilt.content).feature_grads, want,
+                              atol=1e-6)
 
     assert without.aggregate_train(1, lean)[0] is not None
     assert with_recal.aggregate_train(1, full)[0] is not None
-    dropped = [(r.content.array_records[STATS_RECORD]["weight_grads"],
-                r.content.array_records[STATS_RECORD]["bias_grads"]) for r in full]
-    held = [len(r.content.array_records[STATS_RECORD]["classes"].numpy()) for r in lean]
-    for (weight, bias), n in zip(dropped, held, strict=True):
-        assert weight.shape == (n, 10, model.feature_dim) and bias.shape == (n, 10)
+    sizes = [{name: len(array.data) for name, array in
+              r.content.array_records[STATS_RECORD].items()} for r in full + lean]
     saved = with_recal.last_round["bytes_up"] - without.last_round["bytes_up"]
-    assert saved == sum(len(w.data) + len(b.data) for w, b in dropped)
+    assert saved == sum(s.get("weight_grads", 0) + s.get("bias_grads", 0)
+                        - s.get("feature_grads", 0) for s in sizes)
 
 
 def first_round_accuracies(**fedhpro) -> tuple[float, float]:

@@ -4,6 +4,7 @@ import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedhpro_flwr.extraction import ClassStatistics
+from fedhpro_flwr.gradmatch import class_gradients
 from fedhpro_flwr.payload import (
     PayloadError,
     check_state_dict,
@@ -16,16 +17,20 @@ from fedhpro_flwr.payload import (
 C, D = 4, 3
 
 
+WEIGHT = torch.randn(C, D, generator=torch.Generator().manual_seed(0))
+
+
 def stats():
+    """Real class statistics (the identities the encoder relies on hold): class 1 absent."""
     present = torch.tensor([True, False, True, True])
     counts = torch.tensor([5, 0, 2, 9])
-    mask = present.float()
-    return ClassStatistics(
-        present, counts,
-        torch.randn(C, D) * mask[:, None],
-        torch.randn(C, C, D) * mask[:, None, None],
-        torch.randn(C, C) * mask[:, None],
-    )
+    mask = torch.zeros(C, 5, dtype=torch.bool)
+    for c, n in enumerate(counts.tolist()):
+        mask[c, :n] = True
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(C, 5, D, generator=generator) * mask[..., None]
+    grads = class_gradients(features, WEIGHT, torch.randn(C, generator=generator), mask)
+    return ClassStatistics(present, counts, grads.feature, grads.weight, grads.bias)
 
 
 def encoded(**replace):
@@ -35,14 +40,38 @@ def encoded(**replace):
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
 
-def test_round_trip_sends_only_held_classes():
+def assert_same_statistics(decoded, original, tol=1e-6):
+    assert torch.equal(decoded.present, original.present)
+    assert torch.equal(decoded.counts, original.counts)
+    for name in ("feature_grads", "weight_grads", "bias_grads"):
+        assert torch.allclose(getattr(decoded, name), getattr(original, name), atol=tol), name
+
+
+def test_round_trip_sends_only_held_classes_without_their_own_rows():
     original = stats()
     record = encode_class_statistics(original)
     assert record["classes"].numpy().tolist() == [0, 2, 3]
-    assert record["weight_grads"].numpy().shape == (3, C, D)
+    assert record["weight_grads"].numpy().shape == (3, C - 1, D)
+    assert record["bias_grads"].numpy().shape == (3, C - 1)
     decoded = decode_class_statistics(record, C, D)
-    for name in ("present", "counts", "feature_grads", "weight_grads", "bias_grads"):
-        assert torch.equal(getattr(decoded, name), getattr(original, name)), name
+    assert torch.equal(decoded.feature_grads, original.feature_grads)
+    assert_same_statistics(decoded, original)
+    assert (decoded.weight_grads[1] == 0).all()  # absent: zeros, to be masked
+
+
+def test_feature_gradients_are_rebuilt_at_the_classifier_they_were_measured_at():
+    original = stats()
+    record = encode_class_statistics(original, feature_grads=False)
+    assert sorted(record.keys()) == ["bias_grads", "classes", "counts", "weight_grads"]
+    assert_same_statistics(decode_class_statistics(record, C, D, measured_at=WEIGHT), original)
+    wrong = decode_class_statistics(record, C, D, measured_at=WEIGHT.flip(0))
+    assert not torch.allclose(wrong.feature_grads, original.feature_grads, atol=1e-3)
+    with pytest.raises(PayloadError, match="missing arrays"):
+        decode_class_statistics(record, C, D)  # a server expecting them refuses the reply
+    with pytest.raises(PayloadError, match="unexpected arrays"):
+        decode_class_statistics(encode_class_statistics(original), C, D, measured_at=WEIGHT)
+    with pytest.raises(ValueError, match="classifier"):
+        encode_class_statistics(original, classifier=False, feature_grads=False)
 
 
 def test_float16_upload_halves_the_gradient_bytes_and_decodes_to_float32():
@@ -53,8 +82,7 @@ def test_float16_upload_halves_the_gradient_bytes_and_decodes_to_float32():
         assert half[name].numpy().nbytes * 2 == full[name].numpy().nbytes
     decoded = decode_class_statistics(half, C, D)
     assert decoded.weight_grads.dtype == torch.float32
-    assert torch.allclose(decoded.weight_grads, original.weight_grads, rtol=1e-3, atol=1e-3)
-    assert torch.equal(decoded.counts, original.counts)
+    assert_same_statistics(decoded, original, tol=1e-2)
 
 
 def test_without_classifier_gradients_only_feature_gradients_travel():
@@ -80,10 +108,11 @@ def test_model_weights_stay_float32_only():
     ("replace", "message"),
     [
         ({"feature_grads": np.zeros((3, D + 1), np.float32)}, "shape"),
-        ({"weight_grads": np.zeros((2, C, D), np.float32)}, "rows"),
+        ({"weight_grads": np.zeros((2, C - 1, D), np.float32)}, "rows"),
+        ({"weight_grads": np.zeros((3, C, D), np.float32)}, "shape"),  # with own-class rows
         ({"feature_grads": np.full((3, D), np.nan, np.float32)}, "NaN or Inf"),
-        ({"bias_grads": np.full((3, C), np.inf, np.float32)}, "NaN or Inf"),
-        ({"bias_grads": np.full((3, C), np.inf, np.float16)}, "NaN or Inf"),
+        ({"bias_grads": np.full((3, C - 1), np.inf, np.float32)}, "NaN or Inf"),
+        ({"bias_grads": np.full((3, C - 1), np.inf, np.float16)}, "NaN or Inf"),
         ({"feature_grads": np.zeros((3, D), np.float64)}, "dtype"),
         ({"classes": np.array([0, 2, 7])}, "outside"),
         ({"classes": np.array([0, 2, 2])}, "repeated"),

@@ -44,7 +44,7 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
                                         task.generator, task.device,
                                         head=(head["weight"], head["bias"]))
     metrics = train_epochs(model, task.data, task.cfg.train, task.generator, task.device)
-    return {STATS_RECORD: encode_class_statistics(stats)}, metrics
+    return {STATS_RECORD: encode_class_statistics(stats, feature_grads=False)}, metrics
 
 
 class CReFFStrategy(RecalibratingStrategy):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord
 
-from ..config import ExperimentConfig
+from ..config import ExperimentConfig, FedHProConfig
 from ..data import TensorData
 from ..diagnostics import consistency_metric
 from ..extraction import ClassStatistics, extract_class_statistics
@@ -35,6 +35,13 @@ def decode_hyperprototypes(record: ArrayRecord, num_classes: int, feature_dim: i
     """The server's hyper-prototypes as a client receives them, checked."""
     shape = (num_classes, per_class, feature_dim)
     return record_to_tensors(record, {"hp": (shape, "float")}, "hyper-prototypes")["hp"]
+
+
+def sends_feature_grads(hp_cfg: FedHProConfig) -> bool:
+    """Whether the feature gradients travel: not when the server can rebuild them from bias
+    gradients measured at the same model, i.e. with recalibration on and measured before
+    training (see `payload.encode_class_statistics`)."""
+    return not hp_cfg.recalibration or hp_cfg.recal_after_training
 
 
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
@@ -78,7 +85,8 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
                                       torch.ones(data.num_classes, dtype=torch.bool))
     dtype = torch.float16 if hp_cfg.float16_upload else torch.float32
     # the classifier gradients serve only the server's recalibration
-    record = encode_class_statistics(stats, dtype, classifier=hp_cfg.recalibration)
+    record = encode_class_statistics(stats, dtype, classifier=hp_cfg.recalibration,
+                                     feature_grads=sends_feature_grads(hp_cfg))
     return {STATS_RECORD: record}, metrics
 
 
@@ -100,7 +108,8 @@ class FedHProStrategy(RecalibratingStrategy):
             recentre=hp_cfg.recal_recentre,
         )
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
-                         settings, generator, classifier_gradients=hp_cfg.recalibration)
+                         settings, generator, classifier_gradients=hp_cfg.recalibration,
+                         feature_gradients=sends_feature_grads(hp_cfg))
         self.hyperprototypes = hyperprototypes
         self.aggregated_head: dict[str, torch.Tensor] | None = None  # what recalibration replaced
 

@@ -27,9 +27,11 @@ class RecalibratingStrategy(ExperimentStrategy):
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int, features_per_class: int,
                  settings: RecalibrationSettings, generator: torch.Generator,
-                 classifier_gradients: bool = True):
+                 classifier_gradients: bool = True, feature_gradients: bool = False):
         super().__init__(cfg, reference_state)
-        self.classifier_gradients = classifier_gradients  # do replies carry them?
+        # what replies carry; feature gradients that do not travel are rebuilt at `head`
+        self.classifier_gradients = classifier_gradients
+        self.feature_gradients = feature_gradients
         self.num_classes, self.feature_dim = num_classes, feature_dim
         self.settings = settings
         self.generator = generator
@@ -40,9 +42,10 @@ class RecalibratingStrategy(ExperimentStrategy):
                      "bias": reference_state["classifier.bias"].detach().clone()}
 
     def decode_extra(self, content: RecordDict) -> ClassStatistics:
-        return decode_class_statistics(required_record(content, STATS_RECORD, "reply"),
-                                       self.num_classes,
-                                       self.feature_dim, classifier=self.classifier_gradients)
+        return decode_class_statistics(
+            required_record(content, STATS_RECORD, "reply"), self.num_classes, self.feature_dim,
+            classifier=self.classifier_gradients,
+            measured_at=None if self.feature_gradients else self.head["weight"])
 
     def recalibrate(self, replies: list[ClientReply]) -> RecalibrationResult:
         """Match the features at `head` to the replies' gradients; re-train a classifier."""
