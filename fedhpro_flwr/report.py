@@ -49,6 +49,18 @@ def balanced_client_seconds(row: dict[str, str]) -> float:
     return _float(row, "client_seconds") / _float(row, "workers")
 
 
+def cpu_name() -> str:
+    """The CPU's model: timings from two machines of the same size can differ by a third."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def machine() -> str:
     import torch
 
@@ -59,8 +71,9 @@ def machine() -> str:
     except (ImportError, AttributeError):
         flwr_version = "?"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, {gpu}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}, flwr {flwr_version}")
+    return (f"{platform.machine()} {platform.system()}, {cpu_name()}, {os.cpu_count()} CPU cores, "
+            f"{gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"flwr {flwr_version}")
 
 
 def setting_table(rows: list[dict[str, str]]) -> list[str]:
