@@ -250,23 +250,29 @@ def goals(ok: list[dict[str, str]]) -> list[str]:
                      f"| {mark(share < 0.05)} |")
     pairs = _by(ok, "setting", "seed")
     for variant in (METHOD, FLOAT16.name):
-        client, up = [], []
-        for rows in pairs.values():
+        client: list[float] = []
+        up: dict[str, list[float]] = defaultdict(list)
+        for (setting, _), rows in pairs.items():
             named = {r["strategy"]: r for r in rows}
             if variant in named and BASELINE in named:
                 client.append(_float(named[variant], "client_seconds")
                               / _float(named[BASELINE], "client_seconds"))
-                up.append(_float(named[variant], "bytes_up_per_round")
-                          / _float(named[BASELINE], "bytes_up_per_round"))
+                up[setting].append(_float(named[variant], "bytes_up_per_round")
+                                   / _float(named[BASELINE], "bytes_up_per_round"))
         if not client:
             continue
-        time_ratio, byte_ratio = statistics.fmean(client), statistics.fmean(up)
+        time_ratio = statistics.fmean(client)
+        # Bytes do not vary by chance, so every setting must meet the goal, not their mean.
+        byte_ratio = statistics.fmean(r for rs in up.values() for r in rs)
+        worst = max(up, key=lambda s: statistics.fmean(up[s]))
+        worst_ratio = statistics.fmean(up[worst])
         who = "FedHPro's" if variant == METHOD else f"{variant}'s"
         if variant == METHOD:
             lines.append(f"| {who} client time <= 1.25x FedAvg's (same epochs) "
                          f"| {time_ratio:.2f}x | {mark(time_ratio <= 1.25)} |")
-        lines.append(f"| {who} bytes up per round <= 1.1x FedAvg's | {byte_ratio:.3f}x "
-                     f"| {mark(byte_ratio <= 1.1)} |")
+        lines.append(f"| {who} bytes up per round <= 1.1x FedAvg's (every setting) "
+                     f"| {byte_ratio:.3f}x (most: {worst} {worst_ratio:.3f}x) "
+                     f"| {mark(worst_ratio <= 1.1)} |")
     return lines
 
 

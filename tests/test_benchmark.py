@@ -181,15 +181,23 @@ def test_goals_compare_fedhpro_with_the_best_baseline(tmp_path):
             row("fedtgp", "0", 0.95, 11.0, 100.0),
             row("fedhpro-no-hpal", "0", 0.99, 12.0, 105.0),  # an ablation is no baseline
             row("fedhpro-float16", "0", 0.9, 12.0, 105.0)]
+    # a second setting that brings FedHPro's mean upload under the goal: s alone is over it
+    rows += [row("fedhpro", "0", 0.9, 12.0, 104.0), row("fedavg", "0", 0.8, 10.0, 100.0),
+             row("fedhpro-float16", "0", 0.9, 12.0, 104.0)]
+    for r in rows[-3:]:
+        r["setting"] = "s2"
     table = "\n".join(goals(rows))
     assert "fedhpro 0.9000 vs best baseline fedtgp 0.9500 | **not met**" in table
     # framework 0.5 of 10 s; with balanced clients 10 - 0.2 - client / 2: 3.8, 4.8, 4.3, 3.8, 3.8
+    # in s, 3.8, 4.8, 3.8 in s2
     assert "| 5.0% (counting idle workers as overhead, i.e. clients assumed perfectly " \
-           "balanced: 41.0%) | met |" in table
+           "balanced: 41.1%) | met |" in table
     assert "| 2.0% | met |" in table  # server step 0.2 of 10 s
     assert "client time <= 1.25x FedAvg's (same epochs) | 1.20x | met |" in table
-    assert "FedHPro's bytes up per round <= 1.1x FedAvg's | 1.150x | **not met** |" in table
-    assert "fedhpro-float16's bytes up per round <= 1.1x FedAvg's | 1.050x | met |" in table
+    assert ("FedHPro's bytes up per round <= 1.1x FedAvg's (every setting) | 1.095x (most: s "
+            "1.150x) | **not met** |") in table
+    assert ("fedhpro-float16's bytes up per round <= 1.1x FedAvg's (every setting) | 1.045x "
+            "(most: s 1.050x) | met |") in table
 
 
 def test_scale_goals_compare_memory_and_class_growth():
