@@ -82,7 +82,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     ),
     Suite(
         "default", "the offline benchmarks, every strategy (and FedHPro with float16 gradient "
-        "uploads), 3 seeds; about 80 minutes on 2 CPU cores",
+        "uploads), 3 seeds; 60-80 minutes on 2 CPU cores",
         DEFAULT_SETTINGS, (*ALL_STRATEGIES, FLOAT16), (0, 1, 2), rounds=10,
         overrides="train.local_epochs=2",
     ),
