@@ -264,8 +264,9 @@ def goals(ok: list[dict[str, str]]) -> list[str]:
         time_ratio = statistics.fmean(client)
         # Bytes do not vary by chance, so every setting must meet the goal, not their mean.
         byte_ratio = statistics.fmean(r for rs in up.values() for r in rs)
-        worst = max(up, key=lambda s: statistics.fmean(up[s]))
-        worst_ratio = statistics.fmean(up[worst])
+        per_setting = {setting: statistics.fmean(rs) for setting, rs in up.items()}
+        worst = max(per_setting, key=per_setting.__getitem__)
+        worst_ratio = per_setting[worst]
         who = "FedHPro's" if variant == METHOD else f"{variant}'s"
         if variant == METHOD:
             lines.append(f"| {who} client time <= 1.25x FedAvg's (same epochs) "
