@@ -1,9 +1,9 @@
-"""Flower ClientApp: local training for the method the server runs (see fedhpro_flwr.client)."""
+"""Flower ClientApp: local training for the method the server runs (see fedhpro_flwr.app.client)."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedhpro_flwr.client import handle_train
+from fedhpro_flwr.app.client import handle_train
 
 app = ClientApp()
 

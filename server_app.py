@@ -1,4 +1,4 @@
-"""Flower ServerApp: reads the run config and runs the chosen method (see fedhpro_flwr.server)."""
+"""Flower ServerApp: reads the run config, runs the chosen method (fedhpro_flwr.app.server)."""
 
 from logging import ERROR
 from pathlib import Path
@@ -7,7 +7,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedhpro_flwr.server import RUN_STOPPERS, RunStopped, run_server
+from fedhpro_flwr.app.server import RUN_STOPPERS, RunStopped, run_server
 
 app = ServerApp()
 

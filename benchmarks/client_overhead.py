@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from flwr.app import RecordDict
 
+from fedhpro_flwr.algorithms.hyperproto import init_hyperprototypes
+from fedhpro_flwr.algorithms.models import build_model
+from fedhpro_flwr.algorithms.training import train_epochs
+from fedhpro_flwr.app.payload import tensors_to_record
 from fedhpro_flwr.config import load_experiment, parse_overrides
-from fedhpro_flwr.data import client_data, dataset_spec
-from fedhpro_flwr.hyperproto import init_hyperprototypes
+from fedhpro_flwr.data.federated import client_data, dataset_spec
 from fedhpro_flwr.methods import ClientTask, get_method
 from fedhpro_flwr.methods.fedhpro import HP_RECORD
-from fedhpro_flwr.models import build_model
-from fedhpro_flwr.payload import tensors_to_record
-from fedhpro_flwr.training import train_epochs
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-from fedhpro_flwr import proctree
-from fedhpro_flwr.localfed import LocalFederation
+from fedhpro_lab import proctree
+from fedhpro_lab.localfed import LocalFederation
 
 APP_DIR = Path(__file__).resolve().parents[1]
 CONFIG = "conf/mnist-dir0.5.yaml"
@@ -41,7 +41,7 @@ def run_config(out: Path, nodes: int, rounds: int) -> dict:
 
 def in_simulation(out: Path, nodes: int, rounds: int) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fedhpro_flwr.simulation", "--supernodes", str(nodes),
+    subprocess.run([sys.executable, "-m", "fedhpro_lab.simulation", "--supernodes", str(nodes),
                     "--run-config", json.dumps([run_config(out, nodes, rounds)])],
                    check=True, cwd=APP_DIR, capture_output=True)
     return time.perf_counter() - start

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fedhpro_flwr.algorithms.extraction import extract_class_statistics
+from fedhpro_flwr.algorithms.gradmatch import class_gradients, masked_class_mean
+from fedhpro_flwr.algorithms.hyperproto import anchors, matching_loss
+from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.config import ExperimentConfig
-from fedhpro_flwr.data import client_data, dataset_spec
-from fedhpro_flwr.extraction import extract_class_statistics
-from fedhpro_flwr.gradmatch import class_gradients, masked_class_mean
-from fedhpro_flwr.hyperproto import anchors, matching_loss
-from fedhpro_flwr.models import build_model
+from fedhpro_flwr.data.federated import client_data, dataset_spec
 
 
 def share_in_span(vectors: torch.Tensor, basis: torch.Tensor) -> float:

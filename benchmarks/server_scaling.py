@@ -12,7 +12,7 @@ gradients). Also prints the bytes one client uploads per round: the model weight
 classifier has C outputs) and the per-class gradients, in float32 and with
 `fedhpro.float16_upload`, with and without the classifier gradients.
 Run it on an otherwise idle machine. With --csv the rows are also written there, where
-`fedhpro_flwr.report` picks them up (next to results.csv).
+`fedhpro_lab.report` picks them up (next to results.csv).
 """
 
 from __future__ import annotations
@@ -25,18 +25,18 @@ from pathlib import Path
 
 import torch
 
-from fedhpro_flwr.config import ExperimentConfig
-from fedhpro_flwr.data import DataSpec
-from fedhpro_flwr.extraction import ClassStatistics
-from fedhpro_flwr.methods import get_method
-from fedhpro_flwr.models import build_model
-from fedhpro_flwr.payload import (
+from fedhpro_flwr.algorithms.extraction import ClassStatistics
+from fedhpro_flwr.algorithms.models import build_model
+from fedhpro_flwr.app.payload import (
     decode_class_statistics,
     encode_class_statistics,
     record_nbytes,
     tensors_to_record,
 )
-from fedhpro_flwr.strategy_base import ClientReply
+from fedhpro_flwr.app.strategy import ClientReply
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.data.federated import DataSpec
+from fedhpro_flwr.methods import get_method
 
 D = 128
 

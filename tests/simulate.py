@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from fedhpro_flwr.checkpoint import CHECKPOINT_NAME
-from fedhpro_flwr.simulation import simulate as run_experiment
+from fedhpro_flwr.app.checkpoint import CHECKPOINT_NAME
+from fedhpro_lab.simulation import simulate as run_experiment
 
 NUM_CLIENTS = 3
 CONFIG = "conf/mnist-dir0.5.yaml"  # small and quick

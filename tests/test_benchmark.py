@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from fedhpro_flwr.benchmark import (
+from fedhpro_flwr.app.strategy import busy_seconds
+from fedhpro_flwr.config import load_experiment, parse_overrides
+from fedhpro_lab.benchmark import (
     Progress,
     Run,
     failure_reason,
@@ -21,11 +23,9 @@ from fedhpro_flwr.benchmark import (
     summarize,
     tree_rss_mb,
 )
-from fedhpro_flwr.config import load_experiment, parse_overrides
-from fedhpro_flwr.report import goals, scale_goals, write_report
-from fedhpro_flwr.simulation import APP_DIR
-from fedhpro_flwr.strategy_base import busy_seconds
-from fedhpro_flwr.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant
+from fedhpro_lab.report import goals, scale_goals, write_report
+from fedhpro_lab.simulation import APP_DIR
+from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant
 
 
 def read_csv(path):

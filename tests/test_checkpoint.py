@@ -1,14 +1,14 @@
 import pytest
 import torch
 
-from fedhpro_flwr.checkpoint import (
+from fedhpro_flwr.app.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
-from fedhpro_flwr.strategy_base import weighted_average
+from fedhpro_flwr.app.strategy import weighted_average
 
 
 def saved(tmp_path, strategy="fedhpro", fingerprint="abc"):

@@ -2,18 +2,18 @@ import numpy as np
 import pytest
 import torch
 
+from fedhpro_flwr.algorithms.extraction import extract_class_statistics, sample_per_class
+from fedhpro_flwr.algorithms.models import build_model
+from fedhpro_flwr.algorithms.training import domain_accuracies
 from fedhpro_flwr.config import ConfigError, ExperimentConfig, PartitionConfig
-from fedhpro_flwr.data import TensorData, client_data, dataset_spec, held_out_data
-from fedhpro_flwr.extraction import extract_class_statistics, sample_per_class
-from fedhpro_flwr.models import build_model
-from fedhpro_flwr.partition import (
+from fedhpro_flwr.data.federated import TensorData, client_data, dataset_spec, held_out_data
+from fedhpro_flwr.data.partition import (
     dirichlet_partition,
     domain_partition,
     k_classes_partition,
     long_tail_subset,
     stratified_split,
 )
-from fedhpro_flwr.training import domain_accuracies
 
 
 def test_dirichlet_partition_is_disjoint_complete_seeded_and_skewed():

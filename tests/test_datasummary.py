@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 
 from fedhpro_flwr.config import load_experiment
-from fedhpro_flwr.datasummary import client_class_counts, main
+from fedhpro_lab.datasummary import client_class_counts, main
 
 ROOT = Path(__file__).resolve().parents[1]
 

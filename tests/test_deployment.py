@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedhpro_flwr.localfed import CONNECTION, FINISHED, Credentials, LocalFederation
+from fedhpro_lab.localfed import CONNECTION, FINISHED, Credentials, LocalFederation
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from simulate import NUM_CLIENTS, OVERRIDES, simulate
 
-from fedhpro_flwr.config import ConfigError, ExperimentConfig
-from fedhpro_flwr.diagnostics import (
+from fedhpro_flwr.algorithms.diagnostics import (
     anchor_cosines,
     consistency,
     consistency_metric,
@@ -17,6 +16,7 @@ from fedhpro_flwr.diagnostics import (
     relative_change,
     spread,
 )
+from fedhpro_flwr.config import ConfigError, ExperimentConfig
 
 
 def test_anchor_cosines_over_present_classes_only():

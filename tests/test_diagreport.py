@@ -3,7 +3,7 @@
 import json
 import math
 
-from fedhpro_flwr.diagreport import diagnostics_section, series
+from fedhpro_lab.diagreport import diagnostics_section, series
 
 
 def write_run(out, strategy, seed, rounds):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from fedhpro_flwr import digits_offline
+from fedhpro_flwr.data import digits_offline
 
 
 @pytest.fixture(scope="module")

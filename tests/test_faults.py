@@ -15,9 +15,9 @@ from flwr.app import Array, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from simulate import CONFIG, checkpoint
 
-from fedhpro_flwr.client import handle_train
+from fedhpro_flwr.app.client import handle_train
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
-from fedhpro_flwr.simulation import simulate
+from fedhpro_lab.simulation import simulate
 
 pytestmark = pytest.mark.slow
 

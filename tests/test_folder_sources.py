@@ -8,9 +8,9 @@ import pytest
 from scipy.io import savemat
 
 from fedhpro_flwr.config import ExperimentConfig
-from fedhpro_flwr.data import client_data, held_out_data
-from fedhpro_flwr.imagefiles import fit
-from fedhpro_flwr.sources import DataMissing, load_source
+from fedhpro_flwr.data.federated import client_data, held_out_data
+from fedhpro_flwr.data.imagefiles import fit
+from fedhpro_flwr.data.sources import DataMissing, load_source
 from tests.images import color_of, write_class_folders, write_image
 from tests.test_sources import source, write_mnist_like
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedhpro_flwr.gradmatch import (
+from fedhpro_flwr.algorithms.gradmatch import (
     class_gradients,
     descend,
     distance_and_grad,

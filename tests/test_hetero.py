@@ -12,15 +12,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from simulate import NUM_CLIENTS, simulate
 from test_method_round import serverapp_identity  # noqa: F401 (fixture)
 
-from fedhpro_flwr import hetero
-from fedhpro_flwr.client import handle_train
+from fedhpro_flwr.algorithms.models import build_model
+from fedhpro_flwr.app import sharing
+from fedhpro_flwr.app.client import handle_train
+from fedhpro_flwr.app.payload import tensors_to_record
 from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, ExperimentConfig
-from fedhpro_flwr.data import dataset_spec
+from fedhpro_flwr.data.federated import dataset_spec
 from fedhpro_flwr.methods import get_method
 from fedhpro_flwr.methods.prototype import LOCAL_RECORD
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
-from fedhpro_flwr.models import build_model
-from fedhpro_flwr.payload import tensors_to_record
 
 BACKBONES = "cnn-8,cnn-16,resnet10-4"
 CFG = ExperimentConfig.from_dict({
@@ -35,7 +35,7 @@ def server_side(name, cfg=CFG):
     info = dataset_spec(cfg)
     method = get_method(name)
     model = build_model(cfg.model, info, cfg.model.backbone_list()[0])
-    shared = hetero.shared_part(model.state_dict(), method)
+    shared = sharing.shared_part(model.state_dict(), method)
     return shared, method.make_strategy(cfg, shared, info.num_classes, model.feature_dim)
 
 
@@ -55,11 +55,11 @@ def contexts():
 
 
 def test_backbones_are_dealt_in_turn_or_named_by_the_node():
-    assert [hetero.assigned_backbone(CFG, k, {}) for k in range(4)] == [
+    assert [sharing.assigned_backbone(CFG, k, {}) for k in range(4)] == [
         ("cnn", 8), ("cnn", 16), ("resnet10", 4), ("cnn", 8)]
-    assert hetero.assigned_backbone(CFG, 0, {"backbone": "resnet10-16"}) == ("resnet10", 16)
+    assert sharing.assigned_backbone(CFG, 0, {"backbone": "resnet10-16"}) == ("resnet10", 16)
     with pytest.raises(ConfigError, match="node config 'backbone'"):
-        hetero.assigned_backbone(CFG, 0, {"backbone": "vgg-3"})
+        sharing.assigned_backbone(CFG, 0, {"backbone": "vgg-3"})
     with pytest.raises(ConfigError, match=r"'model\.backbones'.*'cnn' is not cnn-W"):
         ExperimentConfig.from_dict({"model": {"backbones": "cnn,resnet10-8"}})
 
@@ -68,7 +68,7 @@ def test_backbones_are_dealt_in_turn_or_named_by_the_node():
 def test_weight_averaging_methods_are_refused(name):
     with pytest.raises(ConfigError, match=f"strategy '{name}' averages the clients' model "
                                           "weights.*use one of fedhpro, fedproto, fedtgp"):
-        hetero.check_method(get_method(name), CFG)
+        sharing.check_method(get_method(name), CFG)
 
 
 @pytest.mark.parametrize("name", ["fedhpro", "fedproto", "fedtgp"])
@@ -105,15 +105,15 @@ def test_a_clients_model_persists_between_rounds():
     shared, strategy = server_side("fedhpro")
     context = contexts()[2]  # the ResNet-10 client
     train("fedhpro", strategy, shared, 2, context)
-    after_one = context.state.array_records[hetero.LOCAL_MODEL].to_torch_state_dict()
-    fresh, restored = hetero.local_model(CFG, dataset_spec(CFG), ("resnet10", 4), RecordDict(),
+    after_one = context.state.array_records[sharing.LOCAL_MODEL].to_torch_state_dict()
+    fresh, restored = sharing.local_model(CFG, dataset_spec(CFG), ("resnet10", 4), RecordDict(),
                                          seed=1)
     assert not restored
     # round 2 with a vanishing step: its model ends where round 1 left it, not anywhere fresh
     still = ExperimentConfig.from_dict({**asdict(CFG), "train": {"local_epochs": 1,
                                                                  "lr": 1e-12}})
     train("fedhpro", strategy, shared, 2, context, still, server_round=2)
-    after_two = context.state.array_records[hetero.LOCAL_MODEL].to_torch_state_dict()
+    after_two = context.state.array_records[sharing.LOCAL_MODEL].to_torch_state_dict()
     for key, value in after_one.items():
         if key.startswith("extractor") and value.is_floating_point() and "running" not in key:
             assert torch.allclose(after_two[key], value, atol=1e-6), key

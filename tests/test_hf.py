@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from fedhpro_flwr.config import ConfigError, ExperimentConfig
-from fedhpro_flwr.data import client_data, dataset_spec, held_out_data
-from fedhpro_flwr.sources import DataMissing, load_source
-from fedhpro_flwr.text import token_ids
+from fedhpro_flwr.data.federated import client_data, dataset_spec, held_out_data
+from fedhpro_flwr.data.sources import DataMissing, load_source
+from fedhpro_flwr.data.text import token_ids
 from tests.images import color_of, write_class_folders
 from tests.test_sources import source
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedhpro_flwr.gradmatch import class_gradients
-from fedhpro_flwr.hyperproto import (
+from fedhpro_flwr.algorithms.gradmatch import class_gradients
+from fedhpro_flwr.algorithms.hyperproto import (
     anchors,
     centers,
     init_hyperprototypes,

@@ -7,7 +7,7 @@ import pytest
 import tomli
 from flwr.cli.build import get_filtered_fab_paths
 
-from fedhpro_flwr.localfed import Credentials, LocalFederation, run_config_arg
+from fedhpro_lab.localfed import Credentials, LocalFederation, run_config_arg
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedhpro_flwr.losses import RunningClassMeans, client_margin, hpal, hpcl
+from fedhpro_flwr.algorithms.losses import RunningClassMeans, client_margin, hpal, hpcl
 
 
 def test_hpcl_matches_hand_computation():

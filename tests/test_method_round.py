@@ -14,14 +14,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedhpro_flwr.client import handle_train
+from fedhpro_flwr.algorithms.models import build_model
+from fedhpro_flwr.app.client import handle_train
+from fedhpro_flwr.app.payload import tensors_to_record
 from fedhpro_flwr.config import STRATEGY_KEY, ExperimentConfig
-from fedhpro_flwr.data import dataset_spec, held_out_data
+from fedhpro_flwr.data.federated import dataset_spec, held_out_data
 from fedhpro_flwr.methods import METHODS, get_method
 from fedhpro_flwr.methods.fedprox import MU_KEY
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
-from fedhpro_flwr.models import build_model
-from fedhpro_flwr.payload import tensors_to_record
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_CLIENTS = 3

@@ -7,20 +7,20 @@ import torch
 from flwr.serverapp.strategy import FedProx
 from torch import nn
 
-from fedhpro_flwr.config import ExperimentConfig
-from fedhpro_flwr.data import TensorData
-from fedhpro_flwr.finch import finch, linked_components
-from fedhpro_flwr.losses import fpl_loss, prototype_mse, proximal_term
-from fedhpro_flwr.methods import METHODS, get_method
-from fedhpro_flwr.methods.fedprox import FedProxStrategy
-from fedhpro_flwr.models import Backbone
-from fedhpro_flwr.prototypes import nearest_prototype_accuracy, weighted_class_mean
-from fedhpro_flwr.tgp import (
+from fedhpro_flwr.algorithms.finch import finch, linked_components
+from fedhpro_flwr.algorithms.losses import fpl_loss, prototype_mse, proximal_term
+from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.prototypes import nearest_prototype_accuracy, weighted_class_mean
+from fedhpro_flwr.algorithms.tgp import (
     PrototypeGenerator,
     class_gap_margin,
     generator_loss,
     train_generator,
 )
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.data.federated import TensorData
+from fedhpro_flwr.methods import METHODS, get_method
+from fedhpro_flwr.methods.fedprox import FedProxStrategy
 
 
 def test_registry_holds_every_strategy_and_names_them_on_a_typo():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.config import ConfigError, ModelConfig
-from fedhpro_flwr.data import DataSpec
-from fedhpro_flwr.models import build_model
+from fedhpro_flwr.data.federated import DataSpec
 
 SEVEN = tuple("abcdefg")
 

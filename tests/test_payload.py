@@ -3,9 +3,9 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fedhpro_flwr.extraction import ClassStatistics
-from fedhpro_flwr.gradmatch import class_gradients
-from fedhpro_flwr.payload import (
+from fedhpro_flwr.algorithms.extraction import ClassStatistics
+from fedhpro_flwr.algorithms.gradmatch import class_gradients
+from fedhpro_flwr.app.payload import (
     PayloadError,
     check_state_dict,
     decode_class_statistics,

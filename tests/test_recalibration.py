@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from fedhpro_flwr.extraction import ClassStatistics
-from fedhpro_flwr.gradmatch import class_gradients, vector_distance
-from fedhpro_flwr.recalibration import (
+from fedhpro_flwr.algorithms.extraction import ClassStatistics
+from fedhpro_flwr.algorithms.gradmatch import class_gradients, vector_distance
+from fedhpro_flwr.algorithms.recalibration import (
     FederatedFeatures,
     RecalibrationSettings,
     class_means_from_gradients,

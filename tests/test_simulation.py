@@ -4,8 +4,8 @@ import pytest
 import torch
 from simulate import NUM_CLIENTS, checkpoint, simulate
 
+from fedhpro_flwr.algorithms.hyperproto import init_hyperprototypes
 from fedhpro_flwr.config import ExperimentConfig
-from fedhpro_flwr.hyperproto import init_hyperprototypes
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import torch
 from scipy.io import loadmat, savemat
 
 from fedhpro_flwr.config import DATASETS, DataConfig, ExperimentConfig
-from fedhpro_flwr.data import client_data, held_out_data
-from fedhpro_flwr.sources import SOURCES, DataMissing, load_source
+from fedhpro_flwr.data.federated import client_data, held_out_data
+from fedhpro_flwr.data.sources import SOURCES, DataMissing, load_source
 
 RNG = np.random.default_rng(0)
 

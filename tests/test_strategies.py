@@ -4,10 +4,10 @@ import pytest
 import torch
 from simulate import NUM_CLIENTS, checkpoint, simulate
 
+from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.config import ExperimentConfig
-from fedhpro_flwr.data import dataset_spec
+from fedhpro_flwr.data.federated import dataset_spec
 from fedhpro_flwr.methods import get_method
-from fedhpro_flwr.models import build_model
 
 pytestmark = pytest.mark.slow
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
+from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.config import ExperimentConfig
-from fedhpro_flwr.data import client_data, dataset_spec, held_out_data
+from fedhpro_flwr.data.federated import client_data, dataset_spec, held_out_data
+from fedhpro_flwr.data.sources import DataMissing, load_source
+from fedhpro_flwr.data.text import encode, read_label_text_csv, token_ids
 from fedhpro_flwr.methods import get_method
 from fedhpro_flwr.methods.base import ClientTask
-from fedhpro_flwr.models import build_model
-from fedhpro_flwr.sources import DataMissing, load_source
-from fedhpro_flwr.text import encode, read_label_text_csv, token_ids
 from tests.test_sources import source
 
 TOPICS = {1: "election minister parliament vote", 2: "match goal league coach",

@@ -6,8 +6,8 @@ and list its `METHOD` here.
 
 from __future__ import annotations
 
-from . import creff, fedavg, fedhpro, fedproto, fedprox, fedtgp, fpl
-from .base import ClientTask, Method
+from fedhpro_flwr.methods import creff, fedavg, fedhpro, fedproto, fedprox, fedtgp, fpl
+from fedhpro_flwr.methods.base import ClientTask, Method
 
 METHODS: dict[str, Method] = {
     module.METHOD.name: module.METHOD

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from ..config import ExperimentConfig
-from ..data import TensorData
-from ..models import Backbone
-from ..strategy_base import ExperimentStrategy
+from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.app.strategy import ExperimentStrategy
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.data.federated import TensorData
 
 
 @dataclass

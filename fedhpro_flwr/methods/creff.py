@@ -14,21 +14,21 @@ from collections.abc import Mapping
 import torch
 from flwr.app import ArrayRecord
 
-from ..config import ExperimentConfig
-from ..data import TensorData
-from ..extraction import extract_class_statistics
-from ..models import Backbone
-from ..payload import (
+from fedhpro_flwr.algorithms.extraction import extract_class_statistics
+from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings
+from fedhpro_flwr.algorithms.training import train_epochs
+from fedhpro_flwr.app.payload import (
     encode_class_statistics,
     record_to_tensors,
     required_record,
     tensors_to_record,
 )
-from ..recalibration import RecalibrationSettings
-from ..strategy_base import ClientReply
-from ..training import train_epochs
-from .base import ClientTask, Method
-from .recalibrating import STATS_RECORD, RecalibratingStrategy
+from fedhpro_flwr.app.strategy import ClientReply
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.data.federated import TensorData
+from fedhpro_flwr.methods.base import ClientTask, Method
+from fedhpro_flwr.methods.recalibrating import STATS_RECORD, RecalibratingStrategy
 
 HEAD_RECORD = "retrained-classifier"
 

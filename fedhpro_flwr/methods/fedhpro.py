@@ -11,21 +11,31 @@ import torch
 import torch.nn.functional as F
 from flwr.app import ArrayRecord
 
-from ..config import ExperimentConfig, FedHProConfig
-from ..data import TensorData
-from ..diagnostics import consistency_metric
-from ..extraction import ClassStatistics, extract_class_statistics
-from ..gradmatch import masked_class_mean
-from ..hyperproto import anchors, centers, init_hyperprototypes, match_hyperprototypes
-from ..losses import RunningClassMeans, hpal, hpcl
-from ..models import Backbone
-from ..payload import encode_class_statistics, record_to_tensors, required_record, tensors_to_record
-from ..prototypes import local_prototypes
-from ..recalibration import RecalibrationSettings
-from ..strategy_base import ClientReply, checked_state, mean_metric
-from ..training import evaluate, train_epochs
-from .base import ClientTask, Method
-from .recalibrating import STATS_RECORD, RecalibratingStrategy
+from fedhpro_flwr.algorithms.diagnostics import consistency_metric
+from fedhpro_flwr.algorithms.extraction import ClassStatistics, extract_class_statistics
+from fedhpro_flwr.algorithms.gradmatch import masked_class_mean
+from fedhpro_flwr.algorithms.hyperproto import (
+    anchors,
+    centers,
+    init_hyperprototypes,
+    match_hyperprototypes,
+)
+from fedhpro_flwr.algorithms.losses import RunningClassMeans, hpal, hpcl
+from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.prototypes import local_prototypes
+from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings
+from fedhpro_flwr.algorithms.training import evaluate, train_epochs
+from fedhpro_flwr.app.payload import (
+    encode_class_statistics,
+    record_to_tensors,
+    required_record,
+    tensors_to_record,
+)
+from fedhpro_flwr.app.strategy import ClientReply, checked_state, mean_metric
+from fedhpro_flwr.config import ExperimentConfig, FedHProConfig
+from fedhpro_flwr.data.federated import TensorData
+from fedhpro_flwr.methods.base import ClientTask, Method
+from fedhpro_flwr.methods.recalibrating import STATS_RECORD, RecalibratingStrategy
 
 HP_RECORD = "hyperprototypes"
 

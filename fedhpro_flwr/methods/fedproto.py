@@ -8,10 +8,10 @@ This is the global-model variant: the weights are FedAvg'd too.
 
 from __future__ import annotations
 
-from ..prototypes import weighted_class_mean
-from ..strategy_base import ClientReply
-from .base import Method
-from .prototype import PrototypeStrategy, prototype_mse_trainer
+from fedhpro_flwr.algorithms.prototypes import weighted_class_mean
+from fedhpro_flwr.app.strategy import ClientReply
+from fedhpro_flwr.methods.base import Method
+from fedhpro_flwr.methods.prototype import PrototypeStrategy, prototype_mse_trainer
 
 
 class FedProtoStrategy(PrototypeStrategy):

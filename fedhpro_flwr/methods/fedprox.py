@@ -13,12 +13,12 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import FedProx
 
-from ..config import ExperimentConfig
-from ..losses import proximal_term
-from ..payload import PayloadError
-from ..strategy_base import ClientReply, ExperimentStrategy, mean_metric
-from ..training import train_epochs
-from .base import ClientTask, Method
+from fedhpro_flwr.algorithms.losses import proximal_term
+from fedhpro_flwr.algorithms.training import train_epochs
+from fedhpro_flwr.app.payload import PayloadError
+from fedhpro_flwr.app.strategy import ClientReply, ExperimentStrategy, mean_metric
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.methods.base import ClientTask, Method
 
 MU_KEY = "proximal-mu"  # where Flower's FedProx puts mu
 

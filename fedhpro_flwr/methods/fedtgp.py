@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from ..config import ExperimentConfig
-from ..gradmatch import masked_class_mean
-from ..strategy_base import ClientReply, checked_state
-from ..tgp import PrototypeGenerator, class_gap_margin, train_generator
-from .base import Method
-from .prototype import PrototypeStrategy, prototype_mse_trainer
+from fedhpro_flwr.algorithms.gradmatch import masked_class_mean
+from fedhpro_flwr.algorithms.tgp import PrototypeGenerator, class_gap_margin, train_generator
+from fedhpro_flwr.app.strategy import ClientReply, checked_state
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.methods.base import Method
+from fedhpro_flwr.methods.prototype import PrototypeStrategy, prototype_mse_trainer
 
 
 class FedTGPStrategy(PrototypeStrategy):

@@ -14,13 +14,18 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from ..finch import cluster_means, finch
-from ..losses import fpl_loss
-from ..payload import PayloadError, record_to_tensors, required_record, tensors_to_record
-from ..strategy_base import ClientReply
-from ..training import train_epochs
-from .base import ClientTask, Method
-from .prototype import PrototypeStrategy, received_prototypes, upload_prototypes
+from fedhpro_flwr.algorithms.finch import cluster_means, finch
+from fedhpro_flwr.algorithms.losses import fpl_loss
+from fedhpro_flwr.algorithms.training import train_epochs
+from fedhpro_flwr.app.payload import (
+    PayloadError,
+    record_to_tensors,
+    required_record,
+    tensors_to_record,
+)
+from fedhpro_flwr.app.strategy import ClientReply
+from fedhpro_flwr.methods.base import ClientTask, Method
+from fedhpro_flwr.methods.prototype import PrototypeStrategy, received_prototypes, upload_prototypes
 
 CLUSTER_RECORD = "cluster-prototypes"
 

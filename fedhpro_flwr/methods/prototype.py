@@ -14,16 +14,21 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from ..config import ExperimentConfig
-from ..data import TensorData
-from ..diagnostics import consistency_metric
-from ..losses import prototype_mse
-from ..models import Backbone
-from ..payload import ClassRows, decode_class_rows, encode_class_rows, required_record
-from ..prototypes import local_prototypes, nearest_prototype_accuracy
-from ..strategy_base import ClientReply, ExperimentStrategy, checked_state
-from ..training import train_epochs
-from .base import ClientTask, ClientTrainer
+from fedhpro_flwr.algorithms.diagnostics import consistency_metric
+from fedhpro_flwr.algorithms.losses import prototype_mse
+from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.prototypes import local_prototypes, nearest_prototype_accuracy
+from fedhpro_flwr.algorithms.training import train_epochs
+from fedhpro_flwr.app.payload import (
+    ClassRows,
+    decode_class_rows,
+    encode_class_rows,
+    required_record,
+)
+from fedhpro_flwr.app.strategy import ClientReply, ExperimentStrategy, checked_state
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.data.federated import TensorData
+from fedhpro_flwr.methods.base import ClientTask, ClientTrainer
 
 LOCAL_RECORD = "local-prototypes"
 GLOBAL_RECORD = "global-prototypes"

@@ -12,11 +12,15 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
-from ..config import ExperimentConfig
-from ..extraction import ClassStatistics
-from ..payload import decode_class_statistics, required_record
-from ..recalibration import FederatedFeatures, RecalibrationResult, RecalibrationSettings
-from ..strategy_base import ClientReply, ExperimentStrategy, checked_state
+from fedhpro_flwr.algorithms.extraction import ClassStatistics
+from fedhpro_flwr.algorithms.recalibration import (
+    FederatedFeatures,
+    RecalibrationResult,
+    RecalibrationSettings,
+)
+from fedhpro_flwr.app.payload import decode_class_statistics, required_record
+from fedhpro_flwr.app.strategy import ClientReply, ExperimentStrategy, checked_state
+from fedhpro_flwr.config import ExperimentConfig
 
 STATS_RECORD = "class-stats"
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .data import TensorData
-from .extraction import sample_per_class
-from .models import Backbone
+from fedhpro_flwr.algorithms.extraction import sample_per_class
+from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.data.federated import TensorData
 
 
 def anchor_cosines(anchors: torch.Tensor, present: torch.Tensor) -> dict[str, float]:

@@ -4,7 +4,7 @@ Prints the samples per class of every client (and of the server's held-out set) 
 experiment, and can save the same table as a PNG heat map:
 
     fedhpro-data --config conf/default.yaml --png clients.png
-    python -m fedhpro_flwr.datasummary --config conf/mnist-lt.yaml --overrides "seed=1"
+    python -m fedhpro_lab.datasummary --config conf/mnist-lt.yaml --overrides "seed=1"
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, ExperimentConfig, load_experiment, parse_overrides
-from .data import client_data, held_out_data
+from fedhpro_flwr.config import ConfigError, ExperimentConfig, load_experiment, parse_overrides
+from fedhpro_flwr.data.federated import client_data, held_out_data
 
 
 def client_class_counts(cfg: ExperimentConfig) -> np.ndarray:

@@ -1,9 +1,9 @@
 """`fedhpro-bench`: strategies x settings x seeds through Flower's simulation engine.
 
     fedhpro-bench --suite smoke --out /tmp/bench
-    python -m fedhpro_flwr.benchmark --suite default --out benchmarks/default
+    python -m fedhpro_lab.benchmark --suite default --out benchmarks/default
 
-The runs of one (setting, seed) share a child process running `fedhpro_flwr.simulation`:
+The runs of one (setting, seed) share a child process running `fedhpro_lab.simulation`:
 one simulation engine start-up (about 30 s here) for all its strategies, and a crash stays
 in its group. The suite goes on past a failed run and records it with its reason; started
 again with the same --out it skips finished runs and continues a half-done one from its
@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import proctree
-from .config import load_experiment, parse_overrides
-from .simulation import APP_DIR
-from .suites import SUITES, Setting, Suite, Variant
+from fedhpro_flwr.config import load_experiment, parse_overrides
+from fedhpro_lab import proctree
+from fedhpro_lab.simulation import APP_DIR
+from fedhpro_lab.suites import SUITES, Setting, Suite, Variant
 
 COLUMNS = ("suite", "setting", "strategy", "seed", "status", "reason", "final_accuracy",
            "best_accuracy", "mean_last5_accuracy", "rounds", "run_seconds", "wall_seconds",
@@ -204,7 +204,7 @@ def execute(group: list[Run], first: int, progress: Progress,
         configs.append(run.run_config(resume=(run.out_dir / "checkpoint.pt").is_file()))
     seen = [len(rounds_in(r.out_dir / "results.json")) if c["resume"] else 0
             for r, c in zip(group, configs, strict=True)]
-    command = [sys.executable, "-m", "fedhpro_flwr.simulation",
+    command = [sys.executable, "-m", "fedhpro_lab.simulation",
                "--run-config", json.dumps(configs), "--supernodes", str(group[0].supernodes),
                "--cpus-per-client", str(group[0].suite.cpus_per_client),
                "--gpus-per-client", str(group[0].suite.gpus_per_client)]
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     if not args.no_report:
-        from .report import write_report
+        from fedhpro_lab.report import write_report
 
         command = " ".join(["fedhpro-bench", *(sys.argv[1:] if argv is None else argv)])
         print(f"report: {write_report(csv_path, command)}", flush=True)

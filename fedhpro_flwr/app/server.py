@@ -19,16 +19,21 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from . import hetero
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from .config import STRATEGY_KEY, ConfigError, RunSettings, resolve_run_config
-from .data import dataset_spec, held_out_data
-from .diagnostics import embedding_of
-from .methods import METHODS, get_method
-from .models import build_model
-from .payload import check_state_dict, tensors_to_record
-from .results import RunResults
-from .strategy_base import TooFewReplies
+from fedhpro_flwr.algorithms.diagnostics import embedding_of
+from fedhpro_flwr.algorithms.models import build_model
+from fedhpro_flwr.app import sharing
+from fedhpro_flwr.app.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fedhpro_flwr.app.payload import check_state_dict, tensors_to_record
+from fedhpro_flwr.app.results import RunResults
+from fedhpro_flwr.app.strategy import TooFewReplies
+from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, RunSettings, resolve_run_config
+from fedhpro_flwr.data.federated import dataset_spec, held_out_data
+from fedhpro_flwr.methods import METHODS, get_method
 
 # Errors whose message says everything a user needs (logged without a traceback): a bad
 # setting or missing data, an unusable checkpoint, a round with too few usable replies.
@@ -65,12 +70,12 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
     test = held_out_data(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = get_method(settings.strategy)
-    personalised = hetero.is_hetero(cfg)
+    personalised = sharing.is_hetero(cfg)
     if personalised:
-        hetero.check_method(method, cfg)
+        sharing.check_method(method, cfg)
         # clients keep their own models: the server holds only what the method shares
         model = build_model(cfg.model, spec, cfg.model.backbone_list()[0])
-        reference = hetero.shared_part(model.state_dict(), method)
+        reference = sharing.shared_part(model.state_dict(), method)
     else:
         model = build_model(cfg.model, spec)
         reference = model.state_dict()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from .extraction import ClassStatistics
+from fedhpro_flwr.algorithms.extraction import ClassStatistics
 
 
 class PayloadError(ValueError):

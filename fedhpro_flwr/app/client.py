@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from . import hetero
-from .config import STRATEGY_KEY, ConfigError, ExperimentConfig
-from .data import SPEC_PREFIX, DataSpec, TensorData, client_data, local_data
-from .methods import ClientTask, get_method
-from .models import build_model
-from .payload import check_state_dict, required_record, tensors_to_record
-from .training import evaluate
+from fedhpro_flwr.algorithms.models import build_model
+from fedhpro_flwr.algorithms.training import evaluate
+from fedhpro_flwr.app import sharing
+from fedhpro_flwr.app.payload import check_state_dict, required_record, tensors_to_record
+from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, ExperimentConfig
+from fedhpro_flwr.data.federated import SPEC_PREFIX, DataSpec, TensorData, client_data, local_data
+from fedhpro_flwr.methods import ClientTask, get_method
 
 # keys Flower's strategies put in the ConfigRecord beside the experiment's own
 FLOWER_CONFIG_KEYS = ("server-round", "proximal-mu", STRATEGY_KEY)
@@ -89,13 +89,13 @@ def handle_train(msg: Message, context: Context) -> Message:
     data = node_data(node_config, cfg, spec, partition_id)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, server_round, partition_id))
     received = required_record(msg.content, "arrays")
-    if hetero.is_hetero(cfg):
-        hetero.check_method(method, cfg)
-        data, local_test = hetero.local_split(data, cfg, partition_id)
-        model, restored = hetero.local_model(
-            cfg, spec, hetero.assigned_backbone(cfg, partition_id, node_config), context.state,
+    if sharing.is_hetero(cfg):
+        sharing.check_method(method, cfg)
+        data, local_test = sharing.local_split(data, cfg, partition_id)
+        model, restored = sharing.local_model(
+            cfg, spec, sharing.assigned_backbone(cfg, partition_id, node_config), context.state,
             client_seed(cfg.seed, 0, partition_id))
-        shared = check_state_dict(received, hetero.shared_part(model.state_dict(), method),
+        shared = check_state_dict(received, sharing.shared_part(model.state_dict(), method),
                                   "shared weights")
         model.load_state_dict(shared, strict=False)
     else:
@@ -111,14 +111,14 @@ def handle_train(msg: Message, context: Context) -> Message:
     seconds = time.perf_counter() - start
 
     weights = model.state_dict()
-    if hetero.is_hetero(cfg):
-        hetero.save_local_model(model, context.state)
+    if sharing.is_hetero(cfg):
+        sharing.save_local_model(model, context.state)
         if len(local_test):
             loss, accuracy = evaluate(model, local_test, device)
             train_metrics |= {"local_accuracy": accuracy, "local_loss": loss,
                               "local_test_size": len(local_test)}
         train_metrics["local_model_restored"] = float(restored)
-        weights = hetero.shared_part(weights, method)
+        weights = sharing.shared_part(weights, method)
     metrics = MetricRecord({
         "num-examples": len(data),
         "partition-id": partition_id,

@@ -1,6 +1,6 @@
 """RESULTS.md and plots from a benchmark's results.csv (and its runs' results.json).
 
-    python -m fedhpro_flwr.report benchmarks/results.csv [--command "how it was made"]
+    python -m fedhpro_lab.report benchmarks/results.csv [--command "how it was made"]
 
 Per setting: the strategies side by side (mean ± std over seeds, the best mean marked),
 per-domain accuracies where the data has domains, and the plots (accuracy per round with a
@@ -20,8 +20,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .diagreport import diagnostics_section, series
-from .suites import ALL_STRATEGIES, FLOAT16
+from fedhpro_lab.diagreport import diagnostics_section, series
+from fedhpro_lab.suites import ALL_STRATEGIES, FLOAT16
 
 FINDINGS_NAME = "FINDINGS.md"
 BASELINE = "fedavg"
@@ -361,12 +361,12 @@ def write_report(csv_path: Path, command: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedhpro_flwr.report",
+    parser = argparse.ArgumentParser(prog="python -m fedhpro_lab.report",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("results_csv", type=Path)
     parser.add_argument("--command", help="how the results were made, for RESULTS.md")
     args = parser.parse_args(argv)
-    command = args.command or f"python -m fedhpro_flwr.report {args.results_csv}"
+    command = args.command or f"python -m fedhpro_lab.report {args.results_csv}"
     print(write_report(args.results_csv, command))
     return 0
 

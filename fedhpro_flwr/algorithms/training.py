@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
-from .data import TensorData
-from .models import Backbone
+from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.config import TrainConfig
+from fedhpro_flwr.data.federated import TensorData
 
 # extra loss term from (features, labels); methods add their regularisers through it
 Regulariser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -28,12 +28,17 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from .config import ExperimentConfig
-from .data import TensorData
-from .diagnostics import anchor_cosines, relative_change, spread
-from .models import Backbone
-from .payload import PayloadError, check_state_dict, record_nbytes, tensors_to_record
-from .training import domain_accuracies, evaluate
+from fedhpro_flwr.algorithms.diagnostics import anchor_cosines, relative_change, spread
+from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.training import domain_accuracies, evaluate
+from fedhpro_flwr.app.payload import (
+    PayloadError,
+    check_state_dict,
+    record_nbytes,
+    tensors_to_record,
+)
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.data.federated import TensorData
 
 REQUIRED_METRICS = ("num-examples", "partition-id", "client-seconds", "train_loss")
 

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, DataConfig, ExperimentConfig
-from .imagefiles import cached_decode, class_folders, labelled_files
-from .partition import (
+from fedhpro_flwr.config import ConfigError, DataConfig, ExperimentConfig
+from fedhpro_flwr.data.imagefiles import cached_decode, class_folders, labelled_files
+from fedhpro_flwr.data.partition import (
     dirichlet_partition,
     domain_partition,
     iid_partition,
@@ -22,8 +22,8 @@ from .partition import (
     long_tail_subset,
     stratified_split,
 )
-from .sources import Samples, load_source, to_tensor
-from .text import encode, read_label_text_csv
+from fedhpro_flwr.data.sources import Samples, load_source, to_tensor
+from fedhpro_flwr.data.text import encode, read_label_text_csv
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .npzcache import cached_arrays
+from fedhpro_flwr.data.npzcache import cached_arrays
 
 DOMAINS = ("mnist", "uci", "synth", "mnistm")
 VERSION = 1

@@ -6,7 +6,7 @@ with run configs given directly instead of through a SuperLink. Several experime
 one after another on the same simulated federation, paying the engine's start-up once; one
 that fails is logged and the next one starts.
 
-    python -m fedhpro_flwr.simulation --supernodes 10 --run-config '[{"strategy": "fedavg"}]'
+    python -m fedhpro_lab.simulation --supernodes 10 --run-config '[{"strategy": "fedavg"}]'
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def simulate(run_configs: list[dict[str, Any]], num_supernodes: int, app_dir: Pa
     if client_app is None:
         from client_app import app as client_app
 
-    from .server import RUN_STOPPERS, run_server
+    from fedhpro_flwr.app.server import RUN_STOPPERS, run_server
 
     server_app = ServerApp()
 
@@ -54,7 +54,7 @@ def simulate(run_configs: list[dict[str, Any]], num_supernodes: int, app_dir: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedhpro_flwr.simulation",
+    parser = argparse.ArgumentParser(prog="python -m fedhpro_lab.simulation",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--run-config", required=True,
                         help="JSON list of run configs (objects of run-config keys)")

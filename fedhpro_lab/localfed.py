@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import proctree
+from fedhpro_lab import proctree
 
 CONNECTION = "local"
 CREDENTIALS_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make-dev-credentials.sh"

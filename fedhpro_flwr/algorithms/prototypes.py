@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .data import TensorData
-from .models import Backbone
+from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.data.federated import TensorData
 
 
 @torch.no_grad()

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .extraction import ClassStatistics
-from .gradmatch import (
+from fedhpro_flwr.algorithms.extraction import ClassStatistics
+from fedhpro_flwr.algorithms.gradmatch import (
     ClassGradients,
     Distance,
     descend,

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
-from .config import ConfigError, ExperimentConfig
-from .data import DataSpec, TensorData
-from .methods import METHODS, Method
-from .models import Backbone, build_model
-from .partition import stratified_split
-from .payload import check_state_dict, tensors_to_record
+from fedhpro_flwr.algorithms.models import Backbone, build_model
+from fedhpro_flwr.app.payload import check_state_dict, tensors_to_record
+from fedhpro_flwr.config import ConfigError, ExperimentConfig
+from fedhpro_flwr.data.federated import DataSpec, TensorData
+from fedhpro_flwr.data.partition import stratified_split
+from fedhpro_flwr.methods import METHODS, Method
 
 LOCAL_MODEL = "local-model"  # the client's whole model, in its context.state
 HEAD_KEYS = ("classifier.weight", "classifier.bias")

@@ -13,7 +13,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .gradmatch import Distance, Step, class_gradients, descend, vector_distance, with_autograd
+from fedhpro_flwr.algorithms.gradmatch import (
+    Distance,
+    Step,
+    class_gradients,
+    descend,
+    vector_distance,
+    with_autograd,
+)
 
 Init = Literal["normal", "orthogonal"]
 

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .config import RunSettings
+from fedhpro_flwr.config import RunSettings
 
 RESULTS_NAME = "results.json"
 

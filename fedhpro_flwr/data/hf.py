@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from . import text
-from .config import ConfigError, DataConfig
+from fedhpro_flwr.config import ConfigError, DataConfig
+from fedhpro_flwr.data import text
+from fedhpro_flwr.data.samples import DataMissing, Samples, Splits
 
 
 def _columns(features: Any, name: str) -> tuple[str, str, bool]:
@@ -63,11 +64,9 @@ def _hub_offline(offline: bool) -> Iterator[None]:
             m.HF_HUB_OFFLINE = value
 
 
-def load_hf(name: str, data: DataConfig) -> Any:
+def load_hf(name: str, data: DataConfig) -> Splits:
     """The `Splits` of a Hugging Face dataset (images as RGB at data.image_size, or the size
     of the first image when that is 0; text hashed to token ids)."""
-    from .sources import DataMissing, Samples, Splits
-
     try:
         from datasets import DownloadConfig
         from flwr_datasets import FederatedDataset

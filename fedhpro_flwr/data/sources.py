@@ -17,54 +17,16 @@ from __future__ import annotations
 import dataclasses
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import imagefiles
-from .config import HF_PREFIX, ConfigError, DataConfig
-from .npzcache import cached_arrays
-
-
-class DataMissing(ConfigError):
-    """The dataset's files are not where the config says, and downloading is off."""
-
-
-@dataclass(frozen=True)
-class Samples:
-    """Inputs, labels (N,) int64 and, for multi-domain data, the domain id of each sample
-    (N,) int64. Inputs are uint8 images (N, C, H, W) or int64 token ids (N, max_tokens)."""
-
-    x: np.ndarray
-    y: np.ndarray
-    domain: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class Splits:
-    train: Samples
-    test: Samples | None  # None: no official test split
-    num_classes: int
-    mean: tuple[float, ...] | None = None  # per-channel statistics used to standardise;
-    std: tuple[float, ...] | None = None  # None: measured on the training images
-    domains: tuple[str, ...] = ()  # names of the domain ids, for multi-domain data
-    classes: tuple[str, ...] = ()  # class names in label order; () = "0", "1", ...
-
-    @property
-    def is_text(self) -> bool:
-        return self.train.x.ndim == 2
-
-    def class_names(self) -> tuple[str, ...]:
-        return self.classes or tuple(str(c) for c in range(self.num_classes))
-
-    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
-        if self.mean is not None and self.std is not None:
-            return np.asarray(self.mean), np.asarray(self.std)
-        scaled = self.train.x.astype(np.float64) / 255.0
-        return scaled.mean(axis=(0, 2, 3)), scaled.std(axis=(0, 2, 3)) + 1e-8
-
+from fedhpro_flwr.config import HF_PREFIX, ConfigError, DataConfig
+from fedhpro_flwr.data import imagefiles
+from fedhpro_flwr.data.hf import load_hf
+from fedhpro_flwr.data.npzcache import cached_arrays
+from fedhpro_flwr.data.samples import DataMissing, Samples, Splits
 
 Loader = Callable[[DataConfig], Splits]
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)  # the usual MNIST statistics
@@ -108,7 +70,7 @@ def _uci_digits(data: DataConfig) -> Splits:
 
 
 def _digits_offline(data: DataConfig) -> Splits:
-    from . import digits_offline
+    from fedhpro_flwr.data import digits_offline
 
     x, y, domain = digits_offline.load(_root(data))
     return Splits(Samples(x, y, domain), None, 10, domains=digits_offline.DOMAINS)
@@ -323,7 +285,7 @@ AG_NEWS_CLASSES = ("World", "Sports", "Business", "Sci/Tech")
 def _agnews(data: DataConfig) -> Splits:
     """AG News as distributed (ag_news_csv/train.csv and test.csv: class 1-4, title,
     description), hashed to token ids (see text.py)."""
-    from . import text
+    from fedhpro_flwr.data import text
 
     base = _root(data) / "ag_news_csv"
     parts = []
@@ -364,8 +326,6 @@ def load_source(data: DataConfig) -> Splits:
     DataMissing if its files are absent and download is off."""
     name = data.dataset
     if name.startswith(HF_PREFIX):
-        from .hf import load_hf
-
         splits = load_hf(name[len(HF_PREFIX):], data)
     elif name in SOURCES:
         splits = SOURCES[name](data)

@@ -7,8 +7,8 @@ from itertools import pairwise
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
-from .data import DataSpec
+from fedhpro_flwr.config import ConfigError, ModelConfig
+from fedhpro_flwr.data.federated import DataSpec
 
 
 class Backbone(nn.Module):

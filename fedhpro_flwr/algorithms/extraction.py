@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import TensorData
-from .gradmatch import class_gradients
-from .models import Backbone
+from fedhpro_flwr.algorithms.gradmatch import class_gradients
+from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.data.federated import TensorData
 
 
 @dataclass(frozen=True)
