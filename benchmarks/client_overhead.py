@@ -22,10 +22,10 @@ from fedhpro_flwr.algorithms.hyperproto import init_hyperprototypes
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.algorithms.training import train_epochs
 from fedhpro_flwr.app.payload import tensors_to_record
-from fedhpro_flwr.config import load_experiment, parse_overrides
+from fedhpro_flwr.config import parse_overrides
 from fedhpro_flwr.data.federated import client_data, dataset_spec
-from fedhpro_flwr.methods import ClientTask, get_method
-from fedhpro_flwr.methods.fedhpro import HP_RECORD
+from fedhpro_flwr.methods import ClientTask, get_method, load_experiment
+from fedhpro_flwr.methods.fedhpro import HP_RECORD, FedHProConfig
 
 
 def main() -> None:
@@ -44,7 +44,7 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     template = build_model(cfg.model, info)
     initial = template.state_dict()
-    hp = init_hyperprototypes(info.num_classes, cfg.fedhpro.num_hyperprototypes,
+    hp = init_hyperprototypes(info.num_classes, cfg.section(FedHProConfig).num_hyperprototypes,
                               template.feature_dim, torch.Generator().manual_seed(cfg.seed))
     content = RecordDict({HP_RECORD: tensors_to_record({"hp": hp})})
     fedhpro = get_method("fedhpro")

@@ -29,8 +29,9 @@ from fedhpro_flwr.algorithms.extraction import extract_class_statistics
 from fedhpro_flwr.algorithms.gradmatch import class_gradients, masked_class_mean
 from fedhpro_flwr.algorithms.hyperproto import anchors, matching_loss
 from fedhpro_flwr.algorithms.models import build_model
-from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.data.federated import client_data, dataset_spec
+from fedhpro_flwr.methods import parse_experiment
+from fedhpro_flwr.methods.fedhpro import FedHProConfig
 
 
 def share_in_span(vectors: torch.Tensor, basis: torch.Tensor) -> float:
@@ -41,7 +42,7 @@ def share_in_span(vectors: torch.Tensor, basis: torch.Tensor) -> float:
 
 def analyse(run: Path) -> dict[str, float]:
     results = json.loads((run / "results.json").read_text())
-    cfg = ExperimentConfig.from_dict(results["config"])
+    cfg = parse_experiment(results["config"])
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     spec = dataset_spec(cfg)
     model = build_model(cfg.model, spec)
@@ -50,9 +51,9 @@ def analyse(run: Path) -> dict[str, float]:
     weight, bias = state["weights"]["classifier.weight"], state["weights"]["classifier.bias"]
 
     generator = torch.Generator().manual_seed(0)
-    stats, means = zip(*(extract_class_statistics(model, client_data(cfg, k),
-                                                  cfg.fedhpro.batch_real, 1, generator,
-                                                  torch.device("cpu"))
+    batch_real = cfg.section(FedHProConfig).batch_real
+    stats, means = zip(*(extract_class_statistics(model, client_data(cfg, k), batch_real, 1,
+                                                  generator, torch.device("cpu"))
                          for k in range(cfg.partition.num_partitions)), strict=True)
     held = torch.stack([s.present for s in stats])
     target, holders = masked_class_mean(torch.stack([s.feature_grads for s in stats]), held)
@@ -74,7 +75,7 @@ def analyse(run: Path) -> dict[str, float]:
         "cos(hyper-prototype gradient, -w_c)": F.cosine_similarity(
             hp_grads[present], -weight[present], dim=1).mean().item(),
         "matching loss per class": loss.item() / int(present.sum()),
-        "one step / ||P|| (lr_hp x grad)": cfg.fedhpro.lr_hp * p.grad.norm().item()
+        "one step / ||P|| (lr_hp x grad)": cfg.section(FedHProConfig).lr_hp * p.grad.norm().item()
         / hp.norm().item(),
         "share of dLoss/dP in span(W rows)": share_in_span(p.grad.flatten(0, 1), weight.T),
         "share of P in span(W rows)": share_in_span(hp.flatten(0, 1), weight.T),

@@ -34,9 +34,8 @@ from fedhpro_flwr.app.payload import (
     tensors_to_record,
 )
 from fedhpro_flwr.app.strategy import ClientReply
-from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.data.federated import DataSpec
-from fedhpro_flwr.methods import get_method
+from fedhpro_flwr.methods import get_method, parse_experiment
 
 D = 128
 
@@ -52,7 +51,7 @@ def random_statistics(num_classes: int, generator: torch.Generator) -> ClassStat
 def server_seconds(weights: dict[str, torch.Tensor], num_classes: int, clients: int,
                    repeats: int, recalibration: bool) -> float:
     """Median time of the second server step (the first also initialises the features)."""
-    cfg = ExperimentConfig.from_dict({"model": {"feature_dim": D},
+    cfg = parse_experiment({"model": {"feature_dim": D},
                                       "fedhpro": {"recalibration": recalibration}})
     generator = torch.Generator().manual_seed(0)
     replies = []
@@ -75,7 +74,7 @@ def server_seconds(weights: dict[str, torch.Tensor], num_classes: int, clients: 
 
 
 def measure(num_classes: int, clients: int, repeats: int) -> dict[str, float]:
-    cfg = ExperimentConfig.from_dict({"model": {"feature_dim": D}})
+    cfg = parse_experiment({"model": {"feature_dim": D}})
     model = build_model(cfg.model, DataSpec((1, 28, 28), tuple(map(str, range(num_classes)))))
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     stats = random_statistics(num_classes, torch.Generator().manual_seed(1))

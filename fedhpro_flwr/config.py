@@ -14,11 +14,12 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
 Scalar = bool | int | float | str
+T = TypeVar("T")
 STRATEGY_KEY = "strategy"  # names the method in the ConfigRecord sent to clients
 DATASETS = ("mnist-subset", "uci-digits", "digits-offline", "mnist", "fashion-mnist", "usps",
             "svhn", "syn", "digits", "cifar10", "cifar100", "office-caltech", "tiny-imagenet",
@@ -30,7 +31,7 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
-def _spec(
+def setting(
     default: Any,
     *,
     choices: tuple[str, ...] | None = None,
@@ -49,31 +50,31 @@ def _spec(
 class DataConfig:
     """Which dataset, and how much of it is held out for server-side evaluation."""
 
-    dataset: str = _spec("mnist-subset", choices=DATASETS, prefixes=(HF_PREFIX,))
-    test_fraction: float = _spec(0.2, gt=0.0, le=0.9)  # held out when there is no test split
-    root: str = _spec("~/fedhpro-data")  # where downloadable datasets live
-    download: bool = _spec(False)  # fetch a missing dataset (needs internet)
-    image_size: int = _spec(0, ge=0)  # resize images to this square; 0 = the source's size
-    text_buckets: int = _spec(32768, ge=2)  # text: words are hashed into this many ids
-    max_tokens: int = _spec(64, ge=1)  # text: tokens kept per sample
+    dataset: str = setting("mnist-subset", choices=DATASETS, prefixes=(HF_PREFIX,))
+    test_fraction: float = setting(0.2, gt=0.0, le=0.9)  # held out when there is no test split
+    root: str = setting("~/fedhpro-data")  # where downloadable datasets live
+    download: bool = setting(False)  # fetch a missing dataset (needs internet)
+    image_size: int = setting(0, ge=0)  # resize images to this square; 0 = the source's size
+    text_buckets: int = setting(32768, ge=2)  # text: words are hashed into this many ids
+    max_tokens: int = setting(64, ge=1)  # text: tokens kept per sample
 
 
 @dataclass(frozen=True)
 class PartitionConfig:
     """How the training data is split across clients."""
 
-    scheme: str = _spec("dirichlet",
+    scheme: str = setting("dirichlet",
                         choices=("dirichlet", "iid", "long-tail", "k-classes", "domains"))
-    num_partitions: int = _spec(10, ge=1)
-    alpha: float = _spec(0.5, gt=0.0)  # dirichlet, long-tail, domains
-    min_size: int = _spec(10, ge=1)  # dirichlet, long-tail, domains
-    domain_fraction: float = _spec(1.0, gt=0.0, le=1.0)  # domains: share of each domain used
-    client_fraction: float = _spec(0.0, ge=0.0, le=1.0)  # domains: share of its domain each
+    num_partitions: int = setting(10, ge=1)
+    alpha: float = setting(0.5, gt=0.0)  # dirichlet, long-tail, domains
+    min_size: int = setting(10, ge=1)  # dirichlet, long-tail, domains
+    domain_fraction: float = setting(1.0, gt=0.0, le=1.0)  # domains: share of each domain used
+    client_fraction: float = setting(0.0, ge=0.0, le=1.0)  # domains: share of its domain each
     # client holds (FPL's `percent`); 0 = the domain_fraction split among the domain's clients
-    clients_per_domain: str = _spec("")  # domains: e.g. "3 7 6 4"; "" = dealt round-robin
+    clients_per_domain: str = setting("")  # domains: e.g. "3 7 6 4"; "" = dealt round-robin
     # heterogeneous clients (model.backbones): each client's share held out to evaluate its
     # own model on
-    local_test_fraction: float = _spec(0.2, gt=0.0, le=0.9)
+    local_test_fraction: float = setting(0.2, gt=0.0, le=0.9)
 
     def __post_init__(self) -> None:
         self.domain_clients()  # check the format once, at start
@@ -91,21 +92,21 @@ class PartitionConfig:
                 f"partition.num_partitions = {self.num_partitions}"
             )
         return counts
-    imbalance_factor: float = _spec(100.0, ge=1.0)  # long-tail: largest / smallest class
-    classes_per_client: int = _spec(2, ge=1)  # k-classes
+    imbalance_factor: float = setting(100.0, ge=1.0)  # long-tail: largest / smallest class
+    classes_per_client: int = setting(2, ge=1)  # k-classes
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The backbone: a feature extractor ``features(x) -> z`` plus a linear ``classifier``."""
 
-    name: str = _spec("cnn", choices=("cnn", "resnet10", "text"))
-    feature_dim: int = _spec(128, ge=2)  # d of the CNN and the text model; ResNet-10's is 8 * width
-    width: int = _spec(32, ge=1)  # ResNet-10 base filters
+    name: str = setting("cnn", choices=("cnn", "resnet10", "text"))
+    feature_dim: int = setting(128, ge=2)  # d of the CNN and text model; ResNet-10's: 8 * width
+    width: int = setting(32, ge=1)  # ResNet-10 base filters
     # heterogeneous clients: backbones dealt to the partitions in turn, e.g.
     # "cnn-8,cnn-16,resnet10-8" (name-width), all projecting to feature_dim; "" = every
     # client runs `name` and the whole model is averaged
-    backbones: str = _spec("")
+    backbones: str = setting("")
 
     def __post_init__(self) -> None:
         self.backbone_list()  # check the format once, at start
@@ -130,106 +131,24 @@ class ModelConfig:
 class TrainConfig:
     """Local training on every client, shared by all methods."""
 
-    local_epochs: int = _spec(5, ge=1)
-    batch_size: int = _spec(64, ge=1)
-    lr: float = _spec(0.05, gt=0.0)
-    momentum: float = _spec(0.0, ge=0.0, le=1.0)
-    weight_decay: float = _spec(0.0, ge=0.0)
-    num_threads: int = _spec(1, ge=0)  # torch threads per client; 0 = torch's default
+    local_epochs: int = setting(5, ge=1)
+    batch_size: int = setting(64, ge=1)
+    lr: float = setting(0.05, gt=0.0)
+    momentum: float = setting(0.0, ge=0.0, le=1.0)
+    weight_decay: float = setting(0.0, ge=0.0)
+    num_threads: int = setting(1, ge=0)  # torch threads per client; 0 = torch's default
 
 
 @dataclass(frozen=True)
 class FederationConfig:
     """Rounds and client sampling."""
 
-    rounds: int = _spec(20, ge=1)
-    fraction_train: float = _spec(1.0, gt=0.0, le=1.0)
-    min_train_nodes: int = _spec(2, ge=1)  # wait for this many connected nodes, sample >= it
-    min_replies: int = _spec(1, ge=1)  # fewer usable replies in a round stop the run
-    round_timeout: float = _spec(3600.0, gt=0.0)  # seconds to wait for replies
-    server_threads: int = _spec(1, ge=0)  # torch threads of the ServerApp; 0 = torch's default
-
-
-@dataclass(frozen=True)
-class FedHProConfig:
-    """FedHPro's hyper-parameters (names follow ../shared/FEDHPRO.md)."""
-
-    num_hyperprototypes: int = _spec(5, ge=1)  # L per class
-    tau: float = _spec(0.05, gt=0.0)
-    w_cl: float = _spec(1.0, ge=0.0)  # HPCL weight
-    w_al: float = _spec(1.0, ge=0.0)  # HPAL weight
-    margin: bool = _spec(True)  # client-specific margin m_k in HPCL
-    margin_momentum: float = _spec(0.9, ge=0.0, le=1.0)  # running class-mean update
-    batch_real: int = _spec(100, ge=1)  # samples per class for gradient extraction
-    repeat_num: int = _spec(1, ge=1)
-    init: str = _spec("normal", choices=("normal", "orthogonal"))  # hyper-prototypes at start
-    rounds_of_hp: int = _spec(30, ge=0)  # matching steps per round; 0 = fixed anchors
-    lr_hp: float = _spec(0.1, gt=0.0)
-    hp_step: str = _spec("sgd", choices=("sgd", "normalized"))  # see gradmatch.descend
-    # matching distance; "scalar" (the reference code's loop) applies to the hyper-prototypes
-    # only, the recalibration then matches whole rows by cosine as that code does
-    distance: str = _spec("cosine", choices=("cosine", "mse", "scalar"))
-    float16_upload: bool = _spec(False)  # send the per-class gradients as float16
-    recalibration: bool = _spec(True)
-    recal_features: int = _spec(50, ge=1)  # M federated features per class
-    recal_match_steps: int = _spec(100, ge=0)
-    recal_feature_lr: float = _spec(0.1, gt=0.0)
-    recal_epochs: int = _spec(100, ge=1)
-    recal_lr: float = _spec(0.01, gt=0.0)
-    recal_batch_size: int = _spec(50, ge=1)
-    # measure the classifier gradients after local training (at the trained extractor, with
-    # the received classifier) instead of before it, as the paper and CReFF do
-    recal_after_training: bool = _spec(False)
-    # move each class's federated features so that their mean is the class's mean feature,
-    # read off the clients' classifier gradients (row c of dCE/dW over dCE/db_c)
-    recal_recentre: bool = _spec(False)
-
-
-@dataclass(frozen=True)
-class FedProxConfig:
-    """FedProx (Li et al., MLSys 2020): the proximal term's weight mu."""
-
-    mu: float = _spec(0.01, ge=0.0)
-
-
-@dataclass(frozen=True)
-class FedProtoConfig:
-    """FedProto (Tan et al., AAAI 2022): weight of the prototype MSE (its code's `ld`)."""
-
-    lam: float = _spec(1.0, ge=0.0)
-
-
-@dataclass(frozen=True)
-class FedTGPConfig:
-    """FedTGP (Zhang et al., AAAI 2024); 0 means "as its code does": follow the train section."""
-
-    lam: float = _spec(10.0, ge=0.0)
-    server_epochs: int = _spec(100, ge=0)
-    margin_threshold: float = _spec(100.0, ge=0.0)
-    server_lr: float = _spec(0.0, ge=0.0)  # 0 = train.lr
-    server_batch_size: int = _spec(0, ge=0)  # 0 = train.batch_size
-    hidden_dim: int = _spec(0, ge=0)  # 0 = the feature dimension
-
-
-@dataclass(frozen=True)
-class FPLConfig:
-    """FPL (Huang et al., CVPR 2023): InfoNCE temperature over the cluster prototypes."""
-
-    tau: float = _spec(0.02, gt=0.0)
-
-
-@dataclass(frozen=True)
-class CReFFConfig:
-    """CReFF (Shang et al., IJCAI 2022), its code's defaults; 0 batch size = train.batch_size."""
-
-    batch_real: int = _spec(32, ge=1)
-    repeat_num: int = _spec(10, ge=1)
-    features: int = _spec(100, ge=1)  # federated features per class
-    match_steps: int = _spec(100, ge=0)
-    feature_lr: float = _spec(0.1, gt=0.0)
-    epochs: int = _spec(300, ge=1)
-    lr: float = _spec(0.01, gt=0.0)
-    batch_size: int = _spec(0, ge=0)
+    rounds: int = setting(20, ge=1)
+    fraction_train: float = setting(1.0, gt=0.0, le=1.0)
+    min_train_nodes: int = setting(2, ge=1)  # wait for this many connected nodes, sample >= it
+    min_replies: int = setting(1, ge=1)  # fewer usable replies in a round stop the run
+    round_timeout: float = setting(3600.0, gt=0.0)  # seconds to wait for replies
+    server_threads: int = setting(1, ge=0)  # torch threads of the ServerApp; 0 = torch's default
 
 
 @dataclass(frozen=True)
@@ -238,9 +157,9 @@ class DiagnosticsConfig:
 
     # clients report the mean cosine between their class prototypes after training and the
     # global anchors they received (prototype methods, FedHPro: one more pass over the data)
-    consistency: bool = _spec(False)
-    embedding_rounds: str = _spec("")  # e.g. "1,10": save a 2-D PCA of test features + anchors
-    embedding_samples: int = _spec(50, ge=1)  # test samples per class in that picture
+    consistency: bool = setting(False)
+    embedding_rounds: str = setting("")  # e.g. "1,10": save a 2-D PCA of test features + anchors
+    embedding_samples: int = setting(50, ge=1)  # test samples per class in that picture
 
     def __post_init__(self) -> None:
         self.rounds()
@@ -262,49 +181,81 @@ class DiagnosticsConfig:
 class ExperimentConfig:
     """A whole experiment: the YAML file's content after overrides."""
 
-    seed: int = _spec(536, ge=0)
+    seed: int = setting(536, ge=0)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
-    fedhpro: FedHProConfig = field(default_factory=FedHProConfig)
-    fedprox: FedProxConfig = field(default_factory=FedProxConfig)
-    fedproto: FedProtoConfig = field(default_factory=FedProtoConfig)
-    fedtgp: FedTGPConfig = field(default_factory=FedTGPConfig)
-    fpl: FPLConfig = field(default_factory=FPLConfig)
-    creff: CReFFConfig = field(default_factory=CReFFConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    # each method's own section (its YAML section of the same name), by method name; a
+    # method without one here takes its section's defaults (see `section`)
+    methods: Mapping[str, Any] = field(default_factory=dict, hash=False,
+                                       metadata={"sections": True})
+
+    def section(self, kind: type[T]) -> T:
+        """The method section of type `kind`: as configured, else its defaults."""
+        found = [value for value in self.methods.values() if isinstance(value, kind)]
+        return found[0] if found else kind()
+
+    def only(self, method: str) -> ExperimentConfig:
+        """This experiment with no method section but `method`'s: what its clients need."""
+        return dataclasses.replace(
+            self, methods={k: v for k, v in self.methods.items() if k == method})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The nested mapping a YAML file holds (method sections at the top level)."""
+        nested = {f.name: _plain(getattr(self, f.name)) for f in fields(self)
+                  if not f.metadata.get("sections")}
+        return nested | {name: _plain(value) for name, value in self.methods.items()}
 
     def to_flat(self) -> dict[str, Scalar]:
         """``{"section.key": value}``: what a Flower ConfigRecord can carry."""
         flat: dict[str, Scalar] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if dataclasses.is_dataclass(value):
-                for sub in fields(value):
-                    flat[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
+        for name, value in self.to_dict().items():
+            if isinstance(value, dict):
+                flat |= {f"{name}.{key}": sub for key, sub in value.items()}
             else:
-                flat[f.name] = value
+                flat[name] = value
         return flat
 
     @classmethod
-    def from_flat(cls, flat: Mapping[str, Any]) -> ExperimentConfig:
+    def from_flat(cls, flat: Mapping[str, Any],
+                  sections: Mapping[str, type | None] | None = None) -> ExperimentConfig:
         """Inverse of `to_flat`; validates like `from_dict`."""
         nested: dict[str, Any] = {}
         for key, value in flat.items():
             _set_dotted(nested, key, value)
-        return cls.from_dict(nested)
+        return cls.from_dict(nested, sections)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> ExperimentConfig:
-        """Build and validate from a nested mapping (a parsed YAML file)."""
-        return _build(cls, raw, prefix="")
+    def from_dict(cls, raw: Mapping[str, Any],
+                  sections: Mapping[str, type | None] | None = None) -> ExperimentConfig:
+        """Build and validate from a nested mapping (a parsed YAML file). `sections`: the
+        methods whose sections it may hold, each with its section's type (None: the method
+        has no section; the registry's `SECTIONS`); one absent from `raw` takes its defaults."""
+        sections = {name: kind for name, kind in (sections or {}).items() if kind is not None}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"the config file must be a mapping of keys to values, got {raw!r}")
+        common = {f.name for f in fields(cls) if not f.metadata.get("sections")}
+        unknown = sorted(set(raw) - common - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown config key '{unknown[0]}'; allowed keys: "
+                              f"{', '.join(sorted(common | set(sections)))}")
+        base = _build(cls, {k: v for k, v in raw.items() if k in common}, prefix="")
+        methods = {name: _build(kind, raw.get(name, {}), prefix=name + ".")
+                   for name, kind in sections.items()}
+        return dataclasses.replace(base, methods=methods)
 
     def fingerprint(self, ignore: tuple[str, ...] = ("federation.rounds",)) -> str:
         """A short hash of everything that shapes the run's state (rounds excluded)."""
         items = {k: v for k, v in self.to_flat().items() if k not in ignore}
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """A config section as a plain dict (a scalar as it is)."""
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
@@ -322,7 +273,7 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
         where = f"section '{prefix.rstrip('.')}'" if prefix else "the config file"
         raise ConfigError(f"{where} must be a mapping of keys to values, got {raw!r}")
     hints = get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("sections")}
     unknown = sorted(set(raw) - set(known))
     if unknown:
         raise ConfigError(
@@ -341,8 +292,11 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     return cls(**values)
 
 
-def _check_value(key: str, value: Any, kind: type, spec: Mapping[str, Any]) -> Scalar:
+def _check_value(key: str, value: Any, kind: Any, spec: Mapping[str, Any]) -> Scalar:
     shown = f"config key '{key}' = {value!r}"
+    if get_origin(kind) is Literal:  # the allowed values are the type's own
+        spec = {**spec, "choices": get_args(kind)}
+        kind = str
     if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{shown}: expected true or false")
@@ -384,8 +338,10 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return overrides
 
 
-def load_experiment(path: Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment file, apply dotted-key overrides, validate."""
+def read_experiment(path: Path, overrides: Mapping[str, Any] | None = None,
+                    sections: Mapping[str, type | None] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment file, apply dotted-key overrides, validate (with the method
+    `sections` it may hold: see `ExperimentConfig.from_dict`)."""
     if not path.is_file():
         raise ConfigError(f"run-config key 'config' = '{path}': no such file")
     try:
@@ -396,7 +352,7 @@ def load_experiment(path: Path, overrides: Mapping[str, Any] | None = None) -> E
         raise ConfigError(f"config file '{path}' must hold a mapping, got {type(raw).__name__}")
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
-    return ExperimentConfig.from_dict(raw)
+    return ExperimentConfig.from_dict(raw, sections)
 
 
 @dataclass(frozen=True)
@@ -415,9 +371,11 @@ RUN_CONFIG_KEYS = ("strategy", "config", "num-server-rounds", "seed", "out-dir",
 
 
 def resolve_run_config(
-    run_config: Mapping[str, Any], app_dir: Path, strategies: tuple[str, ...]
+    run_config: Mapping[str, Any], app_dir: Path, sections: Mapping[str, type | None]
 ) -> RunSettings:
-    """Turn Flower's run config into `RunSettings`; missing keys take pyproject's defaults."""
+    """Turn Flower's run config into `RunSettings`; missing keys take pyproject's defaults.
+    `sections`: the registered methods, by name, with their config sections."""
+    strategies = tuple(sections)
     unknown = sorted(set(run_config) - set(RUN_CONFIG_KEYS))
     if unknown:
         raise ConfigError(
@@ -450,7 +408,7 @@ def resolve_run_config(
     config_path = Path(get("config", "conf/default.yaml", str)).expanduser()
     if not config_path.is_absolute():
         config_path = app_dir / config_path
-    experiment = load_experiment(config_path, overrides)
+    experiment = read_experiment(config_path, overrides, sections)
 
     out_text = get("out-dir", "", str)
     if out_text:

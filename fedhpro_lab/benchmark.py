@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedhpro_flwr.config import load_experiment, parse_overrides
+from fedhpro_flwr.config import parse_overrides
+from fedhpro_flwr.methods import load_experiment
 from fedhpro_lab import proctree
 from fedhpro_lab.simulation import APP_DIR
 from fedhpro_lab.suites import SUITES, Setting, Suite, Variant

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhpro_flwr.config import ConfigError, ExperimentConfig, load_experiment, parse_overrides
+from fedhpro_flwr.config import ConfigError, ExperimentConfig, parse_overrides
 from fedhpro_flwr.data.federated import client_data, held_out_data
+from fedhpro_flwr.methods import load_experiment
 
 
 def client_class_counts(cfg: ExperimentConfig) -> np.ndarray:

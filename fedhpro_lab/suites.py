@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ALL_STRATEGIES = ("fedhpro", "fedavg", "fedprox", "fedproto", "fedtgp", "fpl", "creff")
+from fedhpro_flwr.methods import METHODS
+
+ALL_STRATEGIES = tuple(METHODS)  # every registered method, in the registry's order
 
 
 @dataclass(frozen=True)

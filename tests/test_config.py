@@ -3,26 +3,21 @@ from pathlib import Path
 
 import pytest
 
-from fedhpro_flwr.config import (
-    ConfigError,
-    ExperimentConfig,
-    load_experiment,
-    parse_overrides,
-    resolve_run_config,
-)
+from fedhpro_flwr.config import ConfigError, ExperimentConfig, parse_overrides, resolve_run_config
+from fedhpro_flwr.methods import SECTIONS, load_experiment, parse_experiment
+from fedhpro_flwr.methods.fedhpro import FedHProConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = ("fedhpro",)
 
 
 def resolve(**run_config):
-    return resolve_run_config(run_config, ROOT, STRATEGIES)
+    return resolve_run_config(run_config, ROOT, SECTIONS)
 
 
 def test_default_yaml_loads_and_round_trips_through_flat_form():
     cfg = load_experiment(ROOT / "conf" / "default.yaml")
     assert cfg.partition.num_partitions == 10 and cfg.partition.alpha == 0.5
-    assert ExperimentConfig.from_flat(cfg.to_flat()) == cfg
+    assert ExperimentConfig.from_flat(cfg.to_flat(), SECTIONS) == cfg
 
 
 @pytest.mark.parametrize(
@@ -51,7 +46,7 @@ def test_run_config_overrides_yaml():
                    "overrides": "train.local_epochs=2 fedhpro.recalibration=false"})
     e = s.experiment
     assert (e.federation.rounds, e.seed, e.train.local_epochs) == (3, 7, 2)
-    assert e.fedhpro.recalibration is False and s.out_dir == Path("/tmp/x")
+    assert e.section(FedHProConfig).recalibration is False and s.out_dir == Path("/tmp/x")
 
 
 def test_run_config_defaults_come_from_the_yaml():
@@ -83,7 +78,8 @@ def test_parse_overrides_reads_yaml_scalars():
 
 
 def test_fingerprint_ignores_rounds_only():
-    cfg = ExperimentConfig()
-    more_rounds = ExperimentConfig.from_flat({**cfg.to_flat(), "federation.rounds": 99})
-    other_tau = ExperimentConfig.from_flat({**cfg.to_flat(), "fedhpro.tau": 0.2})
+    cfg = parse_experiment({})
+    more_rounds = ExperimentConfig.from_flat({**cfg.to_flat(), "federation.rounds": 99},
+                                             SECTIONS)
+    other_tau = ExperimentConfig.from_flat({**cfg.to_flat(), "fedhpro.tau": 0.2}, SECTIONS)
     assert cfg.fingerprint() == more_rounds.fingerprint() != other_tau.fingerprint()

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fedhpro_flwr.algorithms.models import build_model
-from fedhpro_flwr.config import load_experiment
 from fedhpro_flwr.data.federated import client_data, dataset_spec
 from fedhpro_flwr.data.sources import DataMissing
+from fedhpro_flwr.methods import load_experiment
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "conf").glob("*.yaml"))
 OFFLINE = ("mnist-subset", "uci-digits", "digits-offline")  # generated or pip-installed

@@ -14,6 +14,7 @@ from fedhpro_flwr.data.partition import (
     long_tail_subset,
     stratified_split,
 )
+from fedhpro_flwr.methods import parse_experiment
 
 
 def test_dirichlet_partition_is_disjoint_complete_seeded_and_skewed():
@@ -89,7 +90,7 @@ def test_long_tail_counts_follow_the_exponential_profile():
 
 
 def test_long_tail_experiment_keeps_a_balanced_test_set():
-    cfg = ExperimentConfig.from_dict({"partition": {"scheme": "long-tail",
+    cfg = parse_experiment({"partition": {"scheme": "long-tail",
                                                     "imbalance_factor": 20.0}})
     train = sum(client_data(cfg, i).class_counts() for i in range(10))
     assert train.tolist() == [int(400 * 20.0 ** (-c / 9)) for c in range(10)]
@@ -115,7 +116,7 @@ def test_k_classes_partition_refuses_what_cannot_cover_every_class():
 
 
 def test_uci_digits_is_the_offline_8x8_source():
-    cfg = ExperimentConfig.from_dict({"data": {"dataset": "uci-digits"}})
+    cfg = parse_experiment({"data": {"dataset": "uci-digits"}})
     test = held_out_data(cfg)
     train = [client_data(cfg, i) for i in range(10)]
     assert test.x.shape[1:] == (1, 8, 8)
@@ -158,7 +159,7 @@ def test_domain_partition_with_fpl_client_counts_and_per_client_shares():
 @pytest.mark.parametrize("text", ["3 x", "2 2", "0 10", "-1 11"])
 def test_clients_per_domain_is_checked_when_the_config_is_read(text):
     with pytest.raises(ConfigError, match=r"partition\.clients_per_domain"):
-        ExperimentConfig.from_dict({"partition": {"num_partitions": 10,
+        parse_experiment({"partition": {"num_partitions": 10,
                                                   "clients_per_domain": text}})
 
 
@@ -174,6 +175,6 @@ def test_domain_accuracies_split_the_overall_accuracy():
 
 
 def test_scheme_domains_needs_a_multi_domain_dataset():
-    cfg = ExperimentConfig.from_dict({"partition": {"scheme": "domains"}})
+    cfg = parse_experiment({"partition": {"scheme": "domains"}})
     with pytest.raises(ValueError, match="needs a multi-domain dataset"):
         client_data(cfg, 0)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhpro_flwr.config import load_experiment
+from fedhpro_flwr.methods import load_experiment
 from fedhpro_lab.datasummary import client_class_counts, main
 
 ROOT = Path(__file__).resolve().parents[1]

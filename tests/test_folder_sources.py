@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from scipy.io import savemat
 
-from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.data.federated import client_data, held_out_data
 from fedhpro_flwr.data.imagefiles import fit
 from fedhpro_flwr.data.sources import DataMissing, load_source
+from fedhpro_flwr.methods import parse_experiment
 from tests.images import color_of, write_class_folders, write_image
 from tests.test_sources import source, write_mnist_like
 
@@ -122,7 +122,7 @@ def test_office_caltech_is_four_domains_of_named_classes(tmp_path):
 
 def test_office_caltech_domain_clients_and_a_stratified_hold_out(tmp_path):
     write_office(tmp_path, per_class=10)
-    cfg = ExperimentConfig.from_dict({
+    cfg = parse_experiment({
         "data": {"dataset": "office-caltech", "root": str(tmp_path), "test_fraction": 0.2},
         "partition": {"scheme": "domains", "num_partitions": 6, "clients_per_domain": "3 1 1 1",
                       "alpha": 100.0, "min_size": 1},

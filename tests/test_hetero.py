@@ -4,26 +4,24 @@ The in-process tests drive the real ClientApp handler with messages built as the
 build them (see test_method_round); the last test runs Flower's simulation engine.
 """
 
-from dataclasses import asdict
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from simulate import NUM_CLIENTS, simulate
-from test_method_round import serverapp_identity  # noqa: F401 (fixture)
+from test_method_round import serverapp_identity, training_message  # noqa: F401 (fixture)
 
-from fedhpro_flwr.algorithms.models import build_model
-from fedhpro_flwr.app import sharing
 from fedhpro_flwr.app.client import handle_train
 from fedhpro_flwr.app.payload import tensors_to_record
-from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, ExperimentConfig
+from fedhpro_flwr.app.sharing import LOCAL_MODEL, PersonalModels, sharing_for
+from fedhpro_flwr.config import ConfigError
 from fedhpro_flwr.data.federated import dataset_spec
-from fedhpro_flwr.methods import get_method
+from fedhpro_flwr.methods import get_method, parse_experiment
 from fedhpro_flwr.methods.prototype import LOCAL_RECORD
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
 
 BACKBONES = "cnn-8,cnn-16,resnet10-4"
-CFG = ExperimentConfig.from_dict({
+CFG = parse_experiment({
     "partition": {"num_partitions": NUM_CLIENTS},
     "model": {"backbones": BACKBONES},
     "train": {"local_epochs": 1},
@@ -31,21 +29,25 @@ CFG = ExperimentConfig.from_dict({
 })
 
 
+def personal(name="fedhpro", cfg=CFG) -> PersonalModels:
+    mode = sharing_for(cfg, get_method(name))
+    assert isinstance(mode, PersonalModels)
+    return mode
+
+
 def server_side(name, cfg=CFG):
     info = dataset_spec(cfg)
-    method = get_method(name)
-    model = build_model(cfg.model, info, cfg.model.backbone_list()[0])
-    shared = sharing.shared_part(model.state_dict(), method)
-    return shared, method.make_strategy(cfg, shared, info.num_classes, model.feature_dim)
+    mode = personal(name, cfg)
+    model = mode.server_model(info)
+    shared = mode.shared(model.state_dict())
+    return shared, get_method(name).make_strategy(cfg, shared, info.num_classes,
+                                                  model.feature_dim)
 
 
 def train(name, strategy, shared, pid, context, cfg=CFG, server_round=1):
-    config = ConfigRecord({STRATEGY_KEY: name, **cfg.to_flat(), "server-round": server_round,
-                           **dataset_spec(cfg).to_config()})
-    content = RecordDict({"arrays": tensors_to_record(shared), "config": config,
-                          **strategy.train_records()})
-    return handle_train(Message(content=content, dst_node_id=100 + pid, message_type="train"),
-                        context)
+    message = training_message(name, strategy, tensors_to_record(shared), 100 + pid, cfg,
+                               server_round)
+    return handle_train(message, context)
 
 
 def contexts():
@@ -55,20 +57,21 @@ def contexts():
 
 
 def test_backbones_are_dealt_in_turn_or_named_by_the_node():
-    assert [sharing.assigned_backbone(CFG, k, {}) for k in range(4)] == [
+    mode = personal()
+    assert [mode.backbone(k, {}) for k in range(4)] == [
         ("cnn", 8), ("cnn", 16), ("resnet10", 4), ("cnn", 8)]
-    assert sharing.assigned_backbone(CFG, 0, {"backbone": "resnet10-16"}) == ("resnet10", 16)
+    assert mode.backbone(0, {"backbone": "resnet10-16"}) == ("resnet10", 16)
     with pytest.raises(ConfigError, match="node config 'backbone'"):
-        sharing.assigned_backbone(CFG, 0, {"backbone": "vgg-3"})
+        mode.backbone(0, {"backbone": "vgg-3"})
     with pytest.raises(ConfigError, match=r"'model\.backbones'.*'cnn' is not cnn-W"):
-        ExperimentConfig.from_dict({"model": {"backbones": "cnn,resnet10-8"}})
+        parse_experiment({"model": {"backbones": "cnn,resnet10-8"}})
 
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "fpl", "creff"])
 def test_weight_averaging_methods_are_refused(name):
     with pytest.raises(ConfigError, match=f"strategy '{name}' averages the clients' model "
                                           "weights.*use one of fedhpro, fedproto, fedtgp"):
-        sharing.check_method(get_method(name), CFG)
+        sharing_for(CFG, get_method(name))
 
 
 @pytest.mark.parametrize("name", ["fedhpro", "fedproto", "fedtgp"])
@@ -97,23 +100,22 @@ def test_shared_payloads_have_the_same_shapes_across_architectures(name):
     else:
         assert trailing["prototypes"] == {(CFG.model.feature_dim,)}
     assert strategy.aggregate_train(1, replies)[0] is not None
-    assert strategy.last_round["client_accuracy_mean"] == pytest.approx(
-        sum(strategy.last_round["client_accuracies"].values()) / NUM_CLIENTS)
+    found = strategy.report.personal
+    assert found.mean == pytest.approx(sum(found.by_partition.values()) / NUM_CLIENTS)
 
 
 def test_a_clients_model_persists_between_rounds():
     shared, strategy = server_side("fedhpro")
     context = contexts()[2]  # the ResNet-10 client
     train("fedhpro", strategy, shared, 2, context)
-    after_one = context.state.array_records[sharing.LOCAL_MODEL].to_torch_state_dict()
-    fresh, restored = sharing.local_model(CFG, dataset_spec(CFG), ("resnet10", 4), RecordDict(),
-                                         seed=1)
+    after_one = context.state.array_records[LOCAL_MODEL].to_torch_state_dict()
+    fresh, restored = personal().local_model(dataset_spec(CFG), ("resnet10", 4), RecordDict(), 2)
     assert not restored
     # round 2 with a vanishing step: its model ends where round 1 left it, not anywhere fresh
-    still = ExperimentConfig.from_dict({**asdict(CFG), "train": {"local_epochs": 1,
+    still = parse_experiment({**CFG.to_dict(), "train": {"local_epochs": 1,
                                                                  "lr": 1e-12}})
     train("fedhpro", strategy, shared, 2, context, still, server_round=2)
-    after_two = context.state.array_records[sharing.LOCAL_MODEL].to_torch_state_dict()
+    after_two = context.state.array_records[LOCAL_MODEL].to_torch_state_dict()
     for key, value in after_one.items():
         if key.startswith("extractor") and value.is_floating_point() and "running" not in key:
             assert torch.allclose(after_two[key], value, atol=1e-6), key

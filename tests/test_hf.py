@@ -4,10 +4,11 @@
 import numpy as np
 import pytest
 
-from fedhpro_flwr.config import ConfigError, ExperimentConfig
+from fedhpro_flwr.config import ConfigError
 from fedhpro_flwr.data.federated import client_data, dataset_spec, held_out_data
 from fedhpro_flwr.data.sources import DataMissing, load_source
 from fedhpro_flwr.data.text import token_ids
+from fedhpro_flwr.methods import parse_experiment
 from tests.images import color_of, write_class_folders
 from tests.test_sources import source
 
@@ -35,7 +36,7 @@ def test_a_text_dataset_without_test_split_is_partitioned_like_any_source(tmp_pa
     data_dir.mkdir()
     Dataset.from_dict({"sentence": texts, "topic": labels}, features=features).to_parquet(
         str(data_dir / "train.parquet"))
-    cfg = ExperimentConfig.from_dict({
+    cfg = parse_experiment({
         "data": {"dataset": f"hf:{data_dir}", "root": str(tmp_path / "root"), "max_tokens": 8,
                  "text_buckets": 64, "test_fraction": 0.25},
         "partition": {"scheme": "iid", "num_partitions": 3},
@@ -71,4 +72,4 @@ def test_a_dataset_without_a_class_label_is_refused(tmp_path):
 
 def test_the_hf_prefix_needs_a_name():
     with pytest.raises(ConfigError, match=r"allowed values are .*hf:<name>"):
-        ExperimentConfig.from_dict({"data": {"dataset": "hf:"}})
+        parse_experiment({"data": {"dataset": "hf:"}})

@@ -101,7 +101,7 @@ def test_a_node_with_its_own_digits_trains_in_a_fedhpro_round(tmp_path):
     metrics = reply.content.metric_records["metrics"]
     assert metrics["num-examples"] == 30 and metrics["partition-id"] == 42
     weights, _ = strategy.aggregate_train(1, [reply])
-    assert weights is not None and strategy.last_round["clients"] == 1
+    assert weights is not None and strategy.report.participants == [42]
 
 
 def test_a_node_with_data_dir_still_needs_an_id(tmp_path):

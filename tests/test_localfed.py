@@ -20,13 +20,16 @@ def test_run_config_is_written_as_toml_values():
 
 
 def test_the_app_bundle_carries_the_app_and_its_configs_only():
+    """What every SuperNode installs: the app and its configs, no lab, tests or results."""
     config = tomli.loads((ROOT / "pyproject.toml").read_text())
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     shipped = get_filtered_fab_paths({p: ROOT / p for p in listed}, config)
-    assert {"server_app.py", "client_app.py", "fedhpro_flwr/server.py",
-            "fedhpro_flwr/methods/fedhpro.py", "conf/default.yaml"} <= set(shipped)
-    assert not [p for p in shipped if p.startswith(("benchmarks/", "tests/"))]
+    assert {"server_app.py", "client_app.py", "fedhpro_flwr/app/server.py",
+            "fedhpro_flwr/methods/fedhpro.py", "fedhpro_flwr/algorithms/losses.py",
+            "fedhpro_flwr/data/sources.py", "conf/default.yaml"} <= set(shipped)
+    assert not [p for p in shipped if p.startswith(("benchmarks/", "tests/", "fedhpro_lab/"))]
+    assert [p for p in listed if p.startswith("fedhpro_lab/")]  # the lab exists, left out
     assert sum((ROOT / p).stat().st_size for p in shipped) < 10 * 2**20  # Flower's cap
 
 

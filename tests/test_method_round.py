@@ -6,7 +6,6 @@ the GPU when one is visible (the check for GPU SuperNodes), else on the CPU.
 """
 
 import math
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -16,16 +15,16 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.app.client import handle_train
-from fedhpro_flwr.app.payload import tensors_to_record
+from fedhpro_flwr.app.payload import EXPERIMENT_RECORD, tensors_to_record
 from fedhpro_flwr.config import STRATEGY_KEY, ExperimentConfig
 from fedhpro_flwr.data.federated import dataset_spec, held_out_data
-from fedhpro_flwr.methods import METHODS, get_method
+from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.fedprox import MU_KEY
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NUM_CLIENTS = 3
-CFG = ExperimentConfig.from_dict({
+CFG = parse_experiment({
     "partition": {"num_partitions": NUM_CLIENTS},
     "train": {"local_epochs": 1},
     "fedtgp": {"server_epochs": 10},
@@ -44,12 +43,15 @@ def serverapp_identity():
 
 
 def training_message(name, strategy, arrays: ArrayRecord, node_id: int,
-                     cfg: ExperimentConfig = CFG) -> Message:
-    config = ConfigRecord({STRATEGY_KEY: name, **cfg.to_flat(), "server-round": 1,
+                     cfg: ExperimentConfig = CFG, server_round: int = 1) -> Message:
+    """What `ExperimentStrategy.configure_train` sends a node (Flower adds the round)."""
+    config = ConfigRecord({STRATEGY_KEY: name, "server-round": server_round,
                            **dataset_spec(cfg).to_config()})
     if name == "fedprox":
         config[MU_KEY] = strategy.proximal_mu  # what Flower's FedProx.configure_train adds
-    content = RecordDict({"arrays": arrays, "config": config, **strategy.train_records()})
+    content = RecordDict({"arrays": arrays, "config": config,
+                          EXPERIMENT_RECORD: ConfigRecord(cfg.only(name).to_flat()),
+                          **strategy.train_records()})
     return Message(content=content, dst_node_id=node_id, message_type="train")
 
 
@@ -77,7 +79,7 @@ def test_one_round_of_each_method(name):
 
     new_arrays, metrics = strategy.aggregate_train(1, replies)
     assert new_arrays is not None and metrics is not None
-    row = strategy.last_round
+    row = strategy.report.row()
     assert row["clients"] == NUM_CLIENTS and row["failures"] == 0
     assert row["participants"] == list(range(NUM_CLIENTS)) and row["left_out"] == []
     assert all(math.isfinite(v) for v in row.values() if isinstance(v, float | int))
@@ -99,7 +101,7 @@ def test_one_round_of_each_method(name):
 def test_fedhpro_uploads_only_what_its_server_cannot_rebuild():
     """With recalibration the feature gradients stay home (the server rebuilds them from the
     bias gradients at the classifier it sent); without it the classifier gradients do."""
-    cfg = ExperimentConfig.from_dict({**asdict(CFG), "fedhpro": {"recalibration": False}})
+    cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {"recalibration": False}})
     info = dataset_spec(cfg)
     model = build_model(cfg.model, info)
     with_recal = get_method("fedhpro").make_strategy(CFG, model.state_dict(), 10,
@@ -121,7 +123,7 @@ def test_fedhpro_uploads_only_what_its_server_cannot_rebuild():
     assert with_recal.aggregate_train(1, full)[0] is not None
     sizes = [{name: len(array.data) for name, array in
               r.content.array_records[STATS_RECORD].items()} for r in full + lean]
-    saved = with_recal.last_round["bytes_up"] - without.last_round["bytes_up"]
+    saved = with_recal.report.bytes_up - without.report.bytes_up
     assert saved == sum(s.get("weight_grads", 0) + s.get("bias_grads", 0)
                         - s.get("feature_grads", 0) for s in sizes)
 
@@ -129,7 +131,7 @@ def test_fedhpro_uploads_only_what_its_server_cannot_rebuild():
 def first_round_accuracies(**fedhpro) -> tuple[float, float]:
     """Round 1 of FedHPro with recalibration: accuracy of the FedAvg'd classifier and of the
     recalibrated one that replaces it."""
-    cfg = ExperimentConfig.from_dict({"partition": {"num_partitions": NUM_CLIENTS},
+    cfg = parse_experiment({"partition": {"num_partitions": NUM_CLIENTS},
                                       "train": {"local_epochs": 1}, "fedhpro": fedhpro})
     info = dataset_spec(cfg)
     torch.manual_seed(cfg.seed)

@@ -17,9 +17,8 @@ from fedhpro_flwr.algorithms.tgp import (
     generator_loss,
     train_generator,
 )
-from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.data.federated import TensorData
-from fedhpro_flwr.methods import METHODS, get_method
+from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.fedprox import FedProxStrategy
 
 
@@ -42,7 +41,7 @@ def test_proximal_term_and_its_gradient():
 
 
 def test_fedprox_is_flowers_fedprox_with_the_configured_mu():
-    cfg = ExperimentConfig.from_dict({"fedprox": {"mu": 0.3}})
+    cfg = parse_experiment({"fedprox": {"mu": 0.3}})
     strategy = FedProxStrategy(cfg, {"w": torch.zeros(1)})
     assert isinstance(strategy, FedProx) and strategy.proximal_mu == 0.3
 

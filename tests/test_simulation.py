@@ -5,7 +5,8 @@ import torch
 from simulate import NUM_CLIENTS, checkpoint, simulate
 
 from fedhpro_flwr.algorithms.hyperproto import init_hyperprototypes
-from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.methods import parse_experiment
+from fedhpro_flwr.methods.fedhpro import FedHProConfig
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +36,9 @@ def test_results_json_records_every_round(two_rounds):
 
 def test_hyperprototypes_change_between_rounds(two_rounds):
     _, results, state = two_rounds
-    cfg = ExperimentConfig.from_dict(results["config"])
-    initial = init_hyperprototypes(10, cfg.fedhpro.num_hyperprototypes, cfg.model.feature_dim,
-                                   torch.Generator().manual_seed(cfg.seed))
+    cfg = parse_experiment(results["config"])
+    initial = init_hyperprototypes(10, cfg.section(FedHProConfig).num_hyperprototypes,
+                                   cfg.model.feature_dim, torch.Generator().manual_seed(cfg.seed))
     hp = state["strategy_state"]["hyperprototypes"]
     assert state["round"] == 2 and hp.shape == initial.shape
     assert not torch.allclose(hp, initial)

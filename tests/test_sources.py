@@ -9,9 +9,10 @@ import pytest
 import torch
 from scipy.io import loadmat, savemat
 
-from fedhpro_flwr.config import DATASETS, DataConfig, ExperimentConfig
+from fedhpro_flwr.config import DATASETS, DataConfig
 from fedhpro_flwr.data.federated import client_data, held_out_data
 from fedhpro_flwr.data.sources import SOURCES, DataMissing, load_source
+from fedhpro_flwr.methods import parse_experiment
 
 RNG = np.random.default_rng(0)
 
@@ -117,7 +118,7 @@ def test_an_official_test_split_is_what_the_server_evaluates_on(tmp_path):
     for i in range(1, 6):
         write_cifar_batch(base / f"data_batch_{i}", 40, "labels", 10)
     write_cifar_batch(base / "test_batch", 30, "labels", 10)
-    cfg = ExperimentConfig.from_dict({
+    cfg = parse_experiment({
         "data": {"dataset": "cifar10", "root": str(tmp_path)},
         "partition": {"num_partitions": 4, "scheme": "iid"},
     })

@@ -5,9 +5,8 @@ import torch
 from simulate import NUM_CLIENTS, checkpoint, simulate
 
 from fedhpro_flwr.algorithms.models import build_model
-from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.data.federated import dataset_spec
-from fedhpro_flwr.methods import get_method
+from fedhpro_flwr.methods import get_method, parse_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +87,7 @@ def test_creff_evaluates_the_retrained_classifier_but_sends_the_fedavg_one(runs)
 @pytest.mark.parametrize("strategy", PEERS)
 def test_checkpointed_server_state_loads_into_a_fresh_strategy(runs, strategy):
     out, results = runs(strategy)
-    cfg = ExperimentConfig.from_dict(results["config"])
+    cfg = parse_experiment(results["config"])
     info = dataset_spec(cfg)
     model = build_model(cfg.model, info)
     saved = checkpoint(out)["strategy_state"]

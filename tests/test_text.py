@@ -9,11 +9,10 @@ import torch
 from flwr.app import RecordDict
 
 from fedhpro_flwr.algorithms.models import build_model
-from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.data.federated import client_data, dataset_spec, held_out_data
 from fedhpro_flwr.data.sources import DataMissing, load_source
 from fedhpro_flwr.data.text import encode, read_label_text_csv, token_ids
-from fedhpro_flwr.methods import get_method
+from fedhpro_flwr.methods import get_method, parse_experiment
 from fedhpro_flwr.methods.base import ClientTask
 from tests.test_sources import source
 
@@ -68,7 +67,7 @@ def test_missing_agnews_names_the_file(tmp_path):
 
 
 def agnews_config(root):
-    return ExperimentConfig.from_dict({
+    return parse_experiment({
         "data": {"dataset": "agnews", "root": str(root), "text_buckets": 512, "max_tokens": 24},
         "partition": {"num_partitions": 2, "scheme": "iid"},
         "model": {"name": "text", "feature_dim": 16},

@@ -9,21 +9,11 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedhpro_flwr.algorithms.models import build_model
-from fedhpro_flwr.algorithms.training import evaluate
-from fedhpro_flwr.app import sharing
-from fedhpro_flwr.app.payload import check_state_dict, required_record, tensors_to_record
+from fedhpro_flwr.app.payload import EXPERIMENT_RECORD, required_record, tensors_to_record
+from fedhpro_flwr.app.sharing import client_seed, sharing_for
 from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, ExperimentConfig
-from fedhpro_flwr.data.federated import SPEC_PREFIX, DataSpec, TensorData, client_data, local_data
+from fedhpro_flwr.data.federated import DataSpec, TensorData, client_data, local_data
 from fedhpro_flwr.methods import ClientTask, get_method
-
-# keys Flower's strategies put in the ConfigRecord beside the experiment's own
-FLOWER_CONFIG_KEYS = ("server-round", "proximal-mu", STRATEGY_KEY)
-
-
-def client_seed(seed: int, server_round: int, partition_id: int) -> int:
-    """A distinct, reproducible seed per (run seed, round, client)."""
-    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
 
 
 def pick_device(node_config: dict[str, Any]) -> torch.device:
@@ -74,11 +64,10 @@ def node_data(node_config: dict[str, Any], cfg: ExperimentConfig, spec: DataSpec
 def handle_train(msg: Message, context: Context) -> Message:
     """One round of local training for whichever method the server runs."""
     config: ConfigRecord = msg.content.config_records["config"]
-    cfg = ExperimentConfig.from_flat({k: v for k, v in config.items()
-                                      if k not in FLOWER_CONFIG_KEYS
-                                      and not k.startswith(SPEC_PREFIX)})
-    spec = DataSpec.from_config(config)
     method = get_method(str(config[STRATEGY_KEY]))
+    cfg = ExperimentConfig.from_flat(msg.content.config_records[EXPERIMENT_RECORD],
+                                     {method.name: method.section})
+    spec = DataSpec.from_config(config)
     server_round = int(config["server-round"])
     node_config = dict(context.node_config)
     partition_id = node_partition(node_config, cfg)
@@ -86,45 +75,27 @@ def handle_train(msg: Message, context: Context) -> Message:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
 
-    data = node_data(node_config, cfg, spec, partition_id)
+    mode = sharing_for(cfg, method)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, server_round, partition_id))
-    received = required_record(msg.content, "arrays")
-    if sharing.is_hetero(cfg):
-        sharing.check_method(method, cfg)
-        data, local_test = sharing.local_split(data, cfg, partition_id)
-        model, restored = sharing.local_model(
-            cfg, spec, sharing.assigned_backbone(cfg, partition_id, node_config), context.state,
-            client_seed(cfg.seed, 0, partition_id))
-        shared = check_state_dict(received, sharing.shared_part(model.state_dict(), method),
-                                  "shared weights")
-        model.load_state_dict(shared, strict=False)
-    else:
-        model = build_model(cfg.model, spec)
-        model.load_state_dict(check_state_dict(received, model.state_dict(),
-                                               "global model weights"))
-    model.to(device)
+    local = mode.client_model(spec, node_data(node_config, cfg, spec, partition_id),
+                              required_record(msg.content, "arrays"), partition_id, node_config,
+                              context.state)
+    local.model.to(device)
 
     started, start = time.time(), time.perf_counter()  # wall clock, for the server's timeline
     extra, train_metrics = method.client_train(
-        ClientTask(model, data, msg.content, cfg, device, generator)
+        ClientTask(local.model, local.data, msg.content, cfg, device, generator)
     )
     seconds = time.perf_counter() - start
 
-    weights = model.state_dict()
-    if sharing.is_hetero(cfg):
-        sharing.save_local_model(model, context.state)
-        if len(local_test):
-            loss, accuracy = evaluate(model, local_test, device)
-            train_metrics |= {"local_accuracy": accuracy, "local_loss": loss,
-                              "local_test_size": len(local_test)}
-        train_metrics["local_model_restored"] = float(restored)
-        weights = sharing.shared_part(weights, method)
+    weights, own_metrics = mode.finish(local, context.state, device)
     metrics = MetricRecord({
-        "num-examples": len(data),
+        "num-examples": len(local.data),
         "partition-id": partition_id,
         "client-seconds": seconds,
         "client-started": started,
         **train_metrics,
+        **own_metrics,
     })
     reply = RecordDict({"arrays": tensors_to_record(weights), "metrics": metrics, **extra})
     return Message(content=reply, reply_to=msg)

@@ -15,6 +15,10 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedhpro_flwr.algorithms.extraction import ClassStatistics
 
+# the experiment's config (common sections and the running method's), flat, in every
+# training message beside Flower's own "config" record
+EXPERIMENT_RECORD = "experiment"
+
 
 class PayloadError(ValueError):
     """A message carries missing, malformed or non-finite arrays."""

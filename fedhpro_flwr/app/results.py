@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ class RunResults:
         self.path = settings.out_dir / RESULTS_NAME
         self.data: dict[str, Any] = {
             "strategy": settings.strategy,
-            "config": asdict(settings.experiment),
+            "config": settings.experiment.to_dict(),
             "config_file": str(settings.config_path),
             "initial": {},
             "rounds": [],

@@ -1,7 +1,8 @@
 """The ServerApp's work: resolve the config, build the method's Strategy, run, record.
 
-After every round the global model is evaluated on the held-out test set, a row is added to
-results.json and a checkpoint is written, all from `Strategy.start`'s `evaluate_fn` hook.
+After every round the model is evaluated (as the run's `Sharing` says), the strategy's round
+report becomes a row of results.json and a checkpoint is written, all from
+`Strategy.start`'s `evaluate_fn` hook.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedhpro_flwr.algorithms.diagnostics import embedding_of
-from fedhpro_flwr.algorithms.models import build_model
-from fedhpro_flwr.app import sharing
+from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.app.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -30,10 +30,11 @@ from fedhpro_flwr.app.checkpoint import (
 )
 from fedhpro_flwr.app.payload import check_state_dict, tensors_to_record
 from fedhpro_flwr.app.results import RunResults
-from fedhpro_flwr.app.strategy import TooFewReplies
+from fedhpro_flwr.app.sharing import sharing_for
+from fedhpro_flwr.app.strategy import ExperimentStrategy, RoundReport, TooFewReplies
 from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, RunSettings, resolve_run_config
-from fedhpro_flwr.data.federated import dataset_spec, held_out_data
-from fedhpro_flwr.methods import METHODS, get_method
+from fedhpro_flwr.data.federated import TensorData, dataset_spec, held_out_data
+from fedhpro_flwr.methods import SECTIONS, get_method
 
 # Errors whose message says everything a user needs (logged without a traceback): a bad
 # setting or missing data, an unusable checkpoint, a round with too few usable replies.
@@ -50,7 +51,7 @@ class RunStopped(Exception):
 
 def run_server(grid: Grid, run_config: Mapping[str, Any], app_dir: Path) -> dict[str, Any]:
     """Run one experiment end to end; returns what results.json holds."""
-    settings = resolve_run_config(run_config, app_dir, tuple(sorted(METHODS)))
+    settings = resolve_run_config(run_config, app_dir, SECTIONS)
     return run_experiment(grid, settings)
 
 
@@ -70,76 +71,69 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
     test = held_out_data(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = get_method(settings.strategy)
-    personalised = sharing.is_hetero(cfg)
-    if personalised:
-        sharing.check_method(method, cfg)
-        # clients keep their own models: the server holds only what the method shares
-        model = build_model(cfg.model, spec, cfg.model.backbone_list()[0])
-        reference = sharing.shared_part(model.state_dict(), method)
-    else:
-        model = build_model(cfg.model, spec)
-        reference = model.state_dict()
+    mode = sharing_for(cfg, method)
+    model = mode.server_model(spec)
+    reference = mode.shared(model.state_dict())
     strategy = method.make_strategy(cfg, reference, spec.num_classes, model.feature_dim)
     results = RunResults(settings)
     arrays = tensors_to_record(reference)
-    done = 0
     if settings.resume:
         checkpoint = load_checkpoint(settings.out_dir, settings.strategy, cfg.fingerprint())
-        done = checkpoint.round
         restored = check_state_dict(tensors_to_record(checkpoint.weights), reference,
                                     "checkpoint weights")
         strategy.load_state_dict(checkpoint.strategy_state)
         checkpoint.restore_rng()
         results.restore(checkpoint.results)
         arrays = tensors_to_record(restored)
-        log(INFO, "resuming from %s/checkpoint.pt after round %d", settings.out_dir, done)
-    strategy.round_offset = done
+        strategy.round_offset = checkpoint.round
+        log(INFO, "resuming from %s/checkpoint.pt after round %d", settings.out_dir,
+            checkpoint.round)
     model.to(device)
-    embedding_rounds = cfg.diagnostics.rounds()
 
     def end_of_round(server_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
-        round_ = server_round + done
-        if server_round == 0 and done:
-            return None  # the initial model was evaluated by the first run
+        round_ = strategy.absolute_round(server_round)
+        if server_round == 0 and (round_ or not mode.global_model):
+            return None  # evaluated by the run that started it, or nothing to evaluate yet
         start = time.perf_counter()
         weights = round_arrays.to_torch_state_dict()
-        if personalised:
-            if server_round == 0:
-                return None  # no client has evaluated anything yet
-            if "client_accuracy_mean" not in strategy.last_round:
-                raise ConfigError(f"round {round_}: no client had a sample left for its own test "
-                                  f"split; raise partition.local_test_fraction")
-            scores = {"accuracy": strategy.last_round["client_accuracy_mean"],
-                      "loss": strategy.last_round["client_loss_mean"]}
-        else:
-            model.load_state_dict(weights)
-            scores = strategy.evaluate_model(model, test, device)
-        accuracy, loss = scores["accuracy"], scores["loss"]
+        scores = mode.evaluate(round_, strategy, model, weights, test, device)
         if server_round == 0:
             results.set_initial(scores)
-            log(INFO, "initial model: accuracy %.4f loss %.4f", accuracy, loss)
+            log(INFO, "initial model: accuracy %.4f loss %.4f", scores["accuracy"],
+                scores["loss"])
         else:
-            row = {"round": round_, **scores, "eval_seconds": time.perf_counter() - start,
-                   **strategy.last_round}
-            results.add_round(row)
-            log(INFO, "[round %d/%d] accuracy %.4f loss %.4f train_loss %.4f | client %.1fs "
-                "server %.2fs wall %.1fs", round_, total_rounds, accuracy, loss,
-                row["train_loss"], row["client_seconds"], row["server_seconds"],
-                row["wall_seconds"])
-            anchors = strategy.global_anchors()
-            if round_ in embedding_rounds and anchors is not None and not personalised:
-                picture = embedding_of(model, test, *anchors, cfg.diagnostics.embedding_samples,
-                                       cfg.seed, device)
-                (settings.out_dir / f"embedding-round{round_}.json").write_text(
-                    json.dumps({"round": round_, "strategy": settings.strategy, **picture}))
+            assert strategy.report is not None  # aggregate_train ran before this
+            record_round(round_, scores, time.perf_counter() - start, strategy.report)
+            if round_ in cfg.diagnostics.rounds() and mode.global_model:
+                save_embedding(round_, strategy, model, test, device)
             save_checkpoint(Checkpoint.capture(
                 settings.strategy, cfg.fingerprint(), round_, weights,
                 strategy.state_dict(), results.data,
             ), settings.out_dir)
         results.write()
-        return MetricRecord({"accuracy": accuracy, "loss": loss})
+        return MetricRecord({"accuracy": scores["accuracy"], "loss": scores["loss"]})
 
-    remaining = total_rounds - done
+    def record_round(round_: int, scores: dict[str, float], eval_seconds: float,
+                     report: RoundReport) -> None:
+        results.add_round({"round": round_, **scores, "eval_seconds": eval_seconds,
+                           **report.row()})
+        log(INFO, "[round %d/%d] accuracy %.4f loss %.4f train_loss %.4f | client %.1fs "
+            "server %.2fs wall %.1fs", round_, total_rounds, scores["accuracy"], scores["loss"],
+            report.train_loss, report.client_seconds, report.server_seconds,
+            report.wall_seconds)
+
+    def save_embedding(round_: int, strategy: ExperimentStrategy, model: Backbone,
+                       test: TensorData, device: torch.device) -> None:
+        """A 2-D picture of the test features and the method's anchors, if it has any."""
+        anchors = strategy.global_anchors()
+        if anchors is None:
+            return
+        picture = embedding_of(model, test, *anchors, cfg.diagnostics.embedding_samples,
+                               cfg.seed, device)
+        (settings.out_dir / f"embedding-round{round_}.json").write_text(
+            json.dumps({"round": round_, "strategy": settings.strategy, **picture}))
+
+    remaining = total_rounds - strategy.round_offset
     if remaining > 0:
         try:
             strategy.start(
@@ -147,7 +141,7 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
                 initial_arrays=arrays,
                 num_rounds=remaining,
                 timeout=cfg.federation.round_timeout,
-                train_config=ConfigRecord({STRATEGY_KEY: settings.strategy, **cfg.to_flat(),
+                train_config=ConfigRecord({STRATEGY_KEY: settings.strategy,
                                            **spec.to_config()}),
                 evaluate_fn=end_of_round,
             )

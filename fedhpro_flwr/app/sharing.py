@@ -1,89 +1,211 @@
-"""Heterogeneous clients: each runs its own backbone, only class-level knowledge is shared.
+"""How a run shares and evaluates: one global model, or personal models.
 
-With `model.backbones` set, client k runs backbone k mod n (or its node config's `backbone`),
-every backbone ending in features of the same dimension d. Each client's model stays on
-the client between rounds (in Flower's `context.state`); the server sees only what the method
-shares at the class level, plus, for FedHPro, the linear head (C x d), averaged. Accuracy is
-personalised: every client evaluates its own model on a held-out part of its data.
+A run is one of two kinds, chosen once from the config (`sharing_for`), and both the server
+and the clients ask that one object instead of branching on the mode:
+
+- `GlobalModel`: every client trains a copy of one model; the whole model is averaged and the
+  server evaluates it on the held-out test set.
+- `PersonalModels` (`model.backbones` set): client k runs backbone k mod n (or its node
+  config's `backbone`), every backbone ending in features of the same dimension d. Each
+  client's model stays on the client between rounds (in Flower's `context.state`); the
+  server sees only the weights the method names in `Method.personal_weights` (FedHPro: the
+  linear head) plus its class-level payloads. Accuracy is personalised: every client
+  evaluates its own model on a held-out part of its data, and the round's score is the mean.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from fedhpro_flwr.algorithms.models import Backbone, build_model
+from fedhpro_flwr.algorithms.training import evaluate
 from fedhpro_flwr.app.payload import check_state_dict, tensors_to_record
+from fedhpro_flwr.app.strategy import ExperimentStrategy, RoundReport
 from fedhpro_flwr.config import ConfigError, ExperimentConfig
 from fedhpro_flwr.data.federated import DataSpec, TensorData
 from fedhpro_flwr.data.partition import stratified_split
 from fedhpro_flwr.methods import METHODS, Method
 
-LOCAL_MODEL = "local-model"  # the client's whole model, in its context.state
-HEAD_KEYS = ("classifier.weight", "classifier.bias")
+LOCAL_MODEL = "local-model"  # a client's whole personal model, in its context.state
 
 
-def is_hetero(cfg: ExperimentConfig) -> bool:
-    return bool(cfg.model.backbone_list())
+@dataclass
+class ClientModel:
+    """What a client trains this round: the model (holding what the server sent), its
+    training data, and, with personal models, the split it evaluates its own model on."""
+
+    model: Backbone
+    data: TensorData
+    local_test: TensorData | None = None
+    restored: bool = False  # personal models: continued from the client's earlier round
 
 
-def check_method(method: Method, cfg: ExperimentConfig) -> None:
-    """Refuse a method that averages whole models when the clients' architectures differ."""
-    if method.hetero_sharing is None:
-        usable = sorted(name for name, m in METHODS.items() if m.hetero_sharing is not None)
-        raise ConfigError(
-            f"strategy '{method.name}' averages the clients' model weights, which cannot be done "
-            f"when they run different backbones (model.backbones = {cfg.model.backbones!r}); "
-            f"with heterogeneous clients use one of {', '.join(usable)}")
+class Sharing:
+    """The steps that differ between the two kinds of run; see the subclasses."""
+
+    # a single model whose evaluation and features mean something before any training
+    global_model: bool
+
+    def __init__(self, cfg: ExperimentConfig, method: Method):
+        self.cfg, self.method = cfg, method
+
+    # ---- server ---------------------------------------------------------------------------
+    def server_model(self, spec: DataSpec) -> Backbone:
+        """The model the server evaluates with (and the shapes replies are checked against)."""
+        raise NotImplementedError
+
+    def shared(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The part of a model's weights that travels between clients and server."""
+        raise NotImplementedError
+
+    def evaluate(self, round_: int, strategy: ExperimentStrategy, model: Backbone,
+                 weights: Mapping[str, torch.Tensor], test: TensorData,
+                 device: torch.device) -> dict[str, float]:
+        """The round's scores: accuracy, loss and the method's extras."""
+        raise NotImplementedError
+
+    # ---- client ---------------------------------------------------------------------------
+    def client_model(self, spec: DataSpec, data: TensorData, received: ArrayRecord,
+                     partition_id: int, node_config: Mapping[str, Any],
+                     state: RecordDict) -> ClientModel:
+        """The model to train, holding the weights received, and the data to train it on."""
+        raise NotImplementedError
+
+    def finish(self, trained: ClientModel, state: RecordDict,
+               device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """After training: the weights to send, and the client's own metrics."""
+        raise NotImplementedError
 
 
-def shared_part(state: Mapping[str, torch.Tensor], method: Method) -> dict[str, torch.Tensor]:
-    """The weights a method exchanges between heterogeneous clients and the server."""
-    keys = HEAD_KEYS if method.hetero_sharing == "head" else ()
-    return {k: state[k] for k in keys}
+class GlobalModel(Sharing):
+    """One model for all: averaged whole, evaluated on the server's held-out data."""
+
+    global_model = True
+
+    def server_model(self, spec: DataSpec) -> Backbone:
+        return build_model(self.cfg.model, spec)
+
+    def shared(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(state)
+
+    def evaluate(self, round_: int, strategy: ExperimentStrategy, model: Backbone,
+                 weights: Mapping[str, torch.Tensor], test: TensorData,
+                 device: torch.device) -> dict[str, float]:
+        model.load_state_dict(weights)
+        return strategy.evaluate_model(model, test, device)
+
+    def client_model(self, spec: DataSpec, data: TensorData, received: ArrayRecord,
+                     partition_id: int, node_config: Mapping[str, Any],
+                     state: RecordDict) -> ClientModel:
+        model = build_model(self.cfg.model, spec)
+        model.load_state_dict(check_state_dict(received, model.state_dict(),
+                                               "global model weights"))
+        return ClientModel(model, data)
+
+    def finish(self, trained: ClientModel, state: RecordDict,
+               device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        return trained.model.state_dict(), {}
 
 
-def assigned_backbone(cfg: ExperimentConfig, partition_id: int,
-                      node_config: Mapping[str, Any]) -> tuple[str, int]:
-    """The node config's `backbone` (e.g. "resnet10-16"), else entry k mod n of the list."""
-    choice = node_config.get("backbone")
-    if choice:
-        try:
-            (found,) = type(cfg.model)(backbones=str(choice)).backbone_list()
-        except (ConfigError, ValueError):
-            raise ConfigError(f"node config 'backbone' = {choice!r}: expected one backbone, "
-                              f"cnn-W or resnet10-W") from None
-        return found
-    backbones = cfg.model.backbone_list()
-    return backbones[partition_id % len(backbones)]
+class PersonalModels(Sharing):
+    """Each client keeps its own model (heterogeneous backbones); only the method's
+    `personal_weights` are averaged, and each client evaluates its own model."""
+
+    global_model = False
+
+    def __init__(self, cfg: ExperimentConfig, method: Method):
+        if method.personal_weights is None:
+            usable = sorted(n for n, m in METHODS.items() if m.personal_weights is not None)
+            raise ConfigError(
+                f"strategy '{method.name}' averages the clients' model weights, which cannot be "
+                f"done when they run different backbones (model.backbones = "
+                f"{cfg.model.backbones!r}); with heterogeneous clients use one of "
+                f"{', '.join(usable)}")
+        super().__init__(cfg, method)
+        self.keys = method.personal_weights
+
+    def server_model(self, spec: DataSpec) -> Backbone:
+        # the server holds no extractor of its own: any backbone gives the shared part's shapes
+        return build_model(self.cfg.model, spec, self.cfg.model.backbone_list()[0])
+
+    def shared(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: state[k] for k in self.keys}
+
+    def evaluate(self, round_: int, strategy: ExperimentStrategy, model: Backbone,
+                 weights: Mapping[str, torch.Tensor], test: TensorData,
+                 device: torch.device) -> dict[str, float]:
+        report: RoundReport | None = strategy.report
+        if report is None or report.personal is None:
+            raise ConfigError(f"round {round_}: no client had a sample left for its own test "
+                              f"split; raise partition.local_test_fraction")
+        return {"accuracy": report.personal.mean, "loss": report.personal.loss_mean}
+
+    def client_model(self, spec: DataSpec, data: TensorData, received: ArrayRecord,
+                     partition_id: int, node_config: Mapping[str, Any],
+                     state: RecordDict) -> ClientModel:
+        train, local_test = self.local_split(data, partition_id)
+        model, restored = self.local_model(spec, self.backbone(partition_id, node_config),
+                                           state, partition_id)
+        shared = check_state_dict(received, self.shared(model.state_dict()), "shared weights")
+        model.load_state_dict(shared, strict=False)
+        return ClientModel(model, train, local_test, restored)
+
+    def finish(self, trained: ClientModel, state: RecordDict,
+               device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        state[LOCAL_MODEL] = tensors_to_record(trained.model.state_dict())
+        metrics: dict[str, float] = {}
+        if trained.local_test is not None and len(trained.local_test):
+            loss, accuracy = evaluate(trained.model, trained.local_test, device)
+            metrics |= {"local_accuracy": accuracy, "local_loss": loss,
+                        "local_test_size": len(trained.local_test)}
+        metrics["local_model_restored"] = float(trained.restored)
+        return self.shared(trained.model.state_dict()), metrics
+
+    def backbone(self, partition_id: int, node_config: Mapping[str, Any]) -> tuple[str, int]:
+        """The node config's `backbone` (e.g. "resnet10-16"), else entry k mod n of the list."""
+        choice = node_config.get("backbone")
+        if choice:
+            try:
+                (found,) = type(self.cfg.model)(backbones=str(choice)).backbone_list()
+            except (ConfigError, ValueError):
+                raise ConfigError(f"node config 'backbone' = {choice!r}: expected one backbone, "
+                                  f"cnn-W or resnet10-W") from None
+            return found
+        backbones = self.cfg.model.backbone_list()
+        return backbones[partition_id % len(backbones)]
+
+    def local_split(self, data: TensorData, partition_id: int) -> tuple[TensorData, TensorData]:
+        """(train, test): the client's data with `partition.local_test_fraction` of every class
+        held out for its personalised evaluation, the same split every round."""
+        train, test = stratified_split(data.y.numpy(), self.cfg.partition.local_test_fraction,
+                                       self.cfg.seed * 1_000_003 + partition_id)
+        return data.subset(train), data.subset(test)
+
+    def local_model(self, spec: DataSpec, backbone: tuple[str, int], state: RecordDict,
+                    partition_id: int) -> tuple[Backbone, bool]:
+        """The client's model as it left the last round (from its context state), or, on its
+        first round, freshly drawn from a seed of its own; and whether it was restored."""
+        with torch.random.fork_rng():
+            torch.manual_seed(client_seed(self.cfg.seed, 0, partition_id))
+            model = build_model(self.cfg.model, spec, backbone)
+        if LOCAL_MODEL not in state.array_records:
+            return model, False
+        saved = check_state_dict(state.array_records[LOCAL_MODEL], model.state_dict(),
+                                 "the client's saved model")
+        model.load_state_dict(saved)
+        return model, True
 
 
-def local_split(data: TensorData, cfg: ExperimentConfig,
-                partition_id: int) -> tuple[TensorData, TensorData]:
-    """(train, test): the client's data with `partition.local_test_fraction` of every class
-    held out for its personalised evaluation, the same split every round."""
-    train, test = stratified_split(data.y.numpy(), cfg.partition.local_test_fraction,
-                                   cfg.seed * 1_000_003 + partition_id)
-    return data.subset(train), data.subset(test)
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """A distinct, reproducible seed per (run seed, round, client)."""
+    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**63)
 
 
-def local_model(cfg: ExperimentConfig, spec: DataSpec, backbone: tuple[str, int],
-                state: RecordDict, seed: int) -> tuple[Backbone, bool]:
-    """The client's model as it left the last round (from its context state), or, on its
-    first round, freshly drawn from `seed`; and whether it was restored."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = build_model(cfg.model, spec, backbone)
-    if LOCAL_MODEL not in state.array_records:
-        return model, False
-    saved = check_state_dict(state.array_records[LOCAL_MODEL], model.state_dict(),
-                             "the client's saved model")
-    model.load_state_dict(saved)
-    return model, True
-
-
-def save_local_model(model: torch.nn.Module, state: RecordDict) -> None:
-    state[LOCAL_MODEL] = tensors_to_record(model.state_dict())
+def sharing_for(cfg: ExperimentConfig, method: Method) -> Sharing:
+    """Personal models when `model.backbones` names backbones, else one global model."""
+    return PersonalModels(cfg, method) if cfg.model.backbone_list() else GlobalModel(cfg, method)

@@ -32,6 +32,7 @@ from fedhpro_flwr.algorithms.diagnostics import anchor_cosines, relative_change,
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.training import domain_accuracies, evaluate
 from fedhpro_flwr.app.payload import (
+    EXPERIMENT_RECORD,
     PayloadError,
     check_state_dict,
     record_nbytes,
@@ -77,22 +78,71 @@ def mean_metric(replies: list[ClientReply], key: str) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def personal_accuracy(replies: list[ClientReply]) -> dict[str, Any]:
-    """Heterogeneous clients evaluate their own models on their own test splits: the mean,
-    spread and minimum over clients, and each client's, by partition id."""
+@dataclass(frozen=True)
+class PersonalAccuracy:
+    """Personal models (heterogeneous clients), each evaluated on its client's own test split:
+    the mean, spread and minimum over clients, and each client's, by partition id."""
+
+    mean: float
+    std: float  # population std over clients
+    min: float
+    loss_mean: float
+    by_partition: dict[str, float]
+    # clients that continued from their own model of an earlier round (0 in round 1; fewer
+    # later means nodes restarted and began afresh)
+    models_restored: int
+
+    def row(self) -> dict[str, Any]:
+        return {"client_accuracy_mean": self.mean, "client_accuracy_std": self.std,
+                "client_accuracy_min": self.min, "client_loss_mean": self.loss_mean,
+                "client_accuracies": self.by_partition,
+                "client_models_restored": self.models_restored}
+
+
+def personal_accuracy(replies: list[ClientReply]) -> PersonalAccuracy | None:
+    """The clients' own evaluations, if any client made one."""
     found = {r.partition_id: (r.metrics["local_accuracy"], r.metrics.get("local_loss", math.nan))
              for r in replies if 0.0 <= r.metrics.get("local_accuracy", -1.0) <= 1.0}
     if not found:
-        return {}
+        return None
     accuracies = [a for a, _ in found.values()]
     losses = [v for _, v in found.values() if math.isfinite(v)]
     stats = spread(accuracies, "client_accuracy")
-    restored = sum(1 for r in replies if r.metrics.get("local_model_restored") == 1.0)
-    return {**stats, "client_loss_mean": sum(losses) / len(losses) if losses else math.nan,
-            "client_accuracies": {str(k): a for k, (a, _) in sorted(found.items())},
-            # clients that continued from their own model of an earlier round (0 in round 1;
-            # fewer later means nodes restarted and began afresh)
-            "client_models_restored": restored}
+    return PersonalAccuracy(
+        stats["client_accuracy_mean"], stats["client_accuracy_std"],
+        stats["client_accuracy_min"], sum(losses) / len(losses) if losses else math.nan,
+        {str(k): a for k, (a, _) in sorted(found.items())},
+        sum(1 for r in replies if r.metrics.get("local_model_restored") == 1.0))
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What a round of training measured: its row of results.json, less the evaluation."""
+
+    train_loss: float  # example-weighted mean over the clients used
+    client_seconds: float  # summed over clients
+    client_seconds_max: float
+    # clients on one clock (simulation, SuperNodes on one machine): wall time of the round
+    # during which any client was training
+    client_busy_seconds: float
+    server_seconds: float
+    wall_seconds: float
+    bytes_up: int
+    bytes_down: int
+    participants: list[int]  # partition ids of the replies used
+    left_out: list[dict[str, Any]]  # {"node", "reason"} for every sampled node not used
+    diagnostics: dict[str, Any]  # the method's server step and the anchors'
+    personal: PersonalAccuracy | None  # with personal models only
+
+    def row(self) -> dict[str, Any]:
+        return {"train_loss": self.train_loss, "client_seconds": self.client_seconds,
+                "client_seconds_max": self.client_seconds_max,
+                "client_busy_seconds": self.client_busy_seconds,
+                "server_seconds": self.server_seconds, "wall_seconds": self.wall_seconds,
+                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
+                "clients": len(self.participants), "failures": len(self.left_out),
+                "participants": self.participants, "left_out": self.left_out,
+                **self.diagnostics, **(self.personal.row() if self.personal else {})}
 
 
 def busy_seconds(spans: Iterable[tuple[float, float]], start: float, end: float) -> float:
@@ -150,7 +200,7 @@ class ExperimentStrategy(FedAvg):
         self.cfg = cfg
         self.reference_state = {k: v.detach().cpu() for k, v in reference_state.items()}
         self.round_offset = 0  # rounds already done before this process (resume)
-        self.last_round: dict[str, Any] = {}  # the round's row of results.json
+        self.report: RoundReport | None = None  # the last round's
         self._round_start = 0.0
         self._round_started = 0.0  # the same moment on the wall clock the clients stamp
         self._bytes_down = 0
@@ -192,16 +242,21 @@ class ExperimentStrategy(FedAvg):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what `state_dict` returned."""
 
+    def absolute_round(self, server_round: int) -> int:
+        """The run's round number for Flower's count in this process (they differ on resume)."""
+        return server_round + self.round_offset
+
     # ---- Flower Strategy ----------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._round_start = time.perf_counter()
         self._round_started = time.time()
-        round_ = server_round + self.round_offset
+        round_ = self.absolute_round(server_round)
         messages = list(super().configure_train(round_, arrays, config, grid))
         extra = self.train_records()
         for message in messages:
+            message.content[EXPERIMENT_RECORD] = ConfigRecord(self.cfg.to_flat())
             for key, record in extra.items():
                 message.content[key] = record
         payload = record_nbytes(arrays) + sum(record_nbytes(r) for r in extra.values())
@@ -213,7 +268,7 @@ class ExperimentStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        round_ = server_round + self.round_offset
+        round_ = self.absolute_round(server_round)
         start, replied = time.perf_counter(), time.time()
         replies = list(replies)
         valid, left_out = self._validate(round_, replies)
@@ -228,7 +283,8 @@ class ExperimentStrategy(FedAvg):
         counts = [float(r.num_examples) for r in valid]
         weights = weighted_average([r.weights for r in valid], counts)
         weights, diagnostics = self.server_step(round_, weights, valid)
-        diagnostics |= self._anchor_diagnostics(valid) | personal_accuracy(valid)
+        diagnostics |= self._anchor_diagnostics(valid)
+        personal = personal_accuracy(valid)
         train_loss = sum(
             r.metrics["train_loss"] * n for r, n in zip(valid, counts, strict=True)
         ) / sum(counts)
@@ -237,24 +293,21 @@ class ExperimentStrategy(FedAvg):
                  for r, seconds in zip(valid, client_seconds, strict=True)
                  if "client-started" in r.metrics]
         end = time.perf_counter()
-        self.last_round = {
-            "train_loss": train_loss,
-            "client_seconds": sum(client_seconds),
-            "client_seconds_max": max(client_seconds),
-            # clients on one clock (simulation, SuperNodes on one machine): wall time of the
-            # round during which any client was training
-            "client_busy_seconds": busy_seconds(spans, self._round_started, replied),
-            "server_seconds": end - start,
-            "wall_seconds": end - self._round_start,
-            "bytes_up": sum(record_nbytes(r) for m in replies if not m.has_error()
-                            for r in m.content.array_records.values()),
-            "bytes_down": self._bytes_down,
-            "clients": len(valid),
-            "failures": len(left_out),
-            "participants": [r.partition_id for r in valid],
-            "left_out": [{"node": node, "reason": reason} for node, reason in left_out.items()],
-            **diagnostics,
-        }
+        self.report = RoundReport(
+            train_loss=train_loss,
+            client_seconds=sum(client_seconds),
+            client_seconds_max=max(client_seconds),
+            client_busy_seconds=busy_seconds(spans, self._round_started, replied),
+            server_seconds=end - start,
+            wall_seconds=end - self._round_start,
+            bytes_up=sum(record_nbytes(r) for m in replies if not m.has_error()
+                         for r in m.content.array_records.values()),
+            bytes_down=self._bytes_down,
+            participants=[r.partition_id for r in valid],
+            left_out=[{"node": node, "reason": reason} for node, reason in left_out.items()],
+            diagnostics=diagnostics,
+            personal=personal,
+        )
         metrics = MetricRecord({"train_loss": train_loss, "clients": len(valid)})
         return tensors_to_record(weights), metrics
 

@@ -39,7 +39,16 @@ class Method:
 
     name: str
     client_train: ClientTrainer
-    make_strategy: StrategyFactory  # (cfg, reference weights, num_classes, feature_dim)
-    # with heterogeneous backbones: "head" (the linear head is averaged), "none" (no weights
-    # leave the clients), None (the method averages whole models: not supported)
-    hetero_sharing: str | None = None
+    new_strategy: StrategyFactory  # (cfg, reference weights, num_classes, feature_dim)
+    # its hyper-parameters: a frozen dataclass of `config.setting` fields, read from the YAML
+    # section named like the method (`cfg.section(...)` gives it); None: it has none
+    section: type | None = None
+    # with personal models (heterogeneous backbones): the weights that are averaged, e.g. the
+    # linear head, or () when only class-level knowledge leaves a client; None: the method
+    # averages whole models, which personal models of different shapes cannot do
+    personal_weights: tuple[str, ...] | None = None
+
+    def make_strategy(self, cfg: ExperimentConfig, reference: Mapping[str, torch.Tensor],
+                      num_classes: int, feature_dim: int) -> ExperimentStrategy:
+        """The server Strategy, seeing (and sending clients) this method's section only."""
+        return self.new_strategy(cfg.only(self.name), reference, num_classes, feature_dim)

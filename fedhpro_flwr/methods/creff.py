@@ -10,6 +10,7 @@ CReFF's code.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord
@@ -25,7 +26,7 @@ from fedhpro_flwr.app.payload import (
     tensors_to_record,
 )
 from fedhpro_flwr.app.strategy import ClientReply
-from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.config import ExperimentConfig, setting
 from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods.base import ClientTask, Method
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD, RecalibratingStrategy
@@ -33,9 +34,23 @@ from fedhpro_flwr.methods.recalibrating import STATS_RECORD, RecalibratingStrate
 HEAD_RECORD = "retrained-classifier"
 
 
+@dataclass(frozen=True)
+class CReFFConfig:
+    """CReFF (Shang et al., IJCAI 2022), its code's defaults; 0 batch size = train.batch_size."""
+
+    batch_real: int = setting(32, ge=1)
+    repeat_num: int = setting(10, ge=1)
+    features: int = setting(100, ge=1)  # federated features per class
+    match_steps: int = setting(100, ge=0)
+    feature_lr: float = setting(0.1, gt=0.0)
+    epochs: int = setting(300, ge=1)
+    lr: float = setting(0.01, gt=0.0)
+    batch_size: int = setting(0, ge=0)
+
+
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
     """Classifier gradients at (global extractor, re-trained classifier), then CE training."""
-    model, creff = task.model, task.cfg.creff
+    model, creff = task.model, task.cfg.section(CReFFConfig)
     c, d = task.data.num_classes, model.feature_dim
     head = record_to_tensors(required_record(task.content, HEAD_RECORD),
                              {"weight": ((c, d), "float"), "bias": ((c,), "float")},
@@ -52,7 +67,7 @@ class CReFFStrategy(RecalibratingStrategy):
 
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int):
-        creff = cfg.creff
+        creff = cfg.section(CReFFConfig)
         settings = RecalibrationSettings(creff.match_steps, creff.feature_lr, creff.epochs,
                                          creff.lr, creff.batch_size or cfg.train.batch_size)
         super().__init__(cfg, reference_state, num_classes, feature_dim, creff.features,
@@ -77,4 +92,4 @@ class CReFFStrategy(RecalibratingStrategy):
         return super().evaluate_model(model, data, device)
 
 
-METHOD = Method("creff", client_train, CReFFStrategy)
+METHOD = Method("creff", client_train, CReFFStrategy, section=CReFFConfig)

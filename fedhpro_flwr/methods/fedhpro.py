@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -13,8 +13,9 @@ from flwr.app import ArrayRecord
 
 from fedhpro_flwr.algorithms.diagnostics import consistency_metric
 from fedhpro_flwr.algorithms.extraction import ClassStatistics, extract_class_statistics
-from fedhpro_flwr.algorithms.gradmatch import masked_class_mean
+from fedhpro_flwr.algorithms.gradmatch import Distance, Step, masked_class_mean
 from fedhpro_flwr.algorithms.hyperproto import (
+    Init,
     anchors,
     centers,
     init_hyperprototypes,
@@ -32,12 +33,47 @@ from fedhpro_flwr.app.payload import (
     tensors_to_record,
 )
 from fedhpro_flwr.app.strategy import ClientReply, checked_state, mean_metric
-from fedhpro_flwr.config import ExperimentConfig, FedHProConfig
+from fedhpro_flwr.config import ExperimentConfig, setting
 from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods.base import ClientTask, Method
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD, RecalibratingStrategy
 
 HP_RECORD = "hyperprototypes"
+
+
+@dataclass(frozen=True)
+class FedHProConfig:
+    """FedHPro's hyper-parameters (names follow ../shared/FEDHPRO.md)."""
+
+    num_hyperprototypes: int = setting(5, ge=1)  # L per class
+    tau: float = setting(0.05, gt=0.0)
+    w_cl: float = setting(1.0, ge=0.0)  # HPCL weight
+    w_al: float = setting(1.0, ge=0.0)  # HPAL weight
+    margin: bool = setting(True)  # client-specific margin m_k in HPCL
+    margin_momentum: float = setting(0.9, ge=0.0, le=1.0)  # running class-mean update
+    batch_real: int = setting(100, ge=1)  # samples per class for gradient extraction
+    repeat_num: int = setting(1, ge=1)
+    init: Init = setting("normal")  # hyper-prototypes at start
+    rounds_of_hp: int = setting(30, ge=0)  # matching steps per round; 0 = fixed anchors
+    lr_hp: float = setting(0.1, gt=0.0)
+    hp_step: Step = setting("sgd")  # see gradmatch.descend
+    # matching distance; "scalar" (the reference code's loop) applies to the hyper-prototypes
+    # only, the recalibration then matches whole rows by cosine as that code does
+    distance: Distance = setting("cosine")
+    float16_upload: bool = setting(False)  # send the per-class gradients as float16
+    recalibration: bool = setting(True)
+    recal_features: int = setting(50, ge=1)  # M federated features per class
+    recal_match_steps: int = setting(100, ge=0)
+    recal_feature_lr: float = setting(0.1, gt=0.0)
+    recal_epochs: int = setting(100, ge=1)
+    recal_lr: float = setting(0.01, gt=0.0)
+    recal_batch_size: int = setting(50, ge=1)
+    # measure the classifier gradients after local training (at the trained extractor, with
+    # the received classifier) instead of before it, as the paper and CReFF do
+    recal_after_training: bool = setting(False)
+    # move each class's federated features so that their mean is the class's mean feature,
+    # read off the clients' classifier gradients (row c of dCE/dW over dCE/db_c)
+    recal_recentre: bool = setting(False)
 
 
 def decode_hyperprototypes(record: ArrayRecord, num_classes: int, feature_dim: int,
@@ -56,7 +92,7 @@ def sends_feature_grads(hp_cfg: FedHProConfig) -> bool:
 
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
     """Measure per-class gradients at the global model, then train with CE + HPCL + HPAL."""
-    hp_cfg = task.cfg.fedhpro
+    hp_cfg = task.cfg.section(FedHProConfig)
     model, data = task.model, task.data
     hp = decode_hyperprototypes(required_record(task.content, HP_RECORD), data.num_classes,
                                 model.feature_dim, hp_cfg.num_hyperprototypes).to(task.device)
@@ -105,16 +141,16 @@ class FedHProStrategy(RecalibratingStrategy):
 
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int):
-        hp_cfg = cfg.fedhpro
+        hp_cfg = cfg.section(FedHProConfig)
         generator = torch.Generator().manual_seed(cfg.seed)
         hyperprototypes = init_hyperprototypes(
             num_classes, hp_cfg.num_hyperprototypes, feature_dim, generator,
-            hp_cfg.init,  # type: ignore[arg-type]
+            hp_cfg.init,
         )
         settings = RecalibrationSettings(
             hp_cfg.recal_match_steps, hp_cfg.recal_feature_lr, hp_cfg.recal_epochs,
             hp_cfg.recal_lr, hp_cfg.recal_batch_size,
-            "cosine" if hp_cfg.distance == "scalar" else hp_cfg.distance,  # type: ignore[arg-type]
+            "cosine" if hp_cfg.distance == "scalar" else hp_cfg.distance,
             recentre=hp_cfg.recal_recentre,
         )
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
@@ -131,7 +167,7 @@ class FedHProStrategy(RecalibratingStrategy):
 
     def server_step(self, server_round: int, weights: dict[str, torch.Tensor],
                     replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        hp_cfg = self.cfg.fedhpro
+        hp_cfg = self.cfg.section(FedHProConfig)
         stats: list[ClassStatistics] = [r.extra for r in replies]
         feature_target, holders = masked_class_mean(
             torch.stack([s.feature_grads for s in stats]), torch.stack([s.present for s in stats])
@@ -150,8 +186,7 @@ class FedHProStrategy(RecalibratingStrategy):
 
         match = match_hyperprototypes(
             self.hyperprototypes, weights[w_key], weights[b_key], feature_target, present,
-            hp_cfg.rounds_of_hp, hp_cfg.lr_hp, hp_cfg.distance,  # type: ignore[arg-type]
-            hp_cfg.hp_step,  # type: ignore[arg-type]
+            hp_cfg.rounds_of_hp, hp_cfg.lr_hp, hp_cfg.distance, hp_cfg.hp_step,
         )
         self.hyperprototypes = match.hyperprototypes
         self.head = {"weight": weights[w_key].clone(), "bias": weights[b_key].clone()}
@@ -181,5 +216,5 @@ class FedHProStrategy(RecalibratingStrategy):
             state, {"hyperprototypes": self.hyperprototypes})["hyperprototypes"]
 
 
-METHOD = Method("fedhpro", client_train, FedHProStrategy,
-                hetero_sharing="head")
+METHOD = Method("fedhpro", client_train, FedHProStrategy, section=FedHProConfig,
+                personal_weights=("classifier.weight", "classifier.bias"))

@@ -8,10 +8,20 @@ This is the global-model variant: the weights are FedAvg'd too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fedhpro_flwr.algorithms.prototypes import weighted_class_mean
 from fedhpro_flwr.app.strategy import ClientReply
+from fedhpro_flwr.config import setting
 from fedhpro_flwr.methods.base import Method
 from fedhpro_flwr.methods.prototype import PrototypeStrategy, prototype_mse_trainer
+
+
+@dataclass(frozen=True)
+class FedProtoConfig:
+    """FedProto (Tan et al., AAAI 2022): weight of the prototype MSE (its code's `ld`)."""
+
+    lam: float = setting(1.0, ge=0.0)
 
 
 class FedProtoStrategy(PrototypeStrategy):
@@ -23,5 +33,5 @@ class FedProtoStrategy(PrototypeStrategy):
         return {}
 
 
-METHOD = Method("fedproto", prototype_mse_trainer(lambda cfg: cfg.fedproto.lam), FedProtoStrategy,
-                hetero_sharing="none")
+METHOD = Method("fedproto", prototype_mse_trainer(lambda cfg: cfg.section(FedProtoConfig).lam),
+                FedProtoStrategy, section=FedProtoConfig, personal_weights=())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord
@@ -17,10 +18,17 @@ from fedhpro_flwr.algorithms.losses import proximal_term
 from fedhpro_flwr.algorithms.training import train_epochs
 from fedhpro_flwr.app.payload import PayloadError
 from fedhpro_flwr.app.strategy import ClientReply, ExperimentStrategy, mean_metric
-from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.config import ExperimentConfig, setting
 from fedhpro_flwr.methods.base import ClientTask, Method
 
 MU_KEY = "proximal-mu"  # where Flower's FedProx puts mu
+
+
+@dataclass(frozen=True)
+class FedProxConfig:
+    """FedProx (Li et al., MLSys 2020): the proximal term's weight mu."""
+
+    mu: float = setting(0.01, ge=0.0)
 
 
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
@@ -48,11 +56,12 @@ class FedProxStrategy(ExperimentStrategy, FedProx):
     """Flower's FedProx (it sends mu) under our validation and accounting."""
 
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor]):
-        super().__init__(cfg, reference_state, proximal_mu=cfg.fedprox.mu)
+        super().__init__(cfg, reference_state, proximal_mu=cfg.section(FedProxConfig).mu)
 
     def server_step(self, server_round: int, weights: dict[str, torch.Tensor],
                     replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         return weights, {"proximal_term": mean_metric(replies, "proximal_term")}
 
 
-METHOD = Method("fedprox", client_train, lambda cfg, ref, _c, _d: FedProxStrategy(cfg, ref))
+METHOD = Method("fedprox", client_train, lambda cfg, ref, _c, _d: FedProxStrategy(cfg, ref),
+                section=FedProxConfig)

@@ -9,6 +9,7 @@ sends its outputs for every class. The weights are FedAvg'd (the global-model va
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,9 +17,21 @@ import torch
 from fedhpro_flwr.algorithms.gradmatch import masked_class_mean
 from fedhpro_flwr.algorithms.tgp import PrototypeGenerator, class_gap_margin, train_generator
 from fedhpro_flwr.app.strategy import ClientReply, checked_state
-from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.config import ExperimentConfig, setting
 from fedhpro_flwr.methods.base import Method
 from fedhpro_flwr.methods.prototype import PrototypeStrategy, prototype_mse_trainer
+
+
+@dataclass(frozen=True)
+class FedTGPConfig:
+    """FedTGP (Zhang et al., AAAI 2024); 0 means "as its code does": follow the train section."""
+
+    lam: float = setting(10.0, ge=0.0)
+    server_epochs: int = setting(100, ge=0)
+    margin_threshold: float = setting(100.0, ge=0.0)
+    server_lr: float = setting(0.0, ge=0.0)  # 0 = train.lr
+    server_batch_size: int = setting(0, ge=0)  # 0 = train.batch_size
+    hidden_dim: int = setting(0, ge=0)  # 0 = the feature dimension
 
 
 class FedTGPStrategy(PrototypeStrategy):
@@ -27,7 +40,7 @@ class FedTGPStrategy(PrototypeStrategy):
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int):
         super().__init__(cfg, reference_state, num_classes, feature_dim)
-        tgp = cfg.fedtgp
+        tgp = cfg.section(FedTGPConfig)
         with torch.random.fork_rng():  # the same generator whatever ran before
             torch.manual_seed(cfg.seed)
             self.model = PrototypeGenerator(num_classes, feature_dim,
@@ -37,7 +50,7 @@ class FedTGPStrategy(PrototypeStrategy):
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def update_prototypes(self, server_round: int, replies: list[ClientReply]) -> dict[str, float]:
-        tgp = self.cfg.fedtgp
+        tgp = self.cfg.section(FedTGPConfig)
         protos, counts = self.stacked(replies)
         held = counts > 0
         class_means, holders = masked_class_mean(protos, held)  # plain mean, as FedTGP
@@ -65,5 +78,5 @@ class FedTGPStrategy(PrototypeStrategy):
         self.generator.set_state(state["generator"])
 
 
-METHOD = Method("fedtgp", prototype_mse_trainer(lambda cfg: cfg.fedtgp.lam), FedTGPStrategy,
-                hetero_sharing="none")
+METHOD = Method("fedtgp", prototype_mse_trainer(lambda cfg: cfg.section(FedTGPConfig).lam),
+                FedTGPStrategy, section=FedTGPConfig, personal_weights=())

@@ -9,6 +9,7 @@ unbiased prototype. The weights are FedAvg'd.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,10 +25,18 @@ from fedhpro_flwr.app.payload import (
     tensors_to_record,
 )
 from fedhpro_flwr.app.strategy import ClientReply
+from fedhpro_flwr.config import setting
 from fedhpro_flwr.methods.base import ClientTask, Method
 from fedhpro_flwr.methods.prototype import PrototypeStrategy, received_prototypes, upload_prototypes
 
 CLUSTER_RECORD = "cluster-prototypes"
+
+
+@dataclass(frozen=True)
+class FPLConfig:
+    """FPL (Huang et al., CVPR 2023): InfoNCE temperature over the cluster prototypes."""
+
+    tau: float = setting(0.02, gt=0.0)
 
 
 def decode_clusters(record: ArrayRecord, present: torch.Tensor,
@@ -55,7 +64,7 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     clusters, labels = decode_clusters(required_record(task.content, CLUSTER_RECORD), present,
                                        task.model.feature_dim)
     clusters, labels = clusters.to(task.device), labels.to(task.device)
-    tau = task.cfg.fpl.tau
+    tau = task.cfg.section(FPLConfig).tau
 
     def regulariser(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return fpl_loss(z, y, clusters, labels, unbiased, present, tau)
@@ -106,4 +115,4 @@ class FPLStrategy(PrototypeStrategy):
         self.clusters, self.cluster_labels = clusters.clone(), labels.clone()
 
 
-METHOD = Method("fpl", client_train, FPLStrategy)
+METHOD = Method("fpl", client_train, FPLStrategy, section=FPLConfig)
