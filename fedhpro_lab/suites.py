@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from fedhpro_flwr.methods import METHODS
 
 ALL_STRATEGIES = tuple(METHODS)  # every registered method, in the registry's order
+# the methods that run with personal models (heterogeneous backbones)
+PERSONAL = tuple(name for name, m in METHODS.items() if m.personal_weights is not None)
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         "hetero", "clients with different backbones (small CNNs and ResNet-10s) on the MNIST "
         "subset: the methods that share only class-level knowledge, personalised accuracy, "
         "3 seeds; about 15 minutes on 2 CPU cores",
-        (Setting("hetero", "conf/hetero.yaml"),), ("fedhpro", "fedproto", "fedtgp"), (0, 1, 2),
+        (Setting("hetero", "conf/hetero.yaml"),), PERSONAL, (0, 1, 2),
         rounds=10, overrides="train.local_epochs=2",
     ),
     Suite(

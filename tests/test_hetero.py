@@ -16,11 +16,13 @@ from fedhpro_flwr.app.payload import tensors_to_record
 from fedhpro_flwr.app.sharing import LOCAL_MODEL, PersonalModels, sharing_for
 from fedhpro_flwr.config import ConfigError
 from fedhpro_flwr.data.federated import dataset_spec
-from fedhpro_flwr.methods import get_method, parse_experiment
+from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.prototype import LOCAL_RECORD
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
 
 BACKBONES = "cnn-8,cnn-16,resnet10-4"
+# the methods that work with personal models (they average no whole model)
+PERSONAL = [name for name, m in METHODS.items() if m.personal_weights is not None]
 CFG = parse_experiment({
     "partition": {"num_partitions": NUM_CLIENTS},
     "model": {"backbones": BACKBONES},
@@ -67,14 +69,14 @@ def test_backbones_are_dealt_in_turn_or_named_by_the_node():
         parse_experiment({"model": {"backbones": "cnn,resnet10-8"}})
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fpl", "creff"])
+@pytest.mark.parametrize("name", [n for n in METHODS if n not in PERSONAL])
 def test_weight_averaging_methods_are_refused(name):
     with pytest.raises(ConfigError, match=f"strategy '{name}' averages the clients' model "
                                           "weights.*use one of fedhpro, fedproto, fedtgp"):
         sharing_for(CFG, get_method(name))
 
 
-@pytest.mark.parametrize("name", ["fedhpro", "fedproto", "fedtgp"])
+@pytest.mark.parametrize("name", PERSONAL)
 def test_shared_payloads_have_the_same_shapes_across_architectures(name):
     shared, strategy = server_side(name)
     replies = [train(name, strategy, shared, pid, ctx) for pid, ctx in enumerate(contexts())]
@@ -125,7 +127,7 @@ def test_a_clients_model_persists_between_rounds():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fedhpro", "fedproto", "fedtgp"])
+@pytest.mark.parametrize("name", PERSONAL)
 def test_heterogeneous_clients_complete_a_simulation(tmp_path, name):
     overrides = (f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=1 "
                  f"model.backbones={BACKBONES} fedhpro.recal_epochs=20")

@@ -43,11 +43,11 @@ class FedTGPStrategy(PrototypeStrategy):
         tgp = cfg.section(FedTGPConfig)
         with torch.random.fork_rng():  # the same generator whatever ran before
             torch.manual_seed(cfg.seed)
-            self.model = PrototypeGenerator(num_classes, feature_dim,
+            self.prototype_generator = PrototypeGenerator(num_classes, feature_dim,
                                             tgp.hidden_dim or feature_dim)
         self.lr = tgp.server_lr or cfg.train.lr
         self.batch_size = tgp.server_batch_size or cfg.train.batch_size
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.rng = torch.Generator().manual_seed(cfg.seed)
 
     def update_prototypes(self, server_round: int, replies: list[ClientReply]) -> dict[str, float]:
         tgp = self.cfg.section(FedTGPConfig)
@@ -57,25 +57,26 @@ class FedTGPStrategy(PrototypeStrategy):
         margin = class_gap_margin(class_means, holders > 0, tgp.margin_threshold)
         client_index, labels = torch.nonzero(held, as_tuple=True)
         before, after = train_generator(
-            self.model, protos[client_index, labels], labels, margin, epochs=tgp.server_epochs,
-            lr=self.lr, batch_size=self.batch_size, generator=self.generator,
+            self.prototype_generator, protos[client_index, labels], labels, margin,
+            epochs=tgp.server_epochs, lr=self.lr, batch_size=self.batch_size, generator=self.rng,
         )
         with torch.no_grad():
-            self.prototypes = self.model().detach().clone()
+            self.prototypes = self.prototype_generator().detach().clone()
         self.present = torch.ones(self.num_classes, dtype=torch.bool)
         return {"tgp_margin": margin, "tgp_loss_before": before, "tgp_loss_after": after}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generator_model": self.model.state_dict(),
-                "generator": self.generator.get_state()}
+        return {**super().state_dict(), "generator_model": self.prototype_generator.state_dict(),
+                "generator": self.rng.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
         model_state = state.get("generator_model")
         if not isinstance(model_state, Mapping):
             raise ValueError("checkpoint lacks FedTGP's 'generator_model'")
-        self.model.load_state_dict(checked_state(model_state, self.model.state_dict()))
-        self.generator.set_state(state["generator"])
+        self.prototype_generator.load_state_dict(
+            checked_state(model_state, self.prototype_generator.state_dict()))
+        self.rng.set_state(state["generator"])
 
 
 METHOD = Method("fedtgp", prototype_mse_trainer(lambda cfg: cfg.section(FedTGPConfig).lam),

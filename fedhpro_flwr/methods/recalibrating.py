@@ -26,7 +26,7 @@ STATS_RECORD = "class-stats"
 
 
 class RecalibratingStrategy(ExperimentStrategy):
-    """Decodes class statistics and owns the federated features, `head` and a generator."""
+    """Decodes class statistics and owns the federated features, `head` and the RNG `rng`."""
 
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int, features_per_class: int,
@@ -38,7 +38,7 @@ class RecalibratingStrategy(ExperimentStrategy):
         self.feature_gradients = feature_gradients
         self.num_classes, self.feature_dim = num_classes, feature_dim
         self.settings = settings
-        self.generator = generator
+        self.rng = generator
         self.federated = FederatedFeatures(num_classes, features_per_class, feature_dim,
                                            generator)
         # round 1 measures at the initial model's classifier
@@ -55,11 +55,11 @@ class RecalibratingStrategy(ExperimentStrategy):
         """Match the features at `head` to the replies' gradients; re-train a classifier."""
         return self.federated.recalibrate(self.head["weight"], self.head["bias"],
                                           [r.extra for r in replies], self.settings,
-                                          self.generator)
+                                          self.rng)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.federated.state_dict(), "head_weight": self.head["weight"],
-                "head_bias": self.head["bias"], "generator": self.generator.get_state()}
+                "head_bias": self.head["bias"], "generator": self.rng.get_state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         restored = checked_state(state, {"head_weight": self.head["weight"],
@@ -67,4 +67,4 @@ class RecalibratingStrategy(ExperimentStrategy):
                                          **self.federated.state_dict()})
         self.head = {"weight": restored.pop("head_weight"), "bias": restored.pop("head_bias")}
         self.federated.load_state_dict(restored)
-        self.generator.set_state(state["generator"])
+        self.rng.set_state(state["generator"])
