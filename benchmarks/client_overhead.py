@@ -21,11 +21,11 @@ from flwr.app import RecordDict
 from fedhpro_flwr.algorithms.hyperproto import init_hyperprototypes
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.algorithms.training import train_epochs
-from fedhpro_flwr.app.payload import tensors_to_record
 from fedhpro_flwr.config import parse_overrides
 from fedhpro_flwr.data.federated import client_data, dataset_spec
 from fedhpro_flwr.methods import ClientTask, get_method, load_experiment
 from fedhpro_flwr.methods.fedhpro import HP_RECORD, FedHProConfig
+from fedhpro_flwr.methods.payload import tensors_to_record
 
 
 def main() -> None:

@@ -27,15 +27,15 @@ import torch
 
 from fedhpro_flwr.algorithms.extraction import ClassStatistics
 from fedhpro_flwr.algorithms.models import build_model
-from fedhpro_flwr.app.payload import (
+from fedhpro_flwr.data.federated import DataSpec
+from fedhpro_flwr.methods import get_method, parse_experiment
+from fedhpro_flwr.methods.payload import (
     decode_class_statistics,
     encode_class_statistics,
     record_nbytes,
     tensors_to_record,
 )
-from fedhpro_flwr.app.strategy import ClientReply
-from fedhpro_flwr.data.federated import DataSpec
-from fedhpro_flwr.methods import get_method, parse_experiment
+from fedhpro_flwr.methods.strategy import ClientReply
 
 D = 128
 

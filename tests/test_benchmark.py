@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from fedhpro_flwr.app.strategy import busy_seconds
 from fedhpro_flwr.config import parse_overrides
 from fedhpro_flwr.methods import load_experiment
+from fedhpro_flwr.methods.strategy import busy_seconds
 from fedhpro_lab.benchmark import (
     Progress,
     Run,

@@ -8,7 +8,7 @@ from fedhpro_flwr.app.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedhpro_flwr.app.strategy import weighted_average
+from fedhpro_flwr.methods.strategy import weighted_average
 
 
 def saved(tmp_path, strategy="fedhpro", fingerprint="abc"):

@@ -12,11 +12,11 @@ from simulate import NUM_CLIENTS, simulate
 from test_method_round import serverapp_identity, training_message  # noqa: F401 (fixture)
 
 from fedhpro_flwr.app.client import handle_train
-from fedhpro_flwr.app.payload import tensors_to_record
 from fedhpro_flwr.app.sharing import LOCAL_MODEL, PersonalModels, sharing_for
 from fedhpro_flwr.config import ConfigError
 from fedhpro_flwr.data.federated import dataset_spec
 from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
+from fedhpro_flwr.methods.payload import tensors_to_record
 from fedhpro_flwr.methods.prototype import LOCAL_RECORD
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
 

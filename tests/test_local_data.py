@@ -9,10 +9,10 @@ from flwr.common.serde import config_record_from_proto, config_record_to_proto
 
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.app.client import handle_train, node_partition
-from fedhpro_flwr.app.payload import tensors_to_record
 from fedhpro_flwr.config import ConfigError, DataConfig, ExperimentConfig
 from fedhpro_flwr.data.federated import DataSpec, dataset_spec, local_data
 from fedhpro_flwr.methods import get_method
+from fedhpro_flwr.methods.payload import tensors_to_record
 from tests.images import write_image
 from tests.test_method_round import CFG, serverapp_identity, training_message  # noqa: F401
 from tests.test_text import write_ag_news

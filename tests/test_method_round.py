@@ -15,11 +15,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.app.client import handle_train
-from fedhpro_flwr.app.payload import EXPERIMENT_RECORD, tensors_to_record
 from fedhpro_flwr.config import STRATEGY_KEY, ExperimentConfig
 from fedhpro_flwr.data.federated import dataset_spec, held_out_data
 from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.fedprox import MU_KEY
+from fedhpro_flwr.methods.payload import EXPERIMENT_RECORD, tensors_to_record
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,7 +5,7 @@ from flwr.app import Array, ArrayRecord, RecordDict
 
 from fedhpro_flwr.algorithms.extraction import ClassStatistics
 from fedhpro_flwr.algorithms.gradmatch import class_gradients
-from fedhpro_flwr.app.payload import (
+from fedhpro_flwr.methods.payload import (
     PayloadError,
     check_state_dict,
     decode_class_statistics,

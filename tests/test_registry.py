@@ -12,10 +12,10 @@ from test_method_round import client_replies, serverapp_identity  # noqa: F401 (
 
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.algorithms.training import train_epochs
-from fedhpro_flwr.app.strategy import ClientReply, ExperimentStrategy, mean_metric
 from fedhpro_flwr.config import ConfigError, setting
 from fedhpro_flwr.data.federated import dataset_spec
 from fedhpro_flwr.methods import METHODS, SECTIONS, ClientTask, Method, parse_experiment
+from fedhpro_flwr.methods.strategy import ClientReply, ExperimentStrategy, mean_metric
 
 
 @dataclass(frozen=True)

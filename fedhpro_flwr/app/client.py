@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedhpro_flwr.app.payload import EXPERIMENT_RECORD, required_record, tensors_to_record
 from fedhpro_flwr.app.sharing import client_seed, sharing_for
 from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, ExperimentConfig
 from fedhpro_flwr.data.federated import DataSpec, TensorData, client_data, local_data
 from fedhpro_flwr.methods import ClientTask, get_method
+from fedhpro_flwr.methods.payload import EXPERIMENT_RECORD, required_record, tensors_to_record
 
 
 def pick_device(node_config: dict[str, Any]) -> torch.device:

@@ -28,13 +28,13 @@ from fedhpro_flwr.app.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from fedhpro_flwr.app.payload import check_state_dict, tensors_to_record
 from fedhpro_flwr.app.results import RunResults
 from fedhpro_flwr.app.sharing import sharing_for
-from fedhpro_flwr.app.strategy import ExperimentStrategy, RoundReport, TooFewReplies
 from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, RunSettings, resolve_run_config
 from fedhpro_flwr.data.federated import TensorData, dataset_spec, held_out_data
 from fedhpro_flwr.methods import SECTIONS, get_method
+from fedhpro_flwr.methods.payload import check_state_dict, tensors_to_record
+from fedhpro_flwr.methods.strategy import ExperimentStrategy, RoundReport, TooFewReplies
 
 # Errors whose message says everything a user needs (logged without a traceback): a bad
 # setting or missing data, an unusable checkpoint, a round with too few usable replies.

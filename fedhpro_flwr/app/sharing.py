@@ -24,12 +24,12 @@ from flwr.app import ArrayRecord, RecordDict
 
 from fedhpro_flwr.algorithms.models import Backbone, build_model
 from fedhpro_flwr.algorithms.training import evaluate
-from fedhpro_flwr.app.payload import check_state_dict, tensors_to_record
-from fedhpro_flwr.app.strategy import ExperimentStrategy, RoundReport
 from fedhpro_flwr.config import ConfigError, ExperimentConfig
 from fedhpro_flwr.data.federated import DataSpec, TensorData
 from fedhpro_flwr.data.partition import stratified_split
 from fedhpro_flwr.methods import METHODS, Method
+from fedhpro_flwr.methods.payload import check_state_dict, tensors_to_record
+from fedhpro_flwr.methods.strategy import ExperimentStrategy, RoundReport
 
 LOCAL_MODEL = "local-model"  # a client's whole personal model, in its context.state
 

@@ -9,9 +9,9 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from fedhpro_flwr.algorithms.models import Backbone
-from fedhpro_flwr.app.strategy import ExperimentStrategy
 from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.data.federated import TensorData
+from fedhpro_flwr.methods.strategy import ExperimentStrategy
 
 
 @dataclass

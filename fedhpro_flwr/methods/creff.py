@@ -19,17 +19,17 @@ from fedhpro_flwr.algorithms.extraction import extract_class_statistics
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings
 from fedhpro_flwr.algorithms.training import train_epochs
-from fedhpro_flwr.app.payload import (
+from fedhpro_flwr.config import ExperimentConfig, setting
+from fedhpro_flwr.data.federated import TensorData
+from fedhpro_flwr.methods.base import ClientTask, Method
+from fedhpro_flwr.methods.payload import (
     encode_class_statistics,
     record_to_tensors,
     required_record,
     tensors_to_record,
 )
-from fedhpro_flwr.app.strategy import ClientReply
-from fedhpro_flwr.config import ExperimentConfig, setting
-from fedhpro_flwr.data.federated import TensorData
-from fedhpro_flwr.methods.base import ClientTask, Method
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD, RecalibratingStrategy
+from fedhpro_flwr.methods.strategy import ClientReply
 
 HEAD_RECORD = "retrained-classifier"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from flwr.app import ArrayRecord
 
 from fedhpro_flwr.algorithms.training import train_epochs
-from fedhpro_flwr.app.strategy import ExperimentStrategy
 from fedhpro_flwr.methods.base import ClientTask, Method
+from fedhpro_flwr.methods.strategy import ExperimentStrategy
 
 
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:

@@ -26,17 +26,17 @@ from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.prototypes import local_prototypes
 from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings
 from fedhpro_flwr.algorithms.training import evaluate, train_epochs
-from fedhpro_flwr.app.payload import (
+from fedhpro_flwr.config import ExperimentConfig, setting
+from fedhpro_flwr.data.federated import TensorData
+from fedhpro_flwr.methods.base import ClientTask, Method
+from fedhpro_flwr.methods.payload import (
     encode_class_statistics,
     record_to_tensors,
     required_record,
     tensors_to_record,
 )
-from fedhpro_flwr.app.strategy import ClientReply, checked_state, mean_metric
-from fedhpro_flwr.config import ExperimentConfig, setting
-from fedhpro_flwr.data.federated import TensorData
-from fedhpro_flwr.methods.base import ClientTask, Method
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD, RecalibratingStrategy
+from fedhpro_flwr.methods.strategy import ClientReply, checked_state, mean_metric
 
 HP_RECORD = "hyperprototypes"
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedhpro_flwr.algorithms.prototypes import weighted_class_mean
-from fedhpro_flwr.app.strategy import ClientReply
 from fedhpro_flwr.config import setting
 from fedhpro_flwr.methods.base import Method
 from fedhpro_flwr.methods.prototype import PrototypeStrategy, prototype_mse_trainer
+from fedhpro_flwr.methods.strategy import ClientReply
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from flwr.serverapp.strategy import FedProx
 
 from fedhpro_flwr.algorithms.losses import proximal_term
 from fedhpro_flwr.algorithms.training import train_epochs
-from fedhpro_flwr.app.payload import PayloadError
-from fedhpro_flwr.app.strategy import ClientReply, ExperimentStrategy, mean_metric
 from fedhpro_flwr.config import ExperimentConfig, setting
 from fedhpro_flwr.methods.base import ClientTask, Method
+from fedhpro_flwr.methods.payload import PayloadError
+from fedhpro_flwr.methods.strategy import ClientReply, ExperimentStrategy, mean_metric
 
 MU_KEY = "proximal-mu"  # where Flower's FedProx puts mu
 

@@ -16,10 +16,10 @@ import torch
 
 from fedhpro_flwr.algorithms.gradmatch import masked_class_mean
 from fedhpro_flwr.algorithms.tgp import PrototypeGenerator, class_gap_margin, train_generator
-from fedhpro_flwr.app.strategy import ClientReply, checked_state
 from fedhpro_flwr.config import ExperimentConfig, setting
 from fedhpro_flwr.methods.base import Method
 from fedhpro_flwr.methods.prototype import PrototypeStrategy, prototype_mse_trainer
+from fedhpro_flwr.methods.strategy import ClientReply, checked_state
 
 
 @dataclass(frozen=True)

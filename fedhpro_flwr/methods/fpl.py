@@ -18,16 +18,16 @@ from flwr.app import ArrayRecord
 from fedhpro_flwr.algorithms.finch import cluster_means, finch
 from fedhpro_flwr.algorithms.losses import fpl_loss
 from fedhpro_flwr.algorithms.training import train_epochs
-from fedhpro_flwr.app.payload import (
+from fedhpro_flwr.config import setting
+from fedhpro_flwr.methods.base import ClientTask, Method
+from fedhpro_flwr.methods.payload import (
     PayloadError,
     record_to_tensors,
     required_record,
     tensors_to_record,
 )
-from fedhpro_flwr.app.strategy import ClientReply
-from fedhpro_flwr.config import setting
-from fedhpro_flwr.methods.base import ClientTask, Method
 from fedhpro_flwr.methods.prototype import PrototypeStrategy, received_prototypes, upload_prototypes
+from fedhpro_flwr.methods.strategy import ClientReply
 
 CLUSTER_RECORD = "cluster-prototypes"
 

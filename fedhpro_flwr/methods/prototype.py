@@ -19,16 +19,16 @@ from fedhpro_flwr.algorithms.losses import prototype_mse
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.prototypes import local_prototypes, nearest_prototype_accuracy
 from fedhpro_flwr.algorithms.training import train_epochs
-from fedhpro_flwr.app.payload import (
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.data.federated import TensorData
+from fedhpro_flwr.methods.base import ClientTask, ClientTrainer
+from fedhpro_flwr.methods.payload import (
     ClassRows,
     decode_class_rows,
     encode_class_rows,
     required_record,
 )
-from fedhpro_flwr.app.strategy import ClientReply, ExperimentStrategy, checked_state
-from fedhpro_flwr.config import ExperimentConfig
-from fedhpro_flwr.data.federated import TensorData
-from fedhpro_flwr.methods.base import ClientTask, ClientTrainer
+from fedhpro_flwr.methods.strategy import ClientReply, ExperimentStrategy, checked_state
 
 LOCAL_RECORD = "local-prototypes"
 GLOBAL_RECORD = "global-prototypes"

@@ -18,9 +18,9 @@ from fedhpro_flwr.algorithms.recalibration import (
     RecalibrationResult,
     RecalibrationSettings,
 )
-from fedhpro_flwr.app.payload import decode_class_statistics, required_record
-from fedhpro_flwr.app.strategy import ClientReply, ExperimentStrategy, checked_state
 from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.methods.payload import decode_class_statistics, required_record
+from fedhpro_flwr.methods.strategy import ClientReply, ExperimentStrategy, checked_state
 
 STATS_RECORD = "class-stats"
 

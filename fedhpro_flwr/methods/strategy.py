@@ -31,15 +31,15 @@ from flwr.serverapp.strategy import FedAvg
 from fedhpro_flwr.algorithms.diagnostics import anchor_cosines, relative_change, spread
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.training import domain_accuracies, evaluate
-from fedhpro_flwr.app.payload import (
+from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.data.federated import TensorData
+from fedhpro_flwr.methods.payload import (
     EXPERIMENT_RECORD,
     PayloadError,
     check_state_dict,
     record_nbytes,
     tensors_to_record,
 )
-from fedhpro_flwr.config import ExperimentConfig
-from fedhpro_flwr.data.federated import TensorData
 
 REQUIRED_METRICS = ("num-examples", "partition-id", "client-seconds", "train_loss")
 
