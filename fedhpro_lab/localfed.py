@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -84,11 +85,13 @@ class LocalFederation:
 
     One SuperNode per entry of `node_configs` (each a `--node-config` string). Logs of every
     process go to `workdir/logs/`; the Flower CLI's home (`config.toml` with the connection
-    named "local") is `workdir/flwr-home`.
+    named "local") is `workdir/flwr-home`. With `database` the SuperLink keeps its state
+    (runs, nodes) in that SQLite file, so a restarted SuperLink knows them again.
     """
 
     def __init__(self, workdir: Path, node_configs: list[str],
-                 credentials: Credentials | None = None, start_timeout: float = 60.0):
+                 credentials: Credentials | None = None, start_timeout: float = 60.0,
+                 database: Path | None = None):
         if credentials is not None and credentials.num_nodes < len(node_configs):
             raise ValueError(f"{len(node_configs)} SuperNodes but keys for only "
                              f"{credentials.num_nodes}")
@@ -96,6 +99,7 @@ class LocalFederation:
         self.node_configs = node_configs
         self.credentials = credentials
         self.start_timeout = start_timeout
+        self.database = database
         self.port = 0
         self.superlink: subprocess.Popen | None = None
         self.supernodes: list[subprocess.Popen] = []
@@ -119,17 +123,8 @@ class LocalFederation:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self._write_connection()
+        self.start_superlink()
         tls = self.credentials
-        link_args = ["flower-superlink", "--port", str(self.port),
-                     "--disable-runtime-dependency-installation"]
-        if tls is None:
-            link_args.append("--insecure")
-        else:
-            link_args += ["--ssl-ca-certfile", str(tls.ca_cert),
-                          "--ssl-certfile", str(tls.server_cert),
-                          "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth"]
-        self.superlink = self._spawn(link_args, "superlink")
-        self._wait_for_port(self.port, self.superlink, "superlink")
         if tls is not None:
             for index in range(len(self.node_configs)):
                 self.flwr("supernode", "register", f"{tls.node_key(index)}.pub", CONNECTION)
@@ -142,6 +137,23 @@ class LocalFederation:
                 args += ["--root-certificates", str(tls.ca_cert),
                          "--auth-supernode-private-key", str(tls.node_key(index))]
             self.supernodes.append(self._spawn(args, f"supernode{index}"))
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink on this federation's port (again, after `kill_superlink`)."""
+        tls = self.credentials
+        link_args = ["flower-superlink", "--port", str(self.port),
+                     "--disable-runtime-dependency-installation"]
+        if self.database is not None:
+            link_args += ["--database", str(self.database)]
+        if tls is None:
+            link_args.append("--insecure")
+        else:
+            link_args += ["--ssl-ca-certfile", str(tls.ca_cert),
+                          "--ssl-certfile", str(tls.server_cert),
+                          "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth"]
+        restarts = sum(1 for _ in (self.workdir / "logs").glob("superlink*.log"))
+        self.superlink = self._spawn(link_args, f"superlink{restarts or ''}")
+        self._wait_for_port(self.port, self.superlink, "superlink")
 
     def stop(self) -> None:
         """Stop every process this federation started and all their descendants (Flower's
@@ -170,9 +182,34 @@ class LocalFederation:
         for pid in proctree.tree(self.supernodes[index].pid):
             _signal(pid, signal.SIGCONT)
 
+    def kill_node(self, index: int) -> None:
+        """SIGKILL SuperNode `index` and its processes: a machine that loses power. It stays
+        dead; its heartbeats stop, and the SuperLink declares it unavailable."""
+        _kill_tree(self.supernodes[index])
+
+    def kill_superlink(self) -> None:
+        """SIGKILL the SuperLink and its processes (SuperExec, ServerApp): the coordinator's
+        machine losing power. The SuperNodes keep running and retry."""
+        assert self.superlink is not None
+        _kill_tree(self.superlink)
+        self.superlink = None
+
+    def node_log(self, index: int) -> str:
+        """What SuperNode `index` logged so far (e.g. one "Receiving: train message" line per
+        message it pulled)."""
+        return (self.workdir / "logs" / f"supernode{index}.log").read_text()
+
+    def node_id(self, index: int) -> int:
+        """The node id the SuperLink gave SuperNode `index` (as its log names it)."""
+        found = re.findall(r"SuperNode ID: (\d+)", self.node_log(index))
+        if not found:
+            raise FederationError(f"SuperNode {index} has not logged its node id yet")
+        return int(found[-1])
+
     def pids(self) -> list[int]:
         """Every process of the federation now: SuperLink, SuperNodes and their children."""
-        started = [p.pid for p in [self.superlink, *self.supernodes] if p is not None]
+        started = [p.pid for p in [self.superlink, *self.supernodes]
+                   if p is not None and p.poll() is None]  # a killed one's pid may be reused
         return [pid for top in started for pid in proctree.tree(top)]
 
     def serverapp_pids(self) -> list[int]:
@@ -263,6 +300,12 @@ class LocalFederation:
             time.sleep(0.2)
         raise FederationError(f"{name} did not listen on 127.0.0.1:{port} within "
                               f"{self.start_timeout:.0f} s")
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    for pid in proctree.tree(process.pid):
+        _signal(pid, signal.SIGKILL)
+    process.wait()
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:

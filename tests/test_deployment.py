@@ -1,11 +1,13 @@
-"""Deployment with real processes on 127.0.0.1: `flower-superlink`, two `flower-supernode`s
-and `flwr run`, as docs/deployment.md shows them; insecure, then with TLS and SuperNode
-authentication. Every process is stopped by its PID at the end, pass or fail."""
+"""Deployment with real processes on 127.0.0.1: `flower-superlink`, two or three
+`flower-supernode`s and `flwr run`, as docs/deployment.md shows them; insecure, then with TLS
+and SuperNode authentication; a dead SuperNode and a restarted SuperLink. Every process is
+stopped by its PID at the end, pass or fail."""
 
 import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,10 +22,11 @@ NODES = [f"partition-id={i} num-partitions=2" for i in range(2)]
 COMPLETED = f"{FINISHED}:completed"
 
 
-def run_config(out: Path, rounds: int, extra: str = "", **keys) -> dict:
+def run_config(out: Path, rounds: int, extra: str = "", partitions: int = 2, **keys) -> dict:
     return {"config": "conf/mnist-dir0.5.yaml", "num-server-rounds": rounds,
             "out-dir": str(out), **keys,
-            "overrides": f"partition.num_partitions=2 train.local_epochs=1 {extra}".strip()}
+            "overrides": f"partition.num_partitions={partitions} train.local_epochs=1 "
+                         f"{extra}".strip()}
 
 
 def results(out: Path) -> dict:
@@ -37,11 +40,15 @@ def rounds_done(out: Path) -> int:
         return 0
 
 
-def wait_for_round(out: Path, round_: int, timeout: float = 300) -> None:
+def wait_until(done: Callable[[], bool], what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
-    while rounds_done(out) < round_:
-        assert time.monotonic() < deadline, f"round {round_} not recorded in {out}"
+    while not done():
+        assert time.monotonic() < deadline, f"{what} not within {timeout:.0f} s"
         time.sleep(0.5)
+
+
+def wait_for_round(out: Path, round_: int, timeout: float = 300) -> None:
+    wait_until(lambda: rounds_done(out) >= round_, f"round {round_} recorded in {out}", timeout)
 
 
 def assert_same_run(a: dict, b: dict, out_a: Path, out_b: Path) -> None:
@@ -115,6 +122,66 @@ def test_a_hung_node_is_left_out_after_the_round_timeout(federation, tmp_path):
     assert second["participants"] == [0] and len(second["left_out"]) == 1
     assert "no reply within federation.round_timeout = 40 s" in second["left_out"][0]["reason"]
     assert second["wall_seconds"] >= 40
+
+
+def test_a_killed_node_is_left_out_once_as_unavailable(tmp_path):
+    # Flower 1.42's SuperNode sends a heartbeat every ~24 s for a fixed 30 s interval (no CLI
+    # option); the SuperLink answers for a node silent for 2 intervals with a "Node
+    # Unavailable" error reply, so round 2 ends up to a minute after the kill
+    out = tmp_path / "out"
+    nodes = [f"partition-id={i} num-partitions=3" for i in range(3)]
+    with LocalFederation(tmp_path / "fed", nodes) as fed:
+        wait_until(lambda: len(online_nodes(fed)) == 3, "3 SuperNodes online", 60)
+        run_id = fed.submit(APP_DIR, run_config(out, rounds=3, partitions=3,
+                                                extra="federation.round_timeout=600"))
+        wait_for_round(out, 1)
+        # round 2's message has reached node 1, which now trains: kill it mid-round
+        wait_until(lambda: fed.node_log(1).count("Receiving: train message") >= 2,
+                   "round 2 at SuperNode 1")
+        dead = fed.node_id(1)
+        fed.kill_node(1)
+        assert fed.wait(run_id, timeout=600) == COMPLETED
+        assert dead not in online_nodes(fed) and len(online_nodes(fed)) == 2
+    first, second, third = results(out)["rounds"]
+    assert first["participants"] == [0, 1, 2] and first["left_out"] == []
+    assert second["participants"] == [0, 2] and second["failures"] == 1
+    assert second["left_out"] == [
+        {"node": dead, "reason": "node unavailable: no heartbeat reached the SuperLink in time"}]
+    # the SuperLink no longer counts the dead node as connected: it is not sampled again
+    assert third["participants"] == [0, 2] and third["left_out"] == []
+
+
+def online_nodes(fed: LocalFederation) -> set[int]:
+    """The node ids the SuperLink lists as online."""
+    listed = json.loads(fed.flwr("supernode", "ls", CONNECTION, "--format", "json"))
+    return {int(n["node-id"]) for n in listed["nodes"] if n["status"] == "online"}
+
+
+def test_a_killed_superlink_restarts_and_the_run_resumes_to_the_same_result(straight, tmp_path):
+    # the SuperLink keeps runs and nodes in its database: after the restart the SuperNodes
+    # reconnect under their node ids; the interrupted run is stopped and a resume continues
+    # from the ServerApp's checkpoint of round 1
+    out = tmp_path / "out"
+    with LocalFederation(tmp_path / "fed", NODES, database=tmp_path / "superlink.db") as fed:
+        run_id = fed.submit(APP_DIR, run_config(out, rounds=2))
+        wait_for_round(out, 1)
+        fed.kill_superlink()  # with its ServerApp, during round 2
+        fed.start_superlink()
+        assert fed.status(run_id) == "running"  # as the database last knew it
+        fed.flwr("stop", str(run_id), CONNECTION)
+        assert fed.status(run_id) == f"{FINISHED}:stopped" and rounds_done(out) == 1
+        assert fed.run(APP_DIR, run_config(out, rounds=2, resume=True)) == COMPLETED
+        assert all(node.poll() is None for node in fed.supernodes)  # never restarted
+    resumed, uninterrupted = results(out), results(straight[1])
+    assert [(r["round"], r["accuracy"], r["loss"]) for r in resumed["rounds"]] == [
+        (r["round"], r["accuracy"], r["loss"]) for r in uninterrupted["rounds"]]
+    a = torch.load(out / "checkpoint.pt", weights_only=True)
+    b = torch.load(straight[1] / "checkpoint.pt", weights_only=True)
+    assert a["weights"].keys() == b["weights"].keys()
+    for name, tensor in a["weights"].items():
+        assert torch.equal(tensor, b["weights"][name]), name
+    assert torch.equal(a["strategy_state"]["hyperprototypes"],
+                       b["strategy_state"]["hyperprototypes"])
 
 
 def test_tls_and_supernode_authentication(tmp_path):

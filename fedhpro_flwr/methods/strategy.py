@@ -23,7 +23,8 @@ from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -42,6 +43,9 @@ from fedhpro_flwr.methods.payload import (
 )
 
 REQUIRED_METRICS = ("num-examples", "partition-id", "client-seconds", "train_loss")
+# the error codes of a reply whose node ran the ClientApp and saw it fail
+CLIENT_FAILURES = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.CLIENT_APP_CRASHED,
+                   ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,17 @@ def last_line(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def error_reason(error: Error) -> str:
+    """Why an error reply leaves its node out, in one line: the SuperLink's verdict on a
+    node that stopped sending heartbeats (a dead or cut-off machine), the node's ClientApp
+    failing, or another of Flower's errors (named by its code)."""
+    if error.code == ErrorCode.NODE_UNAVAILABLE:
+        return "node unavailable: no heartbeat reached the SuperLink in time"
+    if error.code in CLIENT_FAILURES:
+        return f"client crashed: {last_line(error.reason)}"
+    return f"failed (Flower error code {error.code}): {last_line(error.reason)}"
+
+
 def checked_state(
     state: Mapping[str, Any], current: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -204,7 +219,9 @@ class ExperimentStrategy(FedAvg):
         self._round_start = 0.0
         self._round_started = 0.0  # the same moment on the wall clock the clients stamp
         self._bytes_down = 0
-        self._sampled: list[int] = []  # node ids asked to train this round
+        # this round's training messages; the grid gives each its message id when it sends
+        # it, and replies (error replies too) name that id
+        self._sent: list[Message] = []
         self._anchors_sent: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- method hooks -------------------------------------------------------------------
@@ -261,7 +278,7 @@ class ExperimentStrategy(FedAvg):
                 message.content[key] = record
         payload = record_nbytes(arrays) + sum(record_nbytes(r) for r in extra.values())
         self._bytes_down = payload * len(messages)
-        self._sampled = [message.metadata.dst_node_id for message in messages]
+        self._sent = messages
         self._anchors_sent = self.global_anchors()
         return messages
 
@@ -275,7 +292,7 @@ class ExperimentStrategy(FedAvg):
         needed = self.cfg.federation.min_replies
         if len(valid) < needed:
             raise TooFewReplies(
-                f"round {round_}: {len(valid)} usable replies of {len(self._sampled)} sampled "
+                f"round {round_}: {len(valid)} usable replies of {len(self._sent)} sampled "
                 f"nodes, federation.min_replies is {needed}; left out: "
                 + "; ".join(f"node {node}: {reason}" for node, reason in left_out.items())
             )
@@ -331,21 +348,29 @@ class ExperimentStrategy(FedAvg):
     # ---- reply validation ---------------------------------------------------------------
     def _validate(self, round_: int, replies: list[Message]
                   ) -> tuple[list[ClientReply], dict[int, str]]:
-        """The usable replies, and why each other sampled node is left out of the round."""
+        """The usable replies, and why each other sampled node is left out of the round.
+
+        A reply belongs to the node its message was sent to: the SuperLink answers for a
+        node that stopped sending heartbeats with an error reply of its own (sender id 1).
+        The sender id is used only for a reply to no message of this round.
+        """
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         valid: list[ClientReply] = []
         left_out: dict[int, str] = {}
         for message in replies:
-            node = message.metadata.src_node_id
-            if message.has_error():
-                left_out[node] = f"failed: {last_line(message.error.reason)}"
+            meta = message.metadata
+            node = sent.get(meta.reply_to_message_id, meta.src_node_id)
+            if node in left_out or any(r.node_id == node for r in valid):
+                log(WARNING, "round %d: a second reply for node %d ignored", round_, node)
+            elif message.has_error():
+                left_out[node] = error_reason(message.error)
             else:
                 try:
                     valid.append(self._decode(node, message))
-                    continue
                 except PayloadError as exc:
                     left_out[node] = f"invalid reply, rejected: {exc}"
-        replied = {message.metadata.src_node_id for message in replies}
-        for node in self._sampled:
+        replied = {r.node_id for r in valid} | set(left_out)
+        for node in sent.values():
             if node not in replied:
                 left_out[node] = (f"no reply within federation.round_timeout = "
                                   f"{self.cfg.federation.round_timeout:g} s")
