@@ -27,13 +27,13 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-from fedhpro_flwr.config import ExperimentConfig
-from fedhpro_flwr.payload import tensors_to_record
-from fedhpro_flwr.strategy_base import ExperimentStrategy
+from fedhpro_flwr.methods import parse_experiment
+from fedhpro_flwr.methods.payload import tensors_to_record
+from fedhpro_flwr.methods.strategy import ExperimentStrategy
 
 STATE = {"w": torch.zeros(3)}
 LIVE, DEAD = 3600.0, 0.01  # heartbeat intervals, seconds
-CFG = ExperimentConfig.from_dict({"federation": {"min_train_nodes": 5, "round_timeout": 30}})
+CFG = parse_experiment({"federation": {"min_train_nodes": 5, "round_timeout": 30}})
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +97,7 @@ def test_each_reply_is_filed_under_the_node_it_answers(caplog):
 
     strategy.aggregate_train(1, replies)
 
-    row = strategy.last_round
+    row = strategy.report.row()
     assert row["participants"] == [0] and row["clients"] == 1
     assert row["failures"] == 4
     assert {entry["node"]: entry["reason"] for entry in row["left_out"]} == {
