@@ -52,6 +52,10 @@ class DataConfig:
 
     dataset: str = setting("mnist-subset", choices=DATASETS, prefixes=(HF_PREFIX,))
     test_fraction: float = setting(0.2, gt=0.0, le=0.9)  # held out when there is no test split
+    # share of the training pool held out (stratified, seeded) to score hyper-parameters on,
+    # never the test set; 0 = none. Clients train on the rest; the server (personal models:
+    # each client, from its own data) reports val_accuracy beside the test accuracy.
+    validation_fraction: float = setting(0.0, ge=0.0, le=0.5)
     root: str = setting("~/fedhpro-data")  # where downloadable datasets live
     download: bool = setting(False)  # fetch a missing dataset (needs internet)
     image_size: int = setting(0, ge=0)  # resize images to this square; 0 = the source's size

@@ -1,7 +1,15 @@
 """`fedhpro-bench`: strategies x settings x seeds through Flower's simulation engine.
 
     fedhpro-bench --suite smoke --out /tmp/bench
-    python -m fedhpro_lab.benchmark --suite default --out benchmarks/default
+    fedhpro-bench --config conf/mine.yaml --strategies fedhpro,fedproto --seeds 0-4 \
+        --rounds 40 --out /tmp/mine
+    fedhpro-bench --protocol --out benchmarks/protocol
+    python -m fedhpro_lab.benchmark --suite default --seeds 0-4 --out benchmarks/default
+
+A named suite is a preset (settings, strategies, seeds, rounds); `--config` builds one from
+any experiment YAML files, and `--seeds` / `--rounds` / `--overrides` replace a preset's.
+`--protocol` runs the comparison protocol instead: tuning on validation, then the table (see
+`protocol`).
 
 The runs of one (setting, seed) share a child process running `fedhpro_lab.simulation`:
 one simulation engine start-up (about 30 s here) for all its strategies, and a crash stays
@@ -20,15 +28,15 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedhpro_flwr.config import parse_overrides
+from fedhpro_flwr.config import ConfigError, parse_overrides
 from fedhpro_flwr.methods import load_experiment
 from fedhpro_lab import proctree
 from fedhpro_lab.simulation import APP_DIR
-from fedhpro_lab.suites import SUITES, Setting, Suite, Variant
+from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant
 
 COLUMNS = ("suite", "setting", "strategy", "seed", "status", "reason", "final_accuracy",
            "best_accuracy", "mean_last5_accuracy", "rounds", "run_seconds", "wall_seconds",
@@ -248,6 +256,12 @@ def execute(group: list[Run], first: int, progress: Progress,
     return rows_out
 
 
+def is_done(row: dict[str, Any], rounds: int) -> bool:
+    """Whether a results.csv row is the run finished at `rounds` (a run asked for more rounds
+    than its row holds continues from its checkpoint)."""
+    return row.get("status") == "ok" and int(float(row.get("rounds") or 0)) == rounds
+
+
 def run_suite(suite: Suite, out: Path, timeout: float | None = None,
               only: tuple[str, ...] = ()) -> Path:
     """Run every unfinished run of `suite` (of the variants in `only`, when given) into `out`;
@@ -256,7 +270,7 @@ def run_suite(suite: Suite, out: Path, timeout: float | None = None,
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = read_rows(csv_path)
-    finished = [r for r in runs if rows.get(r.key, {}).get("status") == "ok"]
+    finished = [r for r in runs if is_done(rows.get(r.key, {}), r.rounds)]
     pending = [r for r in runs if r not in finished]
     if finished:
         print(f"fedhpro-bench: {len(finished)} of {len(runs)} runs already done in {out}; "
@@ -279,28 +293,102 @@ def run_suite(suite: Suite, out: Path, timeout: float | None = None,
     return csv_path
 
 
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """"0-4" or "0,2,7" (or both: "0-2,7") as seeds, in order, each once."""
+    seeds: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"--seeds '{text}': expected numbers and ranges like 0-4,7")
+        seeds += range(int(first), int(last if dash else first) + 1)
+    if not seeds:
+        raise ValueError(f"--seeds '{text}': no seed given")
+    return tuple(dict.fromkeys(seeds))
+
+
+def config_suite(configs: list[str], strategies: tuple[str, ...]) -> Suite:
+    """A suite of the given experiment files (each a setting named by its file's stem) and
+    strategies (all registered ones when none is named), with the files' seed and rounds."""
+    unknown = sorted(set(strategies) - set(ALL_STRATEGIES))
+    if unknown:
+        raise ValueError(f"unknown strategy '{unknown[0]}'; available: "
+                         f"{', '.join(ALL_STRATEGIES)}")
+    settings = tuple(Setting(Path(c).stem, str(Path(c).resolve())) for c in configs)
+    names = [s.name for s in settings]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--config files must have different names; got {', '.join(names)}")
+    for setting in settings:
+        if not Path(setting.config).is_file():
+            raise ValueError(f"--config '{setting.config}': no such file")
+    seeds = tuple(dict.fromkeys(load_experiment(Path(s.config)).seed for s in settings))
+    if len(seeds) > 1:
+        raise ValueError(f"the --config files have different seeds ({seeds}); choose with "
+                         f"--seeds")
+    return Suite("custom", f"{', '.join(names)} x {', '.join(strategies or ALL_STRATEGIES)}",
+                 settings, strategies or ALL_STRATEGIES, seeds, rounds=0)
+
+
+def chosen_suite(args: argparse.Namespace) -> tuple[Suite, tuple[str, ...]]:
+    """The suite the command line asks for, and the strategies to run of it ((): all)."""
+    strategies = tuple(name for name in args.strategies.split(",") if name)
+    if bool(args.suite) == bool(args.config):
+        raise ValueError("give one of --protocol, --suite NAME or --config FILE")
+    if args.config:
+        suite, strategies = config_suite(args.config, strategies), ()
+    else:
+        suite = SUITES[args.suite]
+    if args.seeds:
+        suite = replace(suite, seeds=parse_seeds(args.seeds))
+    if args.rounds is not None:
+        suite = replace(suite, rounds=args.rounds)
+    if args.overrides:
+        parse_overrides(args.overrides)  # reject a malformed one before anything runs
+        suite = replace(suite, overrides=f"{suite.overrides} {args.overrides}".strip())
+    return suite, strategies
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedhpro-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", required=True, choices=sorted(SUITES))
+    parser.add_argument("--protocol", action="store_true",
+                        help="tune every method on validation, then run the 5-seed table")
+    parser.add_argument("--suite", choices=sorted(SUITES), help="a preset suite")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="an experiment YAML to benchmark (repeat for several settings)")
     parser.add_argument("--out", type=Path, required=True, help="results folder")
+    parser.add_argument("--strategies", default="",
+                        help="comma-separated names: with --config, the strategies to run "
+                             "(default: all); with --suite, only these of its strategies")
+    parser.add_argument("--seeds", default="", help="e.g. 0-4 or 0,2,7 (default: the "
+                        "suite's, or the --config files' seed)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of every run (0 = each YAML's federation.rounds)")
+    parser.add_argument("--overrides", default="",
+                        help="YAML keys set for every run, e.g. 'train.local_epochs=2'")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds before a run is stopped and recorded as failed")
-    parser.add_argument("--strategies", default="",
-                        help="comma-separated names: run only these of the suite's strategies "
-                             "(or variants)")
     parser.add_argument("--no-report", action="store_true", help="skip RESULTS.md and plots")
     args = parser.parse_args(argv)
-    suite = SUITES[args.suite]
-    only = tuple(name for name in args.strategies.split(",") if name)
-    print(f"fedhpro-bench: suite '{suite.name}': {suite.description}", flush=True)
+    command = " ".join(["fedhpro-bench", *(sys.argv[1:] if argv is None else argv)])
+    if args.protocol:
+        if args.suite or args.config:
+            parser.error("--protocol runs its own settings; leave out --suite and --config")
+        from fedhpro_lab.protocol import run_protocol
+        from fedhpro_lab.protocol_report import write_protocol_report
+
+        out = args.out.resolve()
+        csv_path = run_protocol(out, run_suite, args.run_timeout)
+        if not args.no_report:
+            print(f"report: {write_protocol_report(out, command)}", flush=True)
+        return 0 if all(r.get("status") == "ok" for r in read_rows(csv_path).values()) else 1
     try:
+        suite, only = chosen_suite(args)
+        print(f"fedhpro-bench: suite '{suite.name}': {suite.description}", flush=True)
         csv_path = run_suite(suite, args.out.resolve(), args.run_timeout, only)
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
         parser.error(str(exc))
     if not args.no_report:
         from fedhpro_lab.report import write_report
 
-        command = " ".join(["fedhpro-bench", *(sys.argv[1:] if argv is None else argv)])
         print(f"report: {write_report(csv_path, command)}", flush=True)
     rows = read_rows(csv_path)
     return 0 if all(r.get("status") == "ok" for r in rows.values()) else 1

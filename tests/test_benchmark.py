@@ -16,8 +16,10 @@ from fedhpro_flwr.methods.strategy import busy_seconds
 from fedhpro_lab.benchmark import (
     Progress,
     Run,
+    config_suite,
     failure_reason,
     main,
+    parse_seeds,
     plan,
     read_rows,
     run_suite,
@@ -218,3 +220,36 @@ def test_busy_time_is_the_union_of_the_client_spans_within_the_round():
     # [1, 6] + [8, 9] + [9.5, 10] inside [0, 10]; (-5, 0.5) gives 0.5; overlaps count once
     assert busy_seconds(spans, 0.0, 10.0) == pytest.approx(5.0 + 1.0 + 0.5 + 0.5)
     assert busy_seconds([], 0.0, 10.0) == 0.0
+
+
+def test_seeds_and_strategies_are_read_with_clear_errors(tmp_path):
+    assert parse_seeds("0-4") == (0, 1, 2, 3, 4) and parse_seeds("3,0-1,3") == (3, 0, 1)
+    with pytest.raises(ValueError, match="expected numbers and ranges"):
+        parse_seeds("a-b")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("seed: 9\npartition:\n  num_partitions: 3\n")
+    suite = config_suite([str(mine)], ("fedhpro", "fedavg"))
+    assert (suite.seeds, [s.name for s in suite.settings]) == ((9,), ["mine"])
+    assert [v.name for v in suite.variants] == ["fedhpro", "fedavg"]
+    with pytest.raises(ValueError, match="unknown strategy 'fedx'; available: fedhpro"):
+        config_suite([str(mine)], ("fedx",))
+    with pytest.raises(SystemExit):  # neither a suite nor a config
+        main(["--out", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_any_experiment_file_is_benchmarked_from_the_command_line(tmp_path):
+    """A YAML no suite names, two strategies, two seeds: what a user benchmarks their own
+    experiment with; every (strategy, seed) run gets its row, the report its table."""
+    mine = tmp_path / "conf" / "mine.yaml"
+    mine.parent.mkdir()
+    mine.write_text("data:\n  dataset: mnist-subset\npartition:\n  num_partitions: 3\n"
+                    "train:\n  local_epochs: 1\nfedhpro:\n  recal_epochs: 20\n")
+    out = tmp_path / "bench"
+    assert main(["--config", str(mine), "--strategies", "fedhpro,fedavg", "--seeds", "0-1",
+                 "--rounds", "2", "--out", str(out)]) == 0
+    rows = read_csv(out / "results.csv")
+    assert sorted((r["setting"], r["strategy"], r["seed"], r["rounds"]) for r in rows) == [
+        ("mine", s, seed, "2") for s in ("fedavg", "fedhpro") for seed in ("0", "1")]
+    assert all(r["status"] == "ok" and r["suite"] == "custom" for r in rows)
+    assert "## mine" in (out / "RESULTS.md").read_text()

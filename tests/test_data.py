@@ -6,7 +6,14 @@ from fedhpro_flwr.algorithms.extraction import extract_class_statistics, sample_
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.algorithms.training import domain_accuracies
 from fedhpro_flwr.config import ConfigError, ExperimentConfig, PartitionConfig
-from fedhpro_flwr.data.federated import TensorData, client_data, dataset_spec, held_out_data
+from fedhpro_flwr.data import federated
+from fedhpro_flwr.data.federated import (
+    TensorData,
+    client_data,
+    dataset_spec,
+    held_out_data,
+    validation_data,
+)
 from fedhpro_flwr.data.partition import (
     dirichlet_partition,
     domain_partition,
@@ -178,3 +185,33 @@ def test_scheme_domains_needs_a_multi_domain_dataset():
     cfg = parse_experiment({"partition": {"scheme": "domains"}})
     with pytest.raises(ValueError, match="needs a multi-domain dataset"):
         client_data(cfg, 0)
+
+
+def test_validation_share_is_disjoint_stratified_seeded_and_balanced_under_a_long_tail():
+    def split(seed, **partition):
+        cfg = parse_experiment({"seed": seed, "data": {"validation_fraction": 0.1},
+                                "partition": partition})
+        return cfg, federated._split(cfg)
+
+    cfg, parts = split(3)
+    assert parts.validation is not None and parts.test is not None
+    train = np.concatenate(parts.clients)
+    # 10% of the 4,000-sample training pool, every class alike; no sample in two places
+    assert len(parts.validation) == 400
+    assert validation_data(cfg).class_counts().tolist() == [40] * 10
+    everything = np.concatenate([train, parts.test, parts.validation])
+    assert len(np.unique(everything)) == len(everything) == 5000
+    # the test hold-out is the one a run without validation has; the clients get the rest
+    plain = federated._split(parse_experiment({"seed": 3}))
+    assert np.array_equal(plain.test, parts.test) and plain.validation is None
+    assert np.array_equal(split(3)[1].validation, parts.validation)  # seeded
+    assert not np.array_equal(split(4)[1].validation, parts.validation)
+    # a long-tailed training pool keeps a balanced validation share, like its test set
+    lt_cfg, lt = split(3, scheme="long-tail", imbalance_factor=20)
+    assert validation_data(lt_cfg).class_counts().tolist() == [40] * 10
+    counts = np.bincount(_labels(lt_cfg)[np.concatenate(lt.clients)], minlength=10)
+    assert counts[0] > 10 * counts[9]
+
+
+def _labels(cfg):
+    return federated.load_dataset(cfg.data)[0].y.numpy()

@@ -14,7 +14,7 @@ from test_method_round import serverapp_identity, training_message  # noqa: F401
 from fedhpro_flwr.app.client import handle_train
 from fedhpro_flwr.app.sharing import LOCAL_MODEL, PersonalModels, sharing_for
 from fedhpro_flwr.config import ConfigError
-from fedhpro_flwr.data.federated import dataset_spec
+from fedhpro_flwr.data.federated import client_data, dataset_spec
 from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.payload import tensors_to_record
 from fedhpro_flwr.methods.prototype import LOCAL_RECORD
@@ -104,6 +104,16 @@ def test_shared_payloads_have_the_same_shapes_across_architectures(name):
     assert strategy.aggregate_train(1, replies)[0] is not None
     found = strategy.report.personal
     assert found.mean == pytest.approx(sum(found.by_partition.values()) / NUM_CLIENTS)
+
+
+def test_a_clients_validation_share_is_cut_from_its_training_part():
+    cfg = parse_experiment({**CFG.to_dict(), "data": {"validation_fraction": 0.2}})
+    data = client_data(CFG, 1)
+    train, test, validation = personal("fedhpro", cfg).local_split(data, 1)
+    _, same_test, none = personal("fedhpro").local_split(data, 1)
+    assert none is None and torch.equal(test.y, same_test.y)  # the test part is unchanged
+    assert len(train) + len(test) + len(validation) == len(data)
+    assert len(validation) == pytest.approx(0.2 * (len(data) - len(test)), abs=10)
 
 
 def test_a_clients_model_persists_between_rounds():

@@ -15,8 +15,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.app.client import handle_train
+from fedhpro_flwr.app.sharing import sharing_for
 from fedhpro_flwr.config import STRATEGY_KEY, ExperimentConfig
-from fedhpro_flwr.data.federated import dataset_spec, held_out_data
+from fedhpro_flwr.data.federated import dataset_spec, held_out, held_out_data, validation_data
 from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.fedprox import MU_KEY
 from fedhpro_flwr.methods.payload import EXPERIMENT_RECORD, tensors_to_record
@@ -155,3 +156,20 @@ def test_recalibration_fix_keeps_the_first_round_from_collapsing():
     assert same == averaged  # the fix changes no client's training
     assert paper < averaged - 0.05  # measured: 0.052 against 0.170
     assert fixed > averaged and fixed > paper + 0.1  # measured: 0.201
+
+
+def test_the_server_scores_the_validation_share_beside_the_test_set():
+    cfg = parse_experiment({**CFG.to_dict(), "data": {"validation_fraction": 0.1}})
+    info = dataset_spec(cfg)
+    model = build_model(cfg.model, info)
+    method = get_method("creff")  # evaluates with its own re-trained classifier
+    strategy = method.make_strategy(cfg, model.state_dict(), info.num_classes,
+                                    model.feature_dim)
+    scores = sharing_for(cfg, method).evaluate(1, strategy, model, model.state_dict(),
+                                               held_out(cfg), torch.device("cpu"))
+    on_validation = strategy.evaluate_model(model, validation_data(cfg), torch.device("cpu"))
+    on_test = strategy.evaluate_model(model, held_out_data(cfg), torch.device("cpu"))
+    assert (scores["val_accuracy"], scores["val_loss"]) == (on_validation["accuracy"],
+                                                            on_validation["loss"])
+    assert (scores["accuracy"], scores["loss"]) == (on_test["accuracy"], on_test["loss"])
+    assert scores["val_loss"] != scores["loss"]  # two different sets were scored

@@ -15,12 +15,13 @@ RESULTS_NAME = "results.json"
 class RunResults:
     """Collects rows and rewrites results.json after each round (atomically)."""
 
-    def __init__(self, settings: RunSettings):
+    def __init__(self, settings: RunSettings, num_classes: int):
         self.path = settings.out_dir / RESULTS_NAME
         self.data: dict[str, Any] = {
             "strategy": settings.strategy,
             "config": settings.experiment.to_dict(),
             "config_file": str(settings.config_path),
+            "num_classes": num_classes,
             "initial": {},
             "rounds": [],
         }

@@ -31,7 +31,7 @@ from fedhpro_flwr.app.checkpoint import (
 from fedhpro_flwr.app.results import RunResults
 from fedhpro_flwr.app.sharing import sharing_for
 from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, RunSettings, resolve_run_config
-from fedhpro_flwr.data.federated import TensorData, dataset_spec, held_out_data
+from fedhpro_flwr.data.federated import TensorData, dataset_spec, held_out
 from fedhpro_flwr.methods import SECTIONS, get_method
 from fedhpro_flwr.methods.payload import check_state_dict, tensors_to_record
 from fedhpro_flwr.methods.strategy import ExperimentStrategy, RoundReport, TooFewReplies
@@ -68,14 +68,14 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
         # for the default step with one thread, 11 s with two).
         torch.set_num_threads(cfg.federation.server_threads)
     spec = dataset_spec(cfg)
-    test = held_out_data(cfg)
+    held = held_out(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = get_method(settings.strategy)
     mode = sharing_for(cfg, method)
     model = mode.server_model(spec)
     reference = mode.shared(model.state_dict())
     strategy = method.make_strategy(cfg, reference, spec.num_classes, model.feature_dim)
-    results = RunResults(settings)
+    results = RunResults(settings, spec.num_classes)
     arrays = tensors_to_record(reference)
     if settings.resume:
         checkpoint = load_checkpoint(settings.out_dir, settings.strategy, cfg.fingerprint())
@@ -96,7 +96,7 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
             return None  # evaluated by the run that started it, or nothing to evaluate yet
         start = time.perf_counter()
         weights = round_arrays.to_torch_state_dict()
-        scores = mode.evaluate(round_, strategy, model, weights, test, device)
+        scores = mode.evaluate(round_, strategy, model, weights, held, device)
         if server_round == 0:
             results.set_initial(scores)
             log(INFO, "initial model: accuracy %.4f loss %.4f", scores["accuracy"],
@@ -105,7 +105,7 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
             assert strategy.report is not None  # aggregate_train ran before this
             record_round(round_, scores, time.perf_counter() - start, strategy.report)
             if round_ in cfg.diagnostics.rounds() and mode.global_model:
-                save_embedding(round_, strategy, model, test, device)
+                save_embedding(round_, strategy, model, held.test, device)
             save_checkpoint(Checkpoint.capture(
                 settings.strategy, cfg.fingerprint(), round_, weights,
                 strategy.state_dict(), results.data,

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, RecordDict
 from fedhpro_flwr.algorithms.models import Backbone, build_model
 from fedhpro_flwr.algorithms.training import evaluate
 from fedhpro_flwr.config import ConfigError, ExperimentConfig
-from fedhpro_flwr.data.federated import DataSpec, TensorData
+from fedhpro_flwr.data.federated import VALIDATION_STREAM, DataSpec, HeldOut, TensorData
 from fedhpro_flwr.data.partition import stratified_split
 from fedhpro_flwr.methods import METHODS, Method
 from fedhpro_flwr.methods.payload import check_state_dict, tensors_to_record
@@ -42,6 +42,7 @@ class ClientModel:
     model: Backbone
     data: TensorData
     local_test: TensorData | None = None
+    local_validation: TensorData | None = None  # with data.validation_fraction
     restored: bool = False  # personal models: continued from the client's earlier round
 
 
@@ -64,9 +65,10 @@ class Sharing:
         raise NotImplementedError
 
     def evaluate(self, round_: int, strategy: ExperimentStrategy, model: Backbone,
-                 weights: Mapping[str, torch.Tensor], test: TensorData,
+                 weights: Mapping[str, torch.Tensor], held: HeldOut,
                  device: torch.device) -> dict[str, float]:
-        """The round's scores: accuracy, loss and the method's extras."""
+        """The round's scores: accuracy, loss and the method's extras on the test data, and
+        val_accuracy, val_loss on the validation share when there is one."""
         raise NotImplementedError
 
     # ---- client ---------------------------------------------------------------------------
@@ -94,10 +96,14 @@ class GlobalModel(Sharing):
         return dict(state)
 
     def evaluate(self, round_: int, strategy: ExperimentStrategy, model: Backbone,
-                 weights: Mapping[str, torch.Tensor], test: TensorData,
+                 weights: Mapping[str, torch.Tensor], held: HeldOut,
                  device: torch.device) -> dict[str, float]:
         model.load_state_dict(weights)
-        return strategy.evaluate_model(model, test, device)
+        scores = strategy.evaluate_model(model, held.test, device)
+        if held.validation is not None:  # the method's own rule (e.g. CReFF's classifier)
+            val = strategy.evaluate_model(model, held.validation, device)
+            scores |= {"val_accuracy": val["accuracy"], "val_loss": val["loss"]}
+        return scores
 
     def client_model(self, spec: DataSpec, data: TensorData, received: ArrayRecord,
                      partition_id: int, node_config: Mapping[str, Any],
@@ -137,23 +143,27 @@ class PersonalModels(Sharing):
         return {k: state[k] for k in self.keys}
 
     def evaluate(self, round_: int, strategy: ExperimentStrategy, model: Backbone,
-                 weights: Mapping[str, torch.Tensor], test: TensorData,
+                 weights: Mapping[str, torch.Tensor], held: HeldOut,
                  device: torch.device) -> dict[str, float]:
         report: RoundReport | None = strategy.report
         if report is None or report.personal is None:
             raise ConfigError(f"round {round_}: no client had a sample left for its own test "
                               f"split; raise partition.local_test_fraction")
-        return {"accuracy": report.personal.mean, "loss": report.personal.loss_mean}
+        personal = report.personal
+        scores = {"accuracy": personal.mean, "loss": personal.loss_mean}
+        if personal.val_mean is not None:
+            scores["val_accuracy"] = personal.val_mean
+        return scores
 
     def client_model(self, spec: DataSpec, data: TensorData, received: ArrayRecord,
                      partition_id: int, node_config: Mapping[str, Any],
                      state: RecordDict) -> ClientModel:
-        train, local_test = self.local_split(data, partition_id)
+        train, local_test, local_validation = self.local_split(data, partition_id)
         model, restored = self.local_model(spec, self.backbone(partition_id, node_config),
                                            state, partition_id)
         shared = check_state_dict(received, self.shared(model.state_dict()), "shared weights")
         model.load_state_dict(shared, strict=False)
-        return ClientModel(model, train, local_test, restored)
+        return ClientModel(model, train, local_test, local_validation, restored)
 
     def finish(self, trained: ClientModel, state: RecordDict,
                device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -163,6 +173,9 @@ class PersonalModels(Sharing):
             loss, accuracy = evaluate(trained.model, trained.local_test, device)
             metrics |= {"local_accuracy": accuracy, "local_loss": loss,
                         "local_test_size": len(trained.local_test)}
+        if trained.local_validation is not None and len(trained.local_validation):
+            loss, accuracy = evaluate(trained.model, trained.local_validation, device)
+            metrics |= {"local_val_accuracy": accuracy, "local_val_loss": loss}
         metrics["local_model_restored"] = float(trained.restored)
         return self.shared(trained.model.state_dict()), metrics
 
@@ -179,12 +192,20 @@ class PersonalModels(Sharing):
         backbones = self.cfg.model.backbone_list()
         return backbones[partition_id % len(backbones)]
 
-    def local_split(self, data: TensorData, partition_id: int) -> tuple[TensorData, TensorData]:
-        """(train, test): the client's data with `partition.local_test_fraction` of every class
-        held out for its personalised evaluation, the same split every round."""
+    def local_split(self, data: TensorData, partition_id: int
+                    ) -> tuple[TensorData, TensorData, TensorData | None]:
+        """(train, test, validation): the client's data with `partition.local_test_fraction`
+        of every class held out for its personalised evaluation and, with
+        `data.validation_fraction`, that share of the rest to score hyper-parameters on; the
+        same split every round."""
+        seed = self.cfg.seed * 1_000_003 + partition_id
         train, test = stratified_split(data.y.numpy(), self.cfg.partition.local_test_fraction,
-                                       self.cfg.seed * 1_000_003 + partition_id)
-        return data.subset(train), data.subset(test)
+                                       seed)
+        if not self.cfg.data.validation_fraction:
+            return data.subset(train), data.subset(test), None
+        keep, held = stratified_split(data.y.numpy()[train], self.cfg.data.validation_fraction,
+                                      seed + VALIDATION_STREAM)
+        return data.subset(train[keep]), data.subset(test), data.subset(train[held])
 
     def local_model(self, spec: DataSpec, backbone: tuple[str, int], state: RecordDict,
                     partition_id: int) -> tuple[Backbone, bool]:

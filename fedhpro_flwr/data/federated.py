@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -128,17 +128,35 @@ def _dataset(cfg: ExperimentConfig) -> tuple[TensorData, TensorData | None]:
     return load_dataset(cfg.data)[:2]
 
 
+# offsets the validation draw's seed from the test hold-out's (same seed, other samples)
+VALIDATION_STREAM = 7919
+
+
+class Split(NamedTuple):
+    """Indices into the training pool: the held-out test share (None when the dataset has a
+    test split), the validation share (None without one) and each client's."""
+
+    test: np.ndarray | None
+    validation: np.ndarray | None
+    clients: list[np.ndarray]
+
+
 @lru_cache(maxsize=8)
-def _split(cfg: ExperimentConfig) -> tuple[np.ndarray | None, list[np.ndarray]]:
-    """(held-out indices or None when the dataset has a test split, per-client train
-    indices), a pure function of the config."""
+def _split(cfg: ExperimentConfig) -> Split:
+    """How the experiment splits its data: a pure function of the config."""
     data, official_test = _dataset(cfg)
     domains = None if data.domain is None else data.domain.numpy()
-    if official_test is None:  # hold out every (domain, class) in the same proportion
-        strata = data.y.numpy() + (0 if domains is None else domains * data.num_classes)
+    # every (domain, class) is held out in the same proportion
+    strata = data.y.numpy() + (0 if domains is None else domains * data.num_classes)
+    if official_test is None:
         train_idx, test_idx = stratified_split(strata, cfg.data.test_fraction, cfg.seed)
     else:
         train_idx, test_idx = np.arange(len(data)), None
+    val_idx = None
+    if cfg.data.validation_fraction:  # before the long tail: as balanced as the test set
+        keep, held = stratified_split(strata[train_idx], cfg.data.validation_fraction,
+                                      cfg.seed + VALIDATION_STREAM)
+        train_idx, val_idx = train_idx[keep], train_idx[held]
     p = cfg.partition
     if p.scheme == "long-tail":  # the training set becomes long-tailed; the test set does not
         train_idx = train_idx[long_tail_subset(data.y.numpy()[train_idx], p.imbalance_factor,
@@ -152,7 +170,7 @@ def _split(cfg: ExperimentConfig) -> tuple[np.ndarray | None, list[np.ndarray]]:
     except ValueError as exc:  # the partitioners' own messages say what cannot be done
         raise ConfigError(f"partition.scheme '{p.scheme}' on '{cfg.data.dataset}': {exc}") \
             from None
-    return test_idx, [train_idx[part] for part in parts]
+    return Split(test_idx, val_idx, [train_idx[part] for part in parts])
 
 
 def _partition(cfg: ExperimentConfig, labels: np.ndarray,
@@ -176,14 +194,31 @@ def held_out_data(cfg: ExperimentConfig) -> TensorData:
     data, official_test = _dataset(cfg)
     if official_test is not None:
         return official_test
-    test_idx = _split(cfg)[0]
+    test_idx = _split(cfg).test
     assert test_idx is not None
     return data.subset(test_idx)
 
 
+def validation_data(cfg: ExperimentConfig) -> TensorData | None:
+    """The validation share of the training pool (`data.validation_fraction`), or None."""
+    val_idx = _split(cfg).validation
+    return None if val_idx is None else _dataset(cfg)[0].subset(val_idx)
+
+
+class HeldOut(NamedTuple):
+    """What the server evaluates on: the test data, and the validation share if any."""
+
+    test: TensorData
+    validation: TensorData | None
+
+
+def held_out(cfg: ExperimentConfig) -> HeldOut:
+    return HeldOut(held_out_data(cfg), validation_data(cfg))
+
+
 def client_data(cfg: ExperimentConfig, partition_id: int) -> TensorData:
     """One client's training data."""
-    parts = _split(cfg)[1]
+    parts = _split(cfg).clients
     if not 0 <= partition_id < len(parts):
         raise ValueError(
             f"partition-id {partition_id} is out of range: the experiment has "

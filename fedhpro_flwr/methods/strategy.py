@@ -91,6 +91,7 @@ class PersonalAccuracy:
     std: float  # population std over clients
     min: float
     loss_mean: float
+    val_mean: float | None  # on each client's validation share, with data.validation_fraction
     by_partition: dict[str, float]
     # clients that continued from their own model of an earlier round (0 in round 1; fewer
     # later means nodes restarted and began afresh)
@@ -100,7 +101,8 @@ class PersonalAccuracy:
         return {"client_accuracy_mean": self.mean, "client_accuracy_std": self.std,
                 "client_accuracy_min": self.min, "client_loss_mean": self.loss_mean,
                 "client_accuracies": self.by_partition,
-                "client_models_restored": self.models_restored}
+                "client_models_restored": self.models_restored,
+                **({} if self.val_mean is None else {"client_val_accuracy_mean": self.val_mean})}
 
 
 def personal_accuracy(replies: list[ClientReply]) -> PersonalAccuracy | None:
@@ -112,9 +114,11 @@ def personal_accuracy(replies: list[ClientReply]) -> PersonalAccuracy | None:
     accuracies = [a for a, _ in found.values()]
     losses = [v for _, v in found.values() if math.isfinite(v)]
     stats = spread(accuracies, "client_accuracy")
+    val = [r.metrics["local_val_accuracy"] for r in replies if "local_val_accuracy" in r.metrics]
     return PersonalAccuracy(
         stats["client_accuracy_mean"], stats["client_accuracy_std"],
         stats["client_accuracy_min"], sum(losses) / len(losses) if losses else math.nan,
+        sum(val) / len(val) if val else None,
         {str(k): a for k, (a, _) in sorted(found.items())},
         sum(1 for r in replies if r.metrics.get("local_model_restored") == 1.0))
 

@@ -1,0 +1,209 @@
+"""RESULTS.md of the comparison protocol (see `protocol`), and the tuning's TRIALS.md.
+
+Per setting: every method as tuned and as published, the mean over seeds of each run's mean
+accuracy over its last 5 rounds with a 95% Student-t interval, the best round, rounds and
+megabytes (up + down) until a run first reaches 95% of tuned FedAvg's accuracy, client time,
+and FedHPro minus the method paired by seed with its interval and win / tie / loss; then the
+convergence check, runs that collapsed, and a plot of every seed's curve.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+from pathlib import Path
+from typing import Any
+
+from fedhpro_lab import stats
+from fedhpro_lab.report import machine
+from fedhpro_lab.tuning import PUBLISHED, read_chosen, trials
+
+METHOD = "fedhpro"
+BASELINE = "fedavg"
+TARGET_SHARE = 0.95  # of tuned FedAvg's accuracy
+CONVERGED_POINTS = 0.5  # largest change of the 5-round mean over the last 10 rounds
+VERDICT = {"win": "W", "tie": "T", "loss": "L"}
+
+
+def curves(out: Path, setting: str, variant: str, seeds: list[int]) -> list[list[dict]]:
+    """Each seed's rounds, from its results.json."""
+    return [json.loads((out / "runs" / setting / variant / f"seed{s}" / "results.json")
+                       .read_text())["rounds"] for s in seeds]
+
+
+def to_target(rounds: list[dict[str, Any]], target: float) -> tuple[int, float] | None:
+    """(round, megabytes up and down so far) when the run first reaches `target`."""
+    sent = 0.0
+    for row in rounds:
+        sent += row["bytes_up"] + row["bytes_down"]
+        if row["accuracy"] >= target:
+            return row["round"], sent / 1e6
+    return None
+
+
+def moving_change(accuracies: list[float], window: int = 5, span: int = 10) -> float:
+    """How much the mean of the last `window` rounds moved over the last `span` rounds."""
+    now = stats.mean(accuracies[-window:])
+    before = stats.mean(accuracies[-window - span:-span])
+    return now - before
+
+
+def _interval(values: list[float], points: bool = False) -> str:
+    scale = 100 if points else 1
+    low, high = stats.t_interval(values)
+    digits = 1 if points else 3
+    return (f"{stats.mean(values) * scale:.{digits}f} "
+            f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]")
+
+
+def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
+                    methods: list[str]) -> list[str]:
+    by_variant: dict[str, dict[int, dict[str, str]]] = {}
+    for row in rows:
+        by_variant.setdefault(row["strategy"], {})[int(row["seed"])] = row
+    seeds = sorted(by_variant[METHOD])
+    last5 = {v: [float(by_variant[v][s]["mean_last5_accuracy"]) for s in seeds]
+             for v in by_variant if set(by_variant[v]) >= set(seeds)}
+    target = TARGET_SHARE * stats.mean(last5[BASELINE]) if BASELINE in last5 else float("nan")
+    rounds = int(float(rows[0]["rounds"]))
+    lines = [f"## {setting}", "",
+             f"{rounds} rounds, seeds {', '.join(map(str, seeds))}; target "
+             f"{target:.3f} (95% of tuned FedAvg's). Accuracy: mean over seeds of each run's "
+             f"mean over its last 5 rounds, [95% interval]; FedHPro - method in points, paired "
+             f"by seed; W / T / L: FedHPro ahead / no difference / behind, by whether that "
+             f"interval excludes 0.", "",
+             "| method | accuracy | best | rounds to target | MB to target | client s/round | "
+             "FedHPro - method | W/T/L |", "|---|---|---|---|---|---|---|---|"]
+    variants = [m for m in methods if m in last5]
+    variants += [f"{m}-published" for m in methods if f"{m}-published" in last5]
+    for variant in variants:
+        runs = curves(out, setting, variant, seeds)
+        reached = [r for r in (to_target(c, target) for c in runs) if r is not None]
+        rounds_cell = (f"{stats.mean([r for r, _ in reached]):.1f} ({len(reached)}/"
+                       f"{len(seeds)})" if reached else f"— (0/{len(seeds)})")
+        mb_cell = f"{stats.mean([mb for _, mb in reached]):.1f}" if reached else "—"
+        best = stats.mean([float(by_variant[variant][s]["best_accuracy"]) for s in seeds])
+        client = stats.mean([float(by_variant[variant][s]["client_seconds"]) for s in seeds])
+        if variant == METHOD:
+            diff_cell, verdict = "—", "—"
+        else:
+            diffs = stats.paired_differences(last5[METHOD], last5[variant])
+            diff_cell = _interval(diffs, points=True)
+            verdict = VERDICT[stats.verdict(diffs)]
+        name = f"**{variant}**" if variant == METHOD else variant
+        lines.append(f"| {name} | {_interval(last5[variant])} | {best:.3f} | {rounds_cell} | "
+                     f"{mb_cell} | {client:.2f} | {diff_cell} | {verdict} |")
+    lines += ["", *convergence(out, setting, [m for m in methods if m in last5], seeds),
+              *collapses(out, setting, variants, seeds, by_variant),
+              f"![{setting}](plots/{setting}-seeds.png)", ""]
+    plot_seeds(out, setting, [m for m in methods if m in last5], seeds)
+    return lines
+
+
+def convergence(out: Path, setting: str, methods: list[str], seeds: list[int]) -> list[str]:
+    """The 5-round mean's change over the last 10 rounds of each tuned method's mean curve;
+    the setting counts as converged when FedAvg's moved less than `CONVERGED_POINTS`."""
+    changes = {}
+    for method in methods:
+        runs = curves(out, setting, method, seeds)
+        mean_curve = [stats.mean([c[i]["accuracy"] for c in runs]) for i in range(len(runs[0]))]
+        if len(mean_curve) >= 15:
+            changes[method] = 100 * moving_change(mean_curve)
+    if BASELINE not in changes:
+        return ["Convergence: too few rounds to check.", ""]
+    holds = abs(changes[BASELINE]) < CONVERGED_POINTS
+    cells = ", ".join(f"{m} {c:+.2f}" for m, c in changes.items())
+    return [f"Convergence: FedAvg's 5-round mean moved {changes[BASELINE]:+.2f} points over the "
+            f"last 10 rounds ({'converged' if holds else 'NOT converged'}: the criterion is "
+            f"under {CONVERGED_POINTS}); the others: {cells}.", ""]
+
+
+def collapses(out: Path, setting: str, variants: list[str], seeds: list[int],
+              by_variant: dict[str, dict[int, dict[str, str]]]) -> list[str]:
+    """Runs that ended near chance (under twice 1 / classes): named with their seed, not
+    averaged away."""
+    first = json.loads((out / "runs" / setting / variants[0] / f"seed{seeds[0]}" /
+                        "results.json").read_text())
+    floor = 2 / first["num_classes"]
+    found = [f"{variant} seed {seed} ({value:.3f})" for variant in variants for seed in seeds
+             if (value := float(by_variant[variant][seed]["mean_last5_accuracy"])) < floor]
+    if not found:
+        return []
+    return [f"Collapsed runs (last-5 accuracy under {floor:.2f}, twice chance): "
+            f"{', '.join(found)}; their curves are in the plot.", ""]
+
+
+def plot_seeds(out: Path, setting: str, methods: list[str], seeds: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, method in enumerate(methods):
+        colour = f"C{i}"
+        runs = curves(out, setting, method, seeds)
+        for run in runs:
+            ax.plot([r["round"] for r in run], [r["accuracy"] for r in run], color=colour,
+                    alpha=0.25, linewidth=0.8)
+        mean_curve = [stats.mean([c[k]["accuracy"] for c in runs]) for k in range(len(runs[0]))]
+        ax.plot([r["round"] for r in runs[0]], mean_curve, color=colour, linewidth=2,
+                label=method)
+    ax.set(xlabel="round", ylabel="test accuracy", title=f"{setting}: every seed (thin), mean")
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    (out / "plots").mkdir(exist_ok=True)
+    fig.savefig(out / "plots" / f"{setting}-seeds.png", dpi=110)
+    plt.close(fig)
+
+
+def trials_table(records: dict[str, Any]) -> list[str]:
+    """TRIALS.md: every trial's keys and score at every rung it reached, the winner marked."""
+    lines = ["# Tuning trials", "",
+             "Scores: mean validation accuracy over a trial's last 5 rounds at each rung of "
+             "successive halving (8 trials, then the best 4, then the best 2); the winner of "
+             "the last rung is the method's tuned recipe.", ""]
+    for setting, record in records.items():
+        lines += [f"## {setting} (seed {record['seed']}, {record['rounds']} rounds)", "",
+                  "| trial | keys | " + " | ".join(f"{r['rounds']} rounds"
+                                                  for r in record["rungs"]) + " |",
+                  "|---|---|" + "---|" * len(record["rungs"])]
+        for method, overrides in record["chosen"].items():
+            for trial in trials(method):
+                cells = [f"{r['scores'][trial.name]:.4f}" if trial.name in r["scores"] else ""
+                         for r in record["rungs"]]
+                mark = " **chosen**" if trial.overrides == overrides else ""
+                lines.append(f"| {trial.name}{mark} | `{trial.overrides}` | "
+                             + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def write_protocol_report(out: Path, command: str) -> Path:
+    with open(out / "results.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+    records = json.loads((out / "tuning" / "trials.json").read_text())
+    (out / "tuning" / "TRIALS.md").write_text("\n".join(trials_table(records)))
+    chosen = read_chosen(out / "tuning" / "chosen.yaml")
+    lines = ["# The comparison protocol", "",
+             f"- command: `{command}`", f"- machine: {machine()}",
+             f"- date: {datetime.date.today().isoformat()}", "",
+             "Every method was tuned on a validation share (10% of the training pool, "
+             "stratified, seeded; never the test set) with the same budget: 8 trials of local "
+             "learning rate x momentum x the method's own knob, by successive halving, on a "
+             "seed no table run uses ([trials](tuning/TRIALS.md), "
+             "[chosen keys](tuning/chosen.yaml)). The table runs each tuned recipe and each "
+             "authors' published recipe on 5 other seeds; every run holds the validation share "
+             "out. Accuracy is on the test set (heterogeneous clients: each client's own model "
+             "on its own test split, averaged).", "",
+             "Published recipes (optimiser and the method's keys; rounds, local epochs and "
+             "batch are the setting's): "
+             + "; ".join(f"{m}: `{o}`" for m, o in PUBLISHED.items()) + ".", ""]
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    for setting in settings:
+        srows = [r for r in rows if r["setting"] == setting]
+        lines += setting_section(out, setting, srows, list(chosen.get(setting, {})))
+    path = out / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    return path

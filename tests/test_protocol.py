@@ -1,0 +1,133 @@
+"""The comparison protocol: equal tuning budgets, successive halving on validation scores, and
+the statistics of its table, on known inputs."""
+
+import csv
+import json
+import math
+
+import pytest
+import yaml
+
+from fedhpro_flwr.config import parse_overrides
+from fedhpro_flwr.methods import METHODS
+from fedhpro_lab import stats
+from fedhpro_lab.benchmark import COLUMNS, run_suite
+from fedhpro_lab.protocol_report import moving_change, setting_section, to_target
+from fedhpro_lab.suites import Setting
+from fedhpro_lab.tuning import (
+    PUBLISHED,
+    TRIALS,
+    Trial,
+    Tuning,
+    promoted,
+    read_chosen,
+    trials,
+    write_chosen,
+)
+
+
+def test_every_method_gets_the_same_budget_over_its_own_knob():
+    for method in [*METHODS, "a-new-method"]:
+        points = trials(method)
+        assert len(points) == TRIALS == 8
+        assert len({p.overrides for p in points}) == TRIALS  # no trial twice
+        for point in points:
+            keys = parse_overrides(point.overrides)
+            assert {"train.lr", "train.momentum"} <= set(keys)
+    fedhpro = {parse_overrides(p.overrides)["fedhpro.w_cl"] for p in trials("fedhpro")}
+    assert fedhpro == {1.0, 0.015625}  # the paper's weight and the reference code's 1/B
+    assert set(PUBLISHED) == set(METHODS)  # a published recipe beside every tuned row
+
+
+def test_the_best_trials_are_promoted_nan_last_ties_in_order():
+    a, b, c, d = (Trial("m", i, ()) for i in range(4))
+    assert promoted({a: 0.5, b: 0.7, c: float("nan"), d: 0.7}, 2) == [b, d]
+    assert promoted({a: float("nan"), c: float("nan")}, 1) == [a]
+
+
+def test_chosen_keys_round_trip_as_yaml(tmp_path):
+    path = tmp_path / "chosen.yaml"
+    write_chosen(path, [{"setting": "s", "chosen": {"fedavg": "train.lr=0.05 train.momentum=0.9"}}])
+    assert read_chosen(path) == {"s": {"fedavg": "train.lr=0.05 train.momentum=0.9"}}
+    assert yaml.safe_load(path.read_text())["s"]["fedavg"].startswith("train.lr")
+
+
+def test_interval_and_verdict_on_known_values():
+    low, high = stats.t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    # mean 3, sample std sqrt(2.5), t(0.975, 4 dof) = 2.776445
+    half = 2.776445 * math.sqrt(2.5) / math.sqrt(5)
+    assert (low, high) == pytest.approx((3 - half, 3 + half), abs=1e-6)
+    assert stats.std([2.0, 4.0]) == pytest.approx(math.sqrt(2))
+    assert stats.verdict([0.01, 0.02, 0.015, 0.012, 0.018]) == "win"
+    assert stats.verdict([-0.01, -0.02, -0.015, -0.012, -0.018]) == "loss"
+    assert stats.verdict([0.01, -0.01, 0.02, -0.02, 0.0]) == "tie"
+    assert stats.verdict([0.5]) == "tie"  # one pair decides nothing
+    assert stats.paired_differences([3.0, 5.0], [1.0, 1.0]) == [2.0, 4.0]
+    with pytest.raises(ValueError, match="equal lengths"):
+        stats.paired_differences([1.0], [1.0, 2.0])
+
+
+def test_target_and_convergence_arithmetic():
+    rounds = [{"round": r, "accuracy": a, "bytes_up": 1e6, "bytes_down": 2e6}
+              for r, a in enumerate([0.2, 0.5, 0.8, 0.9], start=1)]
+    assert to_target(rounds, 0.75) == (3, 9.0)  # round 3, 3 MB a round so far
+    assert to_target(rounds, 0.95) is None
+    curve = [0.5] * 10 + [0.6] * 10
+    assert moving_change(curve) == pytest.approx(0.1)  # the 5-round mean 10 rounds ago: 0.5
+
+
+def write_run(out, setting, variant, seed, accuracies):
+    folder = out / "runs" / setting / variant / f"seed{seed}"
+    folder.mkdir(parents=True)
+    rounds = [{"round": i + 1, "accuracy": a, "bytes_up": 1e6, "bytes_down": 1e6}
+              for i, a in enumerate(accuracies)]
+    (folder / "results.json").write_text(json.dumps({"num_classes": 10, "rounds": rounds}))
+    return {"suite": "protocol", "setting": setting, "strategy": variant, "seed": seed,
+            "status": "ok", "rounds": len(accuracies), "final_accuracy": accuracies[-1],
+            "best_accuracy": max(accuracies),
+            "mean_last5_accuracy": sum(accuracies[-5:]) / 5, "client_seconds": 1.5}
+
+
+def test_the_setting_table_pairs_seeds_and_calls_wins_and_collapses(tmp_path):
+    rows = []
+    for seed in range(5):
+        base = 0.6 + 0.01 * seed  # seed luck shared by every method
+        rows.append(write_run(tmp_path, "s", "fedhpro", seed, [base + 0.2] * 20))
+        rows.append(write_run(tmp_path, "s", "fedavg", seed, [base] * 20))
+        # equal to FedHPro on average, but not paired: a tie
+        rows.append(write_run(tmp_path, "s", "fpl", seed, [base + 0.2 + (0.05, -0.05)[seed % 2]
+                                                          * (seed != 4)] * 20))
+    rows.append(write_run(tmp_path, "s", "fpl-published", 0, [0.1] * 20))
+    for seed in range(1, 5):
+        rows.append(write_run(tmp_path, "s", "fpl-published", seed, [0.8] * 20))
+    lines = "\n".join(setting_section(tmp_path, "s", [{k: str(v) for k, v in r.items()}
+                                                      for r in rows],
+                                      ["fedhpro", "fedavg", "fpl"]))
+    # FedAvg 0.62 on average, target 0.589; FedHPro 20 points ahead on every seed: a win
+    assert "target 0.589" in lines
+    assert "| fedavg | 0.620 [0.600, 0.640] | 0.620 | 1.0 (5/5) | 2.0 | 1.50 | " \
+           "20.0 [20.0, 20.0] | W |" in lines
+    assert lines.count("| T |") == 2  # fpl: no paired difference; published: one seed off
+    assert "fpl-published seed 0 (0.100)" in lines  # named, not averaged away
+    assert "(converged:" in lines and (tmp_path / "plots" / "s-seeds.png").stat().st_size
+
+
+@pytest.mark.slow
+def test_a_real_tuning_scores_every_trial_on_validation_and_chooses_one(tmp_path):
+    """FedAvg's 8 trials on 3 clients through the real harness; with 4 rounds every rung is
+    the 5-round floor, so one pass runs them all and the later rungs find them done."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("partition:\n  num_partitions: 3\ntrain:\n  local_epochs: 1\n")
+    tuning = Tuning(Setting("tiny", str(config)), ("fedavg",), 4, 7, tmp_path / "tuning")
+    record = tuning.run(run_suite)
+    first = record["rungs"][0]["scores"]
+    assert len(first) == TRIALS and all(0.0 < s <= 1.0 for s in first.values())
+    assert [len(r["scores"]) for r in record["rungs"]] == [8, 4, 2]
+    best = max(first, key=lambda name: first[name])
+    assert record["chosen"]["fedavg"] == next(t.overrides for t in trials("fedavg")
+                                              if t.name == best)
+    rows = list(csv.DictReader((tmp_path / "tuning" / "results.csv").read_text().splitlines()))
+    assert len(rows) == TRIALS and set(rows[0]) >= set(COLUMNS)
+    run = json.loads(tuning.results(trials("fedavg")[0]).read_text())
+    assert run["config"]["data"]["validation_fraction"] == 0.1
+    assert all(r["val_accuracy"] != r["accuracy"] for r in run["rounds"][-2:])
