@@ -139,7 +139,9 @@ def test_a_clients_model_persists_between_rounds():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PERSONAL)
 def test_heterogeneous_clients_complete_a_simulation(tmp_path, name):
+    # every round waits for all nodes: a loaded machine may start the engine's nodes late
     overrides = (f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=1 "
+                 f"federation.min_train_nodes={NUM_CLIENTS} "
                  f"model.backbones={BACKBONES} fedhpro.recal_epochs=20")
     results = simulate(tmp_path, rounds=2, strategy=name, overrides=overrides)
     assert results["initial"] == {}  # nothing is evaluated before the clients train
