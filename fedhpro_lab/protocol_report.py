@@ -162,8 +162,8 @@ def trials_table(records: dict[str, Any]) -> list[str]:
     """TRIALS.md: every trial's keys and score at every rung it reached, the winner marked."""
     lines = ["# Tuning trials", "",
              "Scores: mean validation accuracy over a trial's last 5 rounds at each rung of "
-             "successive halving (8 trials, then the best 4, then the best 2); the winner of "
-             "the last rung is the method's tuned recipe.", ""]
+             "successive halving (8 trials for a quarter of the rounds, then the best 2 to half "
+             "of them); the better of those is the method's tuned recipe.", ""]
     for setting, record in records.items():
         lines += [f"## {setting} (seed {record['seed']}, {record['rounds']} rounds)", "",
                   "| trial | keys | " + " | ".join(f"{r['rounds']} rounds"
@@ -193,10 +193,10 @@ def write_protocol_report(out: Path, command: str) -> Path:
              "stratified, seeded; never the test set) with the same budget: 8 trials of local "
              "learning rate x momentum x the method's own knob, by successive halving, on a "
              "seed no table run uses ([trials](tuning/TRIALS.md), "
-             "[chosen keys](tuning/chosen.yaml)). The table runs each tuned recipe and each "
-             "authors' published recipe on 5 other seeds; every run holds the validation share "
-             "out. Accuracy is on the test set (heterogeneous clients: each client's own model "
-             "on its own test split, averaged).", "",
+             "[chosen keys](tuning/chosen.yaml)). The table runs each tuned recipe on 5 other "
+             "seeds and each authors' published recipe on 3 of them; every run holds the "
+             "validation share out. Accuracy is on the test set (heterogeneous clients: each "
+             "client's own model on its own test split, averaged).", "",
              "Published recipes (optimiser and the method's keys; rounds, local epochs and "
              "batch are the setting's): "
              + "; ".join(f"{m}: `{o}`" for m, o in PUBLISHED.items()) + ".", ""]

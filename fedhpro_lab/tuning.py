@@ -3,10 +3,11 @@
 Every (method, setting) gets `TRIALS` = 8 trials on one seed: the local learning rate and
 momentum crossed with two values of the method's own main knob (`KNOBS`; a method without one,
 like FedAvg, gets two more learning rates instead). Successive halving spends the budget: all
-8 trials run a quarter of the rounds, the better half continue from their checkpoints to half
-of them, the better two to all of them. A trial's score is its mean validation accuracy over
-its last 5 rounds (`data.validation_fraction` of the training pool, never the test set); the
-winner's keys become the method's overrides for that setting (`chosen.yaml`).
+8 trials run a quarter of the rounds, the best two continue from their checkpoints to half of
+them, and the better of those wins (a full-length rung would double the cost of tuning on the
+2-core machine). A trial's score is its mean validation accuracy over its last 5 rounds
+(`data.validation_fraction` of the training pool, never the test set); the winner's keys
+become the method's overrides for that setting (`chosen.yaml`).
 
 `PUBLISHED` holds each method's recipe as its authors' code ships it, for the rows beside the
 tuned ones; the setting's rounds, local epochs and batch size stay the same for every row.
@@ -39,7 +40,7 @@ KNOBS: dict[str, tuple[str, tuple[float, ...]]] = {
     "creff": ("creff.lr", (0.01, 0.1)),  # the classifier re-training's learning rate
 }
 TRIALS = len(LEARNING_RATES) * len(MOMENTA) * 2
-RUNGS = ((TRIALS, 0.25), (TRIALS // 2, 0.5), (TRIALS // 4, 1.0))  # (trials alive, rounds share)
+RUNGS = ((0.25, 2), (0.5, 1))  # (share of the rounds, how many trials go on)
 VALIDATION = "data.validation_fraction=0.1"
 LAST = 5  # rounds averaged into a score
 
@@ -136,7 +137,7 @@ class Tuning:
         alive = [t for m in self.methods for t in trials(m)]
         record: dict[str, Any] = {"setting": self.setting.name, "seed": self.seed,
                                   "rounds": self.rounds, "rungs": []}
-        for alive_count, share in RUNGS:
+        for share, keep in RUNGS:
             rounds = max(round(self.rounds * share), LAST)
             run_suite(self.suite(alive, rounds), self.out, timeout)
             scores = {t: score(self.results(t)) for t in alive}
@@ -144,7 +145,7 @@ class Tuning:
                                     "scores": {t.name: scores[t] for t in alive}})
             alive = [t for m in self.methods
                      for t in promoted({t: s for t, s in scores.items() if t.method == m},
-                                       max(alive_count // 2, 1))]
+                                       keep)]
         record["chosen"] = {t.method: t.overrides for t in alive}
         return record
 
