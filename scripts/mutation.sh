@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export FLWR_TELEMETRY_ENABLED=0
+export OMP_NUM_THREADS=1  # mutmut limits CPU time: spinning OpenMP threads would time out
 DIGITS="${1:-0}"
 JOBS="${JOBS:-2}"
 

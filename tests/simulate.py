@@ -46,13 +46,16 @@ def assert_same_tensors(a: dict, b: dict, where: str = "") -> None:
 
 def assert_same_run(out_a: Path, out_b: Path) -> None:
     """Two runs ended in the same state, bit for bit: weights, the strategy's state (e.g.
-    hyper-prototypes, its generators), the RNGs that sample clients and every results row
-    but its clock readings. No tolerance: a resumed run must replay the uninterrupted one."""
+    hyper-prototypes, its generators), torch's global RNG and every results row but its clock
+    readings. No tolerance: a resumed run must replay the uninterrupted one.
+
+    Python's global `random` state is not compared: Flower draws from it beyond sampling
+    clients, so it differs between two identical runs (measured); with every client sampled
+    nothing of the run depends on it."""
     a, b = checkpoint(out_a), checkpoint(out_b)
     assert a["round"] == b["round"]
     assert_same_tensors(a["weights"], b["weights"], "weights.")
     assert_same_tensors(a["strategy_state"], b["strategy_state"], "strategy_state.")
-    assert a["python_rng"] == b["python_rng"]
     assert torch.equal(a["torch_rng"], b["torch_rng"])
     rows_a, rows_b = (json.loads((out / "results.json").read_text())["rounds"]
                       for out in (out_a, out_b))

@@ -20,6 +20,12 @@ pytestmark = pytest.mark.slow
 
 PEERS = tuple(name for name in METHODS if name != "fedhpro")
 PARTIAL_PARTICIPATION = "fedavg"  # its run samples 2 of the 3 clients a round
+# Final accuracy after 2 rounds (chance 0.1, the initial model 0.126). Measured: FedAvg (2 of 3
+# clients) 0.384, FedProx 0.672, FedProto 0.666, FedTGP 0.511, FPL 0.541, CReFF 0.223 (its
+# re-trained classifier lags in the first rounds). Runs are deterministic given the seed; each
+# bound rules out a model that stops learning or a server that drops the clients' updates.
+FINAL_ACCURACY = {"fedavg": 0.3, "fedprox": 0.5, "fedproto": 0.5, "fedtgp": 0.4, "fpl": 0.4,
+                  "creff": 0.18}
 # what each method's server adds to every round's row in results.json
 DIAGNOSTICS = {
     "fedavg": (),
@@ -54,7 +60,7 @@ def test_two_rounds_write_the_common_results_schema(runs, strategy):
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert results["final_accuracy"] == results["rounds"][-1]["accuracy"]
     assert results["best_accuracy"] == max(r["accuracy"] for r in results["rounds"])
-    assert results["final_accuracy"] > 0.15  # above the 0.1 of chance after two rounds
+    assert results["final_accuracy"] > FINAL_ACCURACY[strategy]
     sampled = 2 if strategy == PARTIAL_PARTICIPATION else NUM_CLIENTS
     for row in results["rounds"]:
         assert row["clients"] == sampled and row["failures"] == 0
@@ -80,7 +86,8 @@ def test_fedprox_clients_received_mu_from_flowers_fedprox(runs):
 def test_prototype_methods_report_nearest_prototype_accuracy(runs, strategy):
     _, results = runs(strategy)
     assert results["initial"]["prototype_accuracy"] == 0.0  # no prototypes yet
-    assert results["rounds"][-1]["prototype_accuracy"] > 0.15
+    # measured 0.656 / 0.728 / 0.708: the global prototypes classify, far from chance (0.1)
+    assert results["rounds"][-1]["prototype_accuracy"] > 0.5
     assert results["rounds"][-1]["prototype_classes"] == 10
 
 
