@@ -182,32 +182,91 @@ def test_fedprox_pulls_the_update_towards_the_global_weights():
     assert moved(prox) < 0.9 * moved(ce)
 
 
-# ---- the server: FedAvg weighted by example counts ------------------------------------------
+# ---- the server: FedAvg weighted by example counts, bad replies left out -------------------
 
-def reply(message: Message, weights: dict[str, torch.Tensor], examples: int,
-          train_loss: float, partition: int) -> Message:
-    metrics = MetricRecord({"num-examples": examples, "partition-id": partition,
-                            "client-seconds": 1.0, "train_loss": train_loss})
-    return Message(RecordDict({"arrays": tensors_to_record(weights), "metrics": metrics}),
-                   reply_to=message)
+EXAMPLES, LOSSES = [1, 2, 7], [3.0, 1.0, 0.5]
 
 
-@pytest.mark.usefixtures("serverapp_identity")
-def test_fedavg_weights_each_reply_by_its_number_of_examples():
+def reply_content(weights: dict[str, torch.Tensor], partition: int) -> RecordDict:
+    metrics = MetricRecord({"num-examples": EXAMPLES[partition], "partition-id": partition,
+                            "client-seconds": 1.0, "train_loss": LOSSES[partition]})
+    return RecordDict({"arrays": tensors_to_record(weights), "metrics": metrics})
+
+
+def fedavg_round(break_first=None):
+    """One FedAvg aggregation of three replies whose weights are all p + 1 (client p), the
+    first reply changed by `break_first`: (strategy, aggregated weights, metrics)."""
     model = initial_model(CFG)
     strategy = get_method("fedavg").make_strategy(CFG, model.state_dict(), 10, model.feature_dim)
     messages = [training_message("fedavg", strategy, tensors_to_record(model.state_dict()),
                                  100 + p) for p in range(NUM_CLIENTS)]
     strategy._sampled = [m.metadata.dst_node_id for m in messages]
-    examples, losses = [1, 2, 7], [3.0, 1.0, 0.5]
-    states = [{k: torch.full_like(v, p + 1) if v.is_floating_point() else v
-               for k, v in model.state_dict().items()} for p in range(NUM_CLIENTS)]
-    replies = [reply(m, s, n, loss, p) for p, (m, s, n, loss)
-               in enumerate(zip(messages, states, examples, losses, strict=True))]
+    contents = [reply_content({k: torch.full_like(v, p + 1) if v.is_floating_point() else v
+                               for k, v in model.state_dict().items()}, p)
+                for p in range(NUM_CLIENTS)]
+    if break_first is not None:
+        break_first(contents[0])
+    replies = [Message(c, reply_to=m) for c, m in zip(contents, messages, strict=True)]
     arrays, metrics = strategy.aggregate_train(1, replies)
-    mean = (1 * 1 + 2 * 2 + 3 * 7) / 10  # 2.6; the unweighted mean would be 2.0
-    for name, value in arrays.to_torch_state_dict().items():
-        if value.is_floating_point():
-            assert torch.allclose(value, torch.full_like(value, mean)), name
+    return strategy, arrays.to_torch_state_dict(), metrics
+
+
+def assert_all_weights(weights: dict[str, torch.Tensor], value: float) -> None:
+    for name, tensor in weights.items():
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, torch.full_like(tensor, value)), name
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_fedavg_weights_each_reply_by_its_number_of_examples():
+    strategy, weights, metrics = fedavg_round()
+    assert_all_weights(weights, (1 * 1 + 2 * 2 + 3 * 7) / 10)  # 2.6; unweighted: 2.0
     assert metrics["train_loss"] == pytest.approx((3.0 + 2.0 + 3.5) / 10)
     assert strategy.report.train_loss == metrics["train_loss"]
+
+
+def set_metric(key: str, value: float):
+    def change(content: RecordDict) -> None:
+        content.metric_records["metrics"][key] = value
+    return change
+
+
+def drop(record: str, key: str | None = None):
+    def change(content: RecordDict) -> None:
+        if key is None:
+            del content[record]
+        else:
+            del content.metric_records[record][key]
+    return change
+
+
+def misshape(content: RecordDict) -> None:
+    weights = content.array_records["arrays"].to_torch_state_dict()
+    weights["classifier.bias"] = torch.zeros(3)
+    content["arrays"] = tensors_to_record(weights)
+
+
+BROKEN = {
+    "no weights": (drop("arrays"), "reply lacks the 'arrays' or 'metrics' record"),
+    "no metrics": (drop("metrics"), "reply lacks the 'arrays' or 'metrics' record"),
+    "no train_loss": (drop("metrics", "train_loss"),
+                      "metric 'train_loss' is missing or not a finite number: None"),
+    "NaN loss": (set_metric("train_loss", float("nan")),
+                 "metric 'train_loss' is missing or not a finite number: nan"),
+    "infinite count": (set_metric("num-examples", float("inf")),
+                       "metric 'num-examples' is missing or not a finite number: inf"),
+    "no examples": (set_metric("num-examples", 0), "num-examples must be positive, got 0"),
+    "wrong shape": (misshape, "model weights"),
+}
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_bad_reply_is_left_out_with_its_reason_and_the_rest_averaged(case):
+    change, reason = BROKEN[case]
+    strategy, weights, metrics = fedavg_round(change)
+    report = strategy.report
+    assert report.participants == [1, 2] and metrics["clients"] == 2
+    assert [entry["node"] for entry in report.left_out] == [100]
+    assert report.left_out[0]["reason"].startswith(f"invalid reply, rejected: {reason}")
+    assert_all_weights(weights, (2 * 2 + 3 * 7) / 9)  # clients 1 and 2 only
