@@ -1,18 +1,19 @@
 """The diagnostics part of RESULTS.md: how each method's anchors behave, from results.json.
 
 Reads the per-round diagnostics the runs recorded (see `diagnostics` and FedHPro's matching
-and recalibration numbers), tabulates them per setting and strategy (mean ± std over seeds),
-and draws them per round, plus the 2-D embeddings the runs saved.
+and recalibration numbers), tabulates them per setting and strategy (mean ± sample std over
+seeds, `stats.std`), and draws them per round, plus the 2-D embeddings the runs saved.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
 import warnings
 from pathlib import Path
 from typing import Any
+
+from fedhpro_lab import stats
 
 # (results.json key, column title, how a run's rows become one number)
 COLUMNS = (
@@ -59,12 +60,12 @@ def _summary(runs: list[list[float]], how: str, classes: int) -> tuple[float, fl
         if how == "last":
             per_run.append(finite[-1])
         elif how == "per-class":
-            per_run.append(statistics.fmean(finite) / classes)
+            per_run.append(stats.mean(finite) / classes)
         else:
-            per_run.append(statistics.fmean(finite))
+            per_run.append(stats.mean(finite))
     if not per_run:
         return None
-    return statistics.fmean(per_run), statistics.pstdev(per_run)
+    return stats.mean(per_run), stats.std(per_run)
 
 
 def has_diagnostics(out: Path, rows: list[dict[str, str]]) -> bool:
@@ -111,7 +112,7 @@ def first_rounds(out: Path, setting: str, rows: list[dict[str, str]],
         for r in range(count):
             a = [run[r] for run in runs if len(run) > r]
             b = [run[r] for run in recal[strategy] if len(run) > r]
-            cells.append(f"{statistics.fmean(a):.3f} → {statistics.fmean(b):.3f}")
+            cells.append(f"{stats.mean(a):.3f} → {stats.mean(b):.3f}")
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     if not lines:
         return []
@@ -212,7 +213,7 @@ def diagnostics_section(out: Path, rows: list[dict[str, str]]) -> list[str]:
              "training and the anchors it was sent, averaged over clients (recorded with "
              "`diagnostics.consistency=true`); its spread is the std over clients. Anchor "
              "cosine: mean cosine between two classes' anchors (lower = more separated). "
-             "Movement: ||change|| / ||before|| per round. Each cell: mean ± std over seeds.",
+             f"Movement: ||change|| / ||before|| per round. Each cell: mean ± {stats.STD_LABEL}.",
              ""]
     for setting in sorted({r["setting"] for r in rows}):
         srows = [r for r in rows if r["setting"] == setting]

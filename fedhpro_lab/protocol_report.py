@@ -62,51 +62,55 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
     by_variant: dict[str, dict[int, dict[str, str]]] = {}
     for row in rows:
         by_variant.setdefault(row["strategy"], {})[int(row["seed"])] = row
-    seeds = sorted(by_variant[METHOD])
-    last5 = {v: [float(by_variant[v][s]["mean_last5_accuracy"]) for s in seeds]
-             for v in by_variant if set(by_variant[v]) >= set(seeds)}
-    target = TARGET_SHARE * stats.mean(last5[BASELINE]) if BASELINE in last5 else float("nan")
+    seeds = {v: sorted(runs) for v, runs in by_variant.items()}
+    last5 = {v: {s: float(row["mean_last5_accuracy"]) for s, row in runs.items()}
+             for v, runs in by_variant.items()}
+    target = (TARGET_SHARE * stats.mean(last5[BASELINE].values()) if BASELINE in last5
+              else float("nan"))
     rounds = int(float(rows[0]["rounds"]))
     lines = [f"## {setting}", "",
-             f"{rounds} rounds, seeds {', '.join(map(str, seeds))}; target "
-             f"{target:.3f} (95% of tuned FedAvg's). Accuracy: mean over seeds of each run's "
-             f"mean over its last 5 rounds, [95% interval]; FedHPro - method in points, paired "
-             f"by seed; W / T / L: FedHPro ahead / no difference / behind, by whether that "
-             f"interval excludes 0.", "",
-             "| method | accuracy | best | rounds to target | MB to target | client s/round | "
-             "FedHPro - method | W/T/L |", "|---|---|---|---|---|---|---|---|"]
-    variants = [m for m in methods if m in last5]
-    variants += [f"{m}-published" for m in methods if f"{m}-published" in last5]
+             f"{rounds} rounds; target {target:.3f} (95% of tuned FedAvg's). Accuracy: mean "
+             f"over seeds of each run's mean over its last 5 rounds, [95% interval]; FedHPro - "
+             f"method in points, paired by seed (the seeds both ran); W / T / L: FedHPro ahead / "
+             f"no difference / behind, by whether that interval excludes 0.", "",
+             "| method | seeds | accuracy | best | rounds to target | MB to target | "
+             "client s/round | FedHPro - method | W/T/L |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    tuned = [m for m in methods if m in last5]
+    variants = tuned + [f"{m}-published" for m in methods if f"{m}-published" in last5]
     for variant in variants:
-        runs = curves(out, setting, variant, seeds)
+        own = seeds[variant]
+        runs = curves(out, setting, variant, own)
         reached = [r for r in (to_target(c, target) for c in runs) if r is not None]
         rounds_cell = (f"{stats.mean([r for r, _ in reached]):.1f} ({len(reached)}/"
-                       f"{len(seeds)})" if reached else f"— (0/{len(seeds)})")
+                       f"{len(own)})" if reached else f"— (0/{len(own)})")
         mb_cell = f"{stats.mean([mb for _, mb in reached]):.1f}" if reached else "—"
-        best = stats.mean([float(by_variant[variant][s]["best_accuracy"]) for s in seeds])
-        client = stats.mean([float(by_variant[variant][s]["client_seconds"]) for s in seeds])
-        if variant == METHOD:
+        best = stats.mean([float(by_variant[variant][s]["best_accuracy"]) for s in own])
+        client = stats.mean([float(by_variant[variant][s]["client_seconds"]) for s in own])
+        common = [s for s in own if s in last5.get(METHOD, {})]
+        if variant == METHOD or len(common) < 2:
             diff_cell, verdict = "—", "—"
         else:
-            diffs = stats.paired_differences(last5[METHOD], last5[variant])
+            diffs = [last5[METHOD][s] - last5[variant][s] for s in common]
             diff_cell = _interval(diffs, points=True)
             verdict = VERDICT[stats.verdict(diffs)]
         name = f"**{variant}**" if variant == METHOD else variant
-        lines.append(f"| {name} | {_interval(last5[variant])} | {best:.3f} | {rounds_cell} | "
-                     f"{mb_cell} | {client:.2f} | {diff_cell} | {verdict} |")
-    lines += ["", *convergence(out, setting, [m for m in methods if m in last5], seeds),
-              *collapses(out, setting, variants, seeds, by_variant),
+        lines.append(f"| {name} | {len(own)} | {_interval(list(last5[variant].values()))} | "
+                     f"{best:.3f} | {rounds_cell} | {mb_cell} | {client:.2f} | {diff_cell} | "
+                     f"{verdict} |")
+    lines += ["", *convergence(out, setting, {m: seeds[m] for m in tuned}),
+              *collapses(out, setting, {v: seeds[v] for v in variants}, by_variant),
               f"![{setting}](plots/{setting}-seeds.png)", ""]
-    plot_seeds(out, setting, [m for m in methods if m in last5], seeds)
+    plot_seeds(out, setting, {m: seeds[m] for m in tuned})
     return lines
 
 
-def convergence(out: Path, setting: str, methods: list[str], seeds: list[int]) -> list[str]:
+def convergence(out: Path, setting: str, seeds: dict[str, list[int]]) -> list[str]:
     """The 5-round mean's change over the last 10 rounds of each tuned method's mean curve;
     the setting counts as converged when FedAvg's moved less than `CONVERGED_POINTS`."""
     changes = {}
-    for method in methods:
-        runs = curves(out, setting, method, seeds)
+    for method, own in seeds.items():
+        runs = curves(out, setting, method, own)
         mean_curve = [stats.mean([c[i]["accuracy"] for c in runs]) for i in range(len(runs[0]))]
         if len(mean_curve) >= 15:
             changes[method] = 100 * moving_change(mean_curve)
@@ -119,14 +123,16 @@ def convergence(out: Path, setting: str, methods: list[str], seeds: list[int]) -
             f"under {CONVERGED_POINTS}); the others: {cells}.", ""]
 
 
-def collapses(out: Path, setting: str, variants: list[str], seeds: list[int],
+def collapses(out: Path, setting: str, seeds: dict[str, list[int]],
               by_variant: dict[str, dict[int, dict[str, str]]]) -> list[str]:
     """Runs that ended near chance (under twice 1 / classes): named with their seed, not
     averaged away."""
-    first = json.loads((out / "runs" / setting / variants[0] / f"seed{seeds[0]}" /
+    variant, own = next(iter(seeds.items()))
+    first = json.loads((out / "runs" / setting / variant / f"seed{own[0]}" /
                         "results.json").read_text())
     floor = 2 / first["num_classes"]
-    found = [f"{variant} seed {seed} ({value:.3f})" for variant in variants for seed in seeds
+    found = [f"{variant} seed {seed} ({value:.3f})" for variant, own in seeds.items()
+             for seed in own
              if (value := float(by_variant[variant][seed]["mean_last5_accuracy"])) < floor]
     if not found:
         return []
@@ -134,16 +140,16 @@ def collapses(out: Path, setting: str, variants: list[str], seeds: list[int],
             f"{', '.join(found)}; their curves are in the plot.", ""]
 
 
-def plot_seeds(out: Path, setting: str, methods: list[str], seeds: list[int]) -> None:
+def plot_seeds(out: Path, setting: str, seeds: dict[str, list[int]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, method in enumerate(methods):
+    for i, (method, own) in enumerate(seeds.items()):
         colour = f"C{i}"
-        runs = curves(out, setting, method, seeds)
+        runs = curves(out, setting, method, own)
         for run in runs:
             ax.plot([r["round"] for r in run], [r["accuracy"] for r in run], color=colour,
                     alpha=0.25, linewidth=0.8)

@@ -2,7 +2,8 @@
 
     python -m fedhpro_lab.report benchmarks/results.csv [--command "how it was made"]
 
-Per setting: the strategies side by side (mean ± std over seeds, the best mean marked),
+Per setting: the strategies side by side (mean ± sample std over seeds, `stats.std`, the
+best mean marked),
 per-domain accuracies where the data has domains, and the plots (accuracy per round with a
 band over seeds, per-domain bars, the time of a round split into client, server and
 framework). Then the harness's goals, each marked met or not met with its measured value.
@@ -15,11 +16,11 @@ import csv
 import datetime
 import os
 import platform
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from fedhpro_lab import stats
 from fedhpro_lab.diagreport import diagnostics_section, series
 from fedhpro_lab.suites import ALL_STRATEGIES, FLOAT16
 
@@ -33,7 +34,7 @@ def _float(row: dict[str, str], key: str) -> float:
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return stats.mean(values), stats.std(values)
 
 
 def _by(rows: list[dict[str, str]], *keys: str) -> dict[tuple[str, ...], list[dict[str, str]]]:
@@ -77,12 +78,14 @@ def machine() -> str:
 
 
 def setting_table(rows: list[dict[str, str]]) -> list[str]:
-    """Markdown rows: one per strategy, means ± std over seeds, the best final mean in bold."""
+    """Markdown rows: one per strategy, means ± sample std over seeds, the best final mean in
+    bold."""
     by_strategy = _by(rows, "strategy")
     finals = {s: _stats([_float(r, "final_accuracy") for r in rs])[0]
               for (s,), rs in by_strategy.items()}
     best = max(finals, key=finals.__getitem__)
-    lines = ["| strategy | seeds | final accuracy | best accuracy | mean of last 5 | s / round "
+    lines = [f"Each cell: mean ± {stats.STD_LABEL}.", "",
+             "| strategy | seeds | final accuracy | best accuracy | mean of last 5 | s / round "
              "| client s / round (sum) | clients busy s / round | server s / round "
              "| framework s / round | MB up / round | MB down / round |", "|" + "---|" * 12]
     for (strategy,), rs in sorted(by_strategy.items(), key=lambda kv: -finals[kv[0][0]]):
@@ -172,7 +175,7 @@ def plot_setting(out: Path, setting: str, rows: list[dict[str, str]],
     bottom = np.zeros(len(strategies))
     for key, label in (("client_busy_seconds", "clients training"),
                        ("server_seconds", "server step"), ("framework_seconds", "framework")):
-        values = [statistics.fmean(_float(r, key) for r in by_strategy[(s,)])
+        values = [stats.mean(_float(r, key) for r in by_strategy[(s,)])
                   for s in strategies]
         ax.bar(strategies, values, bottom=bottom, label=label)
         bottom += np.array(values)
@@ -233,11 +236,11 @@ def goals(ok: list[dict[str, str]]) -> list[str]:
                      f"{finals[rival]:.4f} | {mark(finals[METHOD] > finals[rival])} |")
 
     def mean_ratio(num: str, den: str, rows: list[dict[str, str]]) -> float:
-        return statistics.fmean(_float(r, num) / _float(r, den) for r in rows)
+        return stats.mean(_float(r, num) / _float(r, den) for r in rows)
 
     if ok:
         share = mean_ratio("framework_seconds", "wall_seconds", ok)
-        balanced = statistics.fmean(
+        balanced = stats.mean(
             max(_float(r, "wall_seconds") - _float(r, "server_seconds")
                 - balanced_client_seconds(r), 0.0) / _float(r, "wall_seconds") for r in ok)
         lines.append(f"| framework overhead < 10% of a round (all runs) | {share:.1%} (counting "
@@ -261,10 +264,10 @@ def goals(ok: list[dict[str, str]]) -> list[str]:
                                    / _float(named[BASELINE], "bytes_up_per_round"))
         if not client:
             continue
-        time_ratio = statistics.fmean(client)
+        time_ratio = stats.mean(client)
         # Bytes do not vary by chance, so every setting must meet the goal, not their mean.
-        byte_ratio = statistics.fmean(r for rs in up.values() for r in rs)
-        per_setting = {setting: statistics.fmean(rs) for setting, rs in up.items()}
+        byte_ratio = stats.mean(r for rs in up.values() for r in rs)
+        per_setting = {setting: stats.mean(rs) for setting, rs in up.items()}
         worst = max(per_setting, key=per_setting.__getitem__)
         worst_ratio = per_setting[worst]
         who = "FedHPro's" if variant == METHOD else f"{variant}'s"
@@ -317,7 +320,7 @@ def write_report(csv_path: Path, command: str) -> Path:
              "from round 2 on (round 1 also starts the engine; client = the sum over the round's "
              "clients; clients busy = the part of the round in which at least one client was "
              "training; framework = round wall time minus the server step minus that, the time "
-             "in which nothing computes); ± is the standard deviation over seeds.", ""]
+             f"in which nothing computes); ± is the {stats.STD_LABEL}.", ""]
     for (setting,), srows in _by(ok, "setting").items():
         domains = domain_columns(srows)
         rounds = srows[0]["rounds"]

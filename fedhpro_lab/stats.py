@@ -1,50 +1,66 @@
 """Statistics over seeds, one definition for every report.
 
-`std` is the sample standard deviation (n - 1); intervals are Student-t intervals for the mean
-over seeds; paired differences pair runs of the same seed (same partitions and initial
-weights), so a method's seed-to-seed luck cancels out of a comparison.
+"std over seeds" is the sample standard deviation (ddof = 1, Bessel's correction): the seeds
+are a sample of the runs a method could give, and the interval below builds on the same
+estimate. Intervals are Student t intervals for the mean; paired differences compare two
+methods run on the same seeds (same partitions and initial weights), seed by seed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import statistics
+from collections.abc import Iterable, Sequence
 
 from scipy.stats import t as student_t
 
+STD_LABEL = "sample std over seeds, ddof = 1"  # what a report's "±" says
 
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
+
+def mean(values: Iterable[float]) -> float:
+    """Arithmetic mean; at least one value."""
+    values = list(values)
+    if not values:
+        raise ValueError("the mean of no values")
+    return statistics.fmean(values)
 
 
 def std(values: Sequence[float]) -> float:
-    """Sample standard deviation (n - 1 in the denominator); 0 for a single value."""
-    if len(values) < 2:
+    """Sample standard deviation (ddof = 1); 0 for a single value, which has no spread to
+    estimate (a report then shows the value alone)."""
+    if not values:
+        raise ValueError("the std of no values")
+    if len(values) == 1:
         return 0.0
-    m = mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+    centre = mean(values)  # NaN in, NaN out (statistics.stdev raises on a NaN)
+    return math.sqrt(sum((v - centre) ** 2 for v in values) / (len(values) - 1))
 
 
 def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """The Student-t confidence interval of the mean; (mean, mean) for a single value."""
-    m = mean(values)
+    """Two-sided Student t interval for the mean: mean ± t_{(1+level)/2, n-1} · std / sqrt(n).
+
+    Needs two values at least (one says nothing about the spread)."""
     if len(values) < 2:
-        return m, m
-    half = student_t.ppf((1 + level) / 2, len(values) - 1) * std(values) / math.sqrt(len(values))
-    return m - half, m + half
+        raise ValueError(f"a t interval needs at least 2 values, got {len(values)}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    n = len(values)
+    half = float(student_t.ppf((1.0 + level) / 2.0, n - 1)) * std(values) / math.sqrt(n)
+    centre = mean(values)
+    return centre - half, centre + half
 
 
 def paired_differences(a: Sequence[float], b: Sequence[float]) -> list[float]:
-    """a_i - b_i for runs paired by seed."""
+    """``a[i] - b[i]`` for runs paired by seed (same order); lengths must agree."""
     if len(a) != len(b):
-        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+        raise ValueError(f"paired values differ in length: {len(a)} and {len(b)}")
     return [x - y for x, y in zip(a, b, strict=True)]
 
 
 def verdict(differences: Sequence[float], level: float = 0.95) -> str:
-    """"win" when the interval of the mean difference lies above 0, "loss" below, else
-    "tie" (a single pair is never enough to call)."""
-    low, high = t_interval(differences, level)
+    """"win" when the `level` interval of the mean paired difference lies above 0, "loss"
+    when below, else "tie"; a single pair is never enough to call."""
     if len(differences) < 2:
         return "tie"
+    low, high = t_interval(differences, level)
     return "win" if low > 0 else "loss" if high < 0 else "tie"

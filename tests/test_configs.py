@@ -25,9 +25,8 @@ def test_the_paper_setups_are_shipped():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_builds_or_names_the_missing_data(path, tmp_path):
-    cfg = load_experiment(path)
+    cfg = load_experiment(path, {"data.root": str(tmp_path)})  # nothing written outside tmp
     if cfg.data.dataset not in OFFLINE:
-        cfg = load_experiment(path, {"data.root": str(tmp_path)})
         with pytest.raises(DataMissing, match=f"not found at {tmp_path}"):
             dataset_spec(cfg)
         return

@@ -17,6 +17,7 @@ from fedhpro_flwr.data.federated import (
 from fedhpro_flwr.data.partition import (
     dirichlet_partition,
     domain_partition,
+    iid_partition,
     k_classes_partition,
     long_tail_subset,
     stratified_split,
@@ -215,3 +216,21 @@ def test_validation_share_is_disjoint_stratified_seeded_and_balanced_under_a_lon
 
 def _labels(cfg):
     return federated.load_dataset(cfg.data)[0].y.numpy()
+
+
+LABELS = np.tile(np.repeat(np.arange(5), 40), 3)  # 3 domains x 5 classes x 40
+DOMAINS = np.repeat(np.arange(3), 200)
+SPLITS = {
+    "iid": lambda seed: iid_partition(600, 4, seed),
+    "stratified": lambda seed: list(stratified_split(LABELS, 0.25, seed)),
+    "domains": lambda seed: domain_partition(LABELS, DOMAINS, 6, 0.5, seed, min_size=5),
+}
+
+
+@pytest.mark.parametrize("scheme", sorted(SPLITS))
+def test_splits_repeat_with_the_seed_and_change_with_it(scheme):
+    split = SPLITS[scheme]
+    same, again, other = split(0), split(0), split(1)
+    assert all(np.array_equal(a, b) for a, b in zip(same, again, strict=True))
+    assert [len(p) for p in same] == [len(p) for p in other] or scheme == "domains"
+    assert not all(np.array_equal(a, b) for a, b in zip(same, other, strict=True))

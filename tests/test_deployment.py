@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
+from simulate import assert_same_run
 
 from fedhpro_lab.localfed import CONNECTION, FINISHED, Credentials, LocalFederation
 
@@ -51,16 +51,6 @@ def wait_for_round(out: Path, round_: int, timeout: float = 300) -> None:
     wait_until(lambda: rounds_done(out) >= round_, f"round {round_} recorded in {out}", timeout)
 
 
-def assert_same_run(a: dict, b: dict, out_a: Path, out_b: Path) -> None:
-    assert [r["round"] for r in a["rounds"]] == [r["round"] for r in b["rounds"]]
-    for x, y in zip(a["rounds"], b["rounds"], strict=True):
-        assert x["accuracy"] == y["accuracy"]
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
-    hp_a = torch.load(out_a / "checkpoint.pt", weights_only=True)["strategy_state"]
-    hp_b = torch.load(out_b / "checkpoint.pt", weights_only=True)["strategy_state"]
-    assert torch.allclose(hp_a["hyperprototypes"], hp_b["hyperprototypes"], atol=1e-5)
-
-
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
     with LocalFederation(tmp_path_factory.mktemp("insecure"), NODES) as fed:
@@ -96,7 +86,7 @@ def test_a_killed_serverapp_resumes_to_the_uninterrupted_result(federation, stra
     assert status != COMPLETED and rounds_done(tmp_path) == 1
 
     assert federation.run(APP_DIR, run_config(tmp_path, rounds=2, resume=True)) == COMPLETED
-    assert_same_run(results(tmp_path), results(straight[1]), tmp_path, straight[1])
+    assert_same_run(tmp_path, straight[1])
 
     # the checkpoint now belongs to this config: another one is refused, nothing is touched
     run_id = federation.submit(APP_DIR, run_config(tmp_path, rounds=3, resume=True,
@@ -172,16 +162,7 @@ def test_a_killed_superlink_restarts_and_the_run_resumes_to_the_same_result(stra
         assert fed.status(run_id) == f"{FINISHED}:stopped" and rounds_done(out) == 1
         assert fed.run(APP_DIR, run_config(out, rounds=2, resume=True)) == COMPLETED
         assert all(node.poll() is None for node in fed.supernodes)  # never restarted
-    resumed, uninterrupted = results(out), results(straight[1])
-    assert [(r["round"], r["accuracy"], r["loss"]) for r in resumed["rounds"]] == [
-        (r["round"], r["accuracy"], r["loss"]) for r in uninterrupted["rounds"]]
-    a = torch.load(out / "checkpoint.pt", weights_only=True)
-    b = torch.load(straight[1] / "checkpoint.pt", weights_only=True)
-    assert a["weights"].keys() == b["weights"].keys()
-    for name, tensor in a["weights"].items():
-        assert torch.equal(tensor, b["weights"][name]), name
-    assert torch.equal(a["strategy_state"]["hyperprototypes"],
-                       b["strategy_state"]["hyperprototypes"])
+    assert_same_run(out, straight[1])
 
 
 def test_tls_and_supernode_authentication(tmp_path):

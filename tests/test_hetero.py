@@ -9,7 +9,7 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 from simulate import NUM_CLIENTS, simulate
-from test_method_round import serverapp_identity, training_message  # noqa: F401 (fixture)
+from test_method_round import training_message
 
 from fedhpro_flwr.app.client import handle_train
 from fedhpro_flwr.app.sharing import LOCAL_MODEL, PersonalModels, sharing_for
@@ -19,6 +19,8 @@ from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.payload import tensors_to_record
 from fedhpro_flwr.methods.prototype import LOCAL_RECORD
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 BACKBONES = "cnn-8,cnn-16,resnet10-4"
 # the methods that work with personal models (they average no whole model)

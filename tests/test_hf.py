@@ -1,6 +1,7 @@
 """`hf:<name>` through flwr-datasets, on datasets written here in formats `datasets` reads
 (an image folder; Parquet with the feature metadata), with downloading off."""
 
+import flwr_datasets  # noqa: F401  a declared dependency: a broken install fails here
 import numpy as np
 import pytest
 
@@ -11,8 +12,6 @@ from fedhpro_flwr.data.text import token_ids
 from fedhpro_flwr.methods import parse_experiment
 from tests.images import color_of, write_class_folders
 from tests.test_sources import source
-
-pytest.importorskip("flwr_datasets")  # a declared dependency: present wherever tests run
 
 
 def test_an_image_folder_dataset_with_train_and_test(tmp_path):

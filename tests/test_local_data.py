@@ -14,8 +14,10 @@ from fedhpro_flwr.data.federated import DataSpec, dataset_spec, local_data
 from fedhpro_flwr.methods import get_method
 from fedhpro_flwr.methods.payload import tensors_to_record
 from tests.images import write_image
-from tests.test_method_round import CFG, serverapp_identity, training_message  # noqa: F401
+from tests.test_method_round import CFG, training_message
 from tests.test_text import write_ag_news
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 SPEC = DataSpec((3, 8, 8), ("cat", "dog", "owl"), (0.5, 0.4, 0.3), (0.2, 0.25, 0.5))
 

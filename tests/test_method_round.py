@@ -10,8 +10,6 @@ import math
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.app.client import handle_train
@@ -34,13 +32,7 @@ CFG = parse_experiment({
 })
 
 
-@pytest.fixture(scope="module", autouse=True)
-def serverapp_identity():
-    """Who is sending: set as Flower's ServerApp runtime sets it, undone afterwards."""
-    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def training_message(name, strategy, arrays: ArrayRecord, node_id: int,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from flwr.app import ArrayRecord
-from test_method_round import client_replies, serverapp_identity  # noqa: F401 (fixture)
+from test_method_round import client_replies
 
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.algorithms.training import train_epochs
@@ -16,6 +16,8 @@ from fedhpro_flwr.config import ConfigError, setting
 from fedhpro_flwr.data.federated import dataset_spec
 from fedhpro_flwr.methods import METHODS, SECTIONS, ClientTask, Method, parse_experiment
 from fedhpro_flwr.methods.strategy import ClientReply, ExperimentStrategy, mean_metric
+
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 @dataclass(frozen=True)

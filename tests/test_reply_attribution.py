@@ -23,7 +23,6 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
@@ -33,16 +32,8 @@ from fedhpro_flwr.methods.strategy import ExperimentStrategy
 
 STATE = {"w": torch.zeros(3)}
 LIVE, DEAD = 3600.0, 0.01  # heartbeat intervals, seconds
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 CFG = parse_experiment({"federation": {"min_train_nodes": 5, "round_timeout": 30}})
-
-
-@pytest.fixture(autouse=True)
-def serverapp_identity():
-    """Who is sending: set as Flower's ServerApp runtime sets it, undone afterwards."""
-    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def grid_with_nodes(intervals: list[float]) -> tuple[InMemoryGrid, list[int]]:

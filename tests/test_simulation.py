@@ -2,13 +2,18 @@
 
 import pytest
 import torch
-from simulate import NUM_CLIENTS, checkpoint, simulate
+from simulate import NUM_CLIENTS, assert_same_run, checkpoint, simulate
 
 from fedhpro_flwr.algorithms.hyperproto import init_hyperprototypes
 from fedhpro_flwr.methods import parse_experiment
 from fedhpro_flwr.methods.fedhpro import FedHProConfig
 
 pytestmark = pytest.mark.slow
+
+# 2 rounds of 3 clients, 2 local epochs on MNIST (Dirichlet 0.5): measured 0.631 (chance 0.1,
+# the initial model 0.126; FedAvg 0.38 with 2 of 3 clients); rules out a model that stops
+# learning or a server that drops the updates (FedHPro's own terms: test_wiring.py)
+FINAL_ACCURACY = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +29,7 @@ def test_results_json_records_every_round(two_rounds):
     assert results["config"]["partition"]["num_partitions"] == NUM_CLIENTS
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert 0.0 <= results["initial"]["accuracy"] <= 0.2  # an untrained 10-class model
-    assert results["final_accuracy"] > 0.5  # far above the 0.1 of chance
+    assert results["final_accuracy"] > FINAL_ACCURACY
     for row in results["rounds"]:
         assert row["clients"] == NUM_CLIENTS and row["failures"] == 0
         assert row["client_seconds"] > 0 and row["server_seconds"] > 0
@@ -45,20 +50,18 @@ def test_hyperprototypes_change_between_rounds(two_rounds):
     assert all(r["hp_movement"] > 0 for r in results["rounds"])
 
 
-def test_resume_continues_at_the_next_round_like_an_uninterrupted_run(two_rounds, tmp_path):
+def test_resume_replays_the_uninterrupted_run_bit_for_bit(two_rounds, tmp_path):
     out, first, _ = two_rounds
     resumed = simulate(out, rounds=3, resume=True)
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     assert resumed["rounds"][:2] == first["rounds"]
     assert checkpoint(out)["round"] == 3
 
-    straight = simulate(tmp_path / "straight", rounds=3)
-    for a, b in zip(resumed["rounds"], straight["rounds"], strict=True):
-        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    hp_resumed = checkpoint(out)["strategy_state"]["hyperprototypes"]
-    hp_straight = checkpoint(tmp_path / "straight")["strategy_state"]["hyperprototypes"]
-    assert torch.allclose(hp_resumed, hp_straight, atol=1e-5)
+    # every client every round: with fraction_train < 1 two runs of one seed sample different
+    # clients (simulated node ids are random; Flower samples positions in their unordered set;
+    # see test_strategies.py's partial-participation run)
+    simulate(tmp_path / "straight", rounds=3)
+    assert_same_run(out, tmp_path / "straight")
 
 
 def test_the_default_experiment_reports_accuracy_per_domain(tmp_path):

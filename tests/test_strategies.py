@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from simulate import NUM_CLIENTS, checkpoint, simulate
+from simulate import (
+    NUM_CLIENTS,
+    OVERRIDES,
+    PARTIAL,
+    assert_same_run,
+    assert_same_tensors,
+    checkpoint,
+    simulate,
+)
 
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.data.federated import dataset_spec
@@ -11,6 +19,13 @@ from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 pytestmark = pytest.mark.slow
 
 PEERS = tuple(name for name in METHODS if name != "fedhpro")
+PARTIAL_PARTICIPATION = "fedavg"  # its run samples 2 of the 3 clients a round
+# Final accuracy after 2 rounds (chance 0.1, the initial model 0.126). Measured: FedAvg (2 of 3
+# clients) 0.384, FedProx 0.672, FedProto 0.666, FedTGP 0.511, FPL 0.541, CReFF 0.223 (its
+# re-trained classifier lags in the first rounds). Runs are deterministic given the seed; each
+# bound rules out a model that stops learning or a server that drops the clients' updates.
+FINAL_ACCURACY = {"fedavg": 0.3, "fedprox": 0.5, "fedproto": 0.5, "fedtgp": 0.4, "fpl": 0.4,
+                  "creff": 0.18}
 # what each method's server adds to every round's row in results.json
 DIAGNOSTICS = {
     "fedavg": (),
@@ -30,7 +45,9 @@ def runs(tmp_path_factory):
     def run(strategy):
         if strategy not in done:
             out = tmp_path_factory.mktemp(strategy)
-            done[strategy] = (out, simulate(out, rounds=2, strategy=strategy))
+            overrides = PARTIAL if strategy == PARTIAL_PARTICIPATION else OVERRIDES
+            done[strategy] = (out, simulate(out, rounds=2, strategy=strategy,
+                                            overrides=overrides))
         return done[strategy]
 
     return run
@@ -43,9 +60,12 @@ def test_two_rounds_write_the_common_results_schema(runs, strategy):
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert results["final_accuracy"] == results["rounds"][-1]["accuracy"]
     assert results["best_accuracy"] == max(r["accuracy"] for r in results["rounds"])
-    assert results["final_accuracy"] > 0.15  # above the 0.1 of chance after two rounds
+    assert results["final_accuracy"] > FINAL_ACCURACY[strategy]
+    sampled = 2 if strategy == PARTIAL_PARTICIPATION else NUM_CLIENTS
     for row in results["rounds"]:
-        assert row["clients"] == NUM_CLIENTS and row["failures"] == 0
+        assert row["clients"] == sampled and row["failures"] == 0
+        assert len(set(row["participants"])) == sampled <= NUM_CLIENTS
+        assert set(row["participants"]) <= set(range(NUM_CLIENTS))
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0 and row["server_seconds"] > 0
         # the clients' stamped spans, merged: at least the slowest client, at most their sum
         # and never more than the round itself
@@ -66,7 +86,8 @@ def test_fedprox_clients_received_mu_from_flowers_fedprox(runs):
 def test_prototype_methods_report_nearest_prototype_accuracy(runs, strategy):
     _, results = runs(strategy)
     assert results["initial"]["prototype_accuracy"] == 0.0  # no prototypes yet
-    assert results["rounds"][-1]["prototype_accuracy"] > 0.15
+    # measured 0.656 / 0.728 / 0.708: the global prototypes classify, far from chance (0.1)
+    assert results["rounds"][-1]["prototype_accuracy"] > 0.5
     assert results["rounds"][-1]["prototype_classes"] == 10
 
 
@@ -94,23 +115,12 @@ def test_checkpointed_server_state_loads_into_a_fresh_strategy(runs, strategy):
     fresh = get_method(strategy).make_strategy(cfg, model.state_dict(), info.num_classes,
                                                model.feature_dim)
     fresh.load_state_dict(saved)
-    assert_same_state(fresh.state_dict(), saved)
-
-
-def assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            assert_same_state(a[key], b[key])
-        else:
-            assert torch.equal(a[key], b[key]), key
+    assert_same_tensors(fresh.state_dict(), saved)
 
 
 @pytest.mark.parametrize("strategy", ("fedtgp", "creff"))
 def test_resume_after_round_one_equals_the_uninterrupted_run(runs, strategy, tmp_path):
-    _, straight = runs(strategy)
+    out, _ = runs(strategy)
     simulate(tmp_path, rounds=1, strategy=strategy)
-    resumed = simulate(tmp_path, rounds=2, strategy=strategy, resume=True)
-    for a, b in zip(resumed["rounds"], straight["rounds"], strict=True):
-        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1e-9)
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    simulate(tmp_path, rounds=2, strategy=strategy, resume=True)
+    assert_same_run(tmp_path, out)

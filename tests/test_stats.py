@@ -1,0 +1,73 @@
+"""One definition of "over seeds" for every report: fedhpro_lab.stats on known inputs, and the
+report tables that use it."""
+
+import math
+
+import pytest
+
+from fedhpro_lab import stats
+from fedhpro_lab.diagreport import _summary
+from fedhpro_lab.report import setting_table
+
+
+def test_mean_and_sample_std_with_bessels_correction():
+    values = [1.0, 2.0, 3.0, 4.0]
+    assert stats.mean(values) == 2.5
+    assert stats.std(values) == pytest.approx(math.sqrt(5 / 3), rel=1e-12)  # population: 1.118
+    assert stats.std([7.0]) == 0.0  # one seed: no spread to estimate
+    with pytest.raises(ValueError, match="no values"):
+        stats.mean([])
+    with pytest.raises(ValueError, match="no values"):
+        stats.std([])
+
+
+def test_t_interval_uses_students_quantile_for_n_minus_1_degrees():
+    # t_{0.975, 3} = 3.182446305; half width = t * std / sqrt(4)
+    low, high = stats.t_interval([1.0, 2.0, 3.0, 4.0])
+    half = 3.182446305284263 * math.sqrt(5 / 3) / 2
+    assert (low, high) == (pytest.approx(2.5 - half, rel=1e-9), pytest.approx(2.5 + half, rel=1e-9))
+    # two seeds: t_{0.975, 1} = 12.7062; a 90% interval is narrower (t_{0.95, 1} = 6.3138)
+    assert stats.t_interval([0.0, 2.0]) == (pytest.approx(1 - 12.706204736),
+                                            pytest.approx(1 + 12.706204736))
+    assert stats.t_interval([0.0, 2.0], level=0.9)[1] == pytest.approx(1 + 6.313751515)
+    assert stats.t_interval([5.0, 5.0, 5.0]) == (5.0, 5.0)
+    with pytest.raises(ValueError, match="at least 2 values"):
+        stats.t_interval([1.0])
+    with pytest.raises(ValueError, match="level"):
+        stats.t_interval([1.0, 2.0], level=95)
+
+
+def test_a_verdict_needs_the_whole_interval_on_one_side_of_zero():
+    assert stats.verdict([0.01, 0.02, 0.015, 0.012, 0.018]) == "win"
+    assert stats.verdict([-0.01, -0.02, -0.015, -0.012, -0.018]) == "loss"
+    assert stats.verdict([0.01, -0.01, 0.02, -0.02, 0.0]) == "tie"
+    assert stats.verdict([0.03, 0.001]) == "tie"  # two seeds: t_{0.975, 1} = 12.7 is wide
+    assert stats.verdict([0.5]) == "tie"  # one pair decides nothing
+
+
+def test_paired_differences_are_seed_by_seed():
+    assert stats.paired_differences([0.9, 0.7, 0.8], [0.5, 0.7, 0.6]) == pytest.approx(
+        [0.4, 0.0, 0.2])
+    with pytest.raises(ValueError, match="differ in length: 2 and 3"):
+        stats.paired_differences([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_the_main_table_shows_mean_and_sample_std_and_bolds_the_best():
+    rows = [{"strategy": s, "final_accuracy": str(f), "best_accuracy": str(f + 0.1)}
+            for s, finals in (("fedavg", (0.5, 0.5)), ("fedhpro", (0.6, 0.8)))
+            for f in finals]
+    lines = setting_table(rows)
+    assert lines[0] == "Each cell: mean ± sample std over seeds, ddof = 1."
+    first, second = lines[4], lines[5]  # best final mean first
+    assert first.startswith("| **fedhpro** | 2 | **0.7000 ± 0.1414** | 0.8000 ± 0.1414 |")
+    assert second.startswith("| fedavg | 2 | 0.5000 ± 0.0000 | 0.6000 ± 0.0000 |")
+
+
+def test_the_diagnostics_tables_use_the_same_std():
+    runs = [[0.2, 0.4], [0.6, float("nan")], [1.0]]
+    # per run: mean over rounds 0.3, 0.6, 1.0; the NaN round is skipped
+    assert _summary(runs, "mean", 1) == (pytest.approx(1.9 / 3), pytest.approx(
+        stats.std([0.3, 0.6, 1.0])))
+    assert _summary(runs, "last", 1)[0] == pytest.approx((0.4 + 0.6 + 1.0) / 3)
+    assert _summary(runs, "per-class", 10)[0] == pytest.approx(1.9 / 30)
+    assert _summary([[float("nan")]], "mean", 1) is None
