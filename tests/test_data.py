@@ -6,6 +6,7 @@ from fedhpro_flwr.algorithms.extraction import extract_class_statistics, sample_
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.algorithms.training import domain_accuracies
 from fedhpro_flwr.config import ConfigError, ExperimentConfig, PartitionConfig
+from fedhpro_flwr.data import federated
 from fedhpro_flwr.data.federated import TensorData, client_data, dataset_spec, held_out_data
 from fedhpro_flwr.data.partition import (
     dirichlet_partition,
@@ -178,3 +179,29 @@ def test_scheme_domains_needs_a_multi_domain_dataset():
     cfg = parse_experiment({"partition": {"scheme": "domains"}})
     with pytest.raises(ValueError, match="needs a multi-domain dataset"):
         client_data(cfg, 0)
+
+
+@pytest.mark.parametrize("dataset", ["digits-offline", "uci-digits"])
+def test_cached_partition_is_the_partition_and_is_read_back_from_disk(tmp_path, monkeypatch,
+                                                                      dataset):
+    cfg = parse_experiment({"data": {"dataset": dataset, "root": str(tmp_path)},
+                            "partition": {"scheme": "domains" if dataset == "digits-offline"
+                                          else "dirichlet", "num_partitions": 4}})
+    want = client_data(cfg, 2)
+    got = federated.cached_client_data(cfg, 2)
+    path = federated.partition_cache_path(cfg, 2)
+    assert path.is_file() and path.parent == tmp_path / "partitions"
+    # a later process finds the file: the dataset is not loaded again
+    monkeypatch.setattr(federated, "client_data", lambda *a: pytest.fail("dataset reloaded"))
+    again = federated.cached_client_data(cfg, 2)
+    for data in (got, again):
+        assert torch.equal(data.x, want.x) and torch.equal(data.y, want.y)
+        assert data.num_classes == want.num_classes and data.domains == want.domains
+        assert (data.domain is None) == (want.domain is None)
+        if want.domain is not None:
+            assert torch.equal(data.domain, want.domain)
+    # anything that determines the partition names another file
+    other = parse_experiment({"data": {"dataset": dataset, "root": str(tmp_path)}, "seed": 1,
+                              "partition": cfg.partition.__dict__})
+    assert federated.partition_cache_path(other, 2) != path
+    assert federated.partition_cache_path(cfg, 1) != path
