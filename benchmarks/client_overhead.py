@@ -1,16 +1,21 @@
 """FedHPro's client time against plain CE training, same data, model, epochs and seed.
 
     python benchmarks/client_overhead.py [--repeats 3] [--threads 1] [--device cuda]
+                                         [--parallel 2]
                                          [--overrides "model.name=resnet10 model.width=32"]
 
 For every client of the default experiment, times one FedHPro client round (gradient extraction
 + CE/HPCL/HPAL training) and one round of CE-only training from the same initial weights, and
-prints the per-client and total ratio. Run it on an otherwise idle machine.
+prints the per-client and total ratio. The two are timed in turn (CE, FedHPro, CE, ...) and the
+median of `--repeats` kept, so that a change in the machine's load hits both alike.
+`--parallel 2` times the clients in two processes at once, each on its own share of the clients:
+two clients sharing the cores, as Flower's simulation runs them on a 2-core machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -28,15 +33,9 @@ from fedhpro_flwr.methods.fedhpro import HP_RECORD, FedHProConfig
 from fedhpro_flwr.methods.payload import tensors_to_record
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1]
-                                                / "conf" / "default.yaml"))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--overrides", default="", help="dotted YAML keys, as in a run config")
-    args = parser.parse_args()
+def time_clients(args: argparse.Namespace, partitions: list[int]) -> list[tuple[int, int, float,
+                                                                                 float]]:
+    """(partition, samples, CE seconds, FedHPro seconds) for each of `partitions`."""
     torch.set_num_threads(args.threads)
     cfg = load_experiment(Path(args.config), parse_overrides(args.overrides))
     info = dataset_spec(cfg)
@@ -53,30 +52,55 @@ def main() -> None:
         train_epochs(task.model, task.data, cfg.train, task.generator, device)
 
     def timed(run, data) -> float:
-        times = []
-        for _ in range(args.repeats):
-            model = build_model(cfg.model, info)
-            model.load_state_dict(initial)
-            model.to(device)
-            task = ClientTask(model, data, content, cfg, device,
-                              torch.Generator().manual_seed(cfg.seed))
-            start = time.perf_counter()
-            run(task)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        model = build_model(cfg.model, info)
+        model.load_state_dict(initial)
+        model.to(device)
+        task = ClientTask(model, data, content, cfg, device,
+                          torch.Generator().manual_seed(cfg.seed))
+        start = time.perf_counter()
+        run(task)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
 
-    total_ce = total_hp = 0.0
-    print(f"{'client':>6} {'samples':>7} {'CE s':>7} {'FedHPro s':>9} {'ratio':>6}")
-    for pid in range(cfg.partition.num_partitions):
+    rows = []
+    for pid in partitions:
         data = client_data(cfg, pid)
         timed(ce_only, data)  # warm-up
-        ce = timed(ce_only, data)
-        hpro = timed(fedhpro.client_train, data)
-        total_ce += ce
-        total_hp += hpro
-        print(f"{pid:>6} {len(data):>7} {ce:>7.3f} {hpro:>9.3f} {hpro / ce:>6.2f}")
+        timed(fedhpro.client_train, data)
+        ce, hpro = [], []
+        for _ in range(args.repeats):
+            ce.append(timed(ce_only, data))
+            hpro.append(timed(fedhpro.client_train, data))
+        rows.append((pid, len(data), statistics.median(ce), statistics.median(hpro)))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1]
+                                                / "conf" / "default.yaml"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="processes timing clients at once (2: two clients share the cores)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--overrides", default="", help="dotted YAML keys, as in a run config")
+    args = parser.parse_args()
+    cfg = load_experiment(Path(args.config), parse_overrides(args.overrides))
+    partitions = list(range(cfg.partition.num_partitions))
+    if args.parallel == 1:
+        rows = time_clients(args, partitions)
+    else:
+        shares = [partitions[i :: args.parallel] for i in range(args.parallel)]
+        with multiprocessing.get_context("spawn").Pool(args.parallel) as pool:
+            parts = pool.starmap(time_clients, [(args, share) for share in shares])
+        rows = sorted(row for part in parts for row in part)
+
+    print(f"{'client':>6} {'samples':>7} {'CE s':>7} {'FedHPro s':>9} {'ratio':>6}")
+    for pid, samples, ce, hpro in rows:
+        print(f"{pid:>6} {samples:>7} {ce:>7.3f} {hpro:>9.3f} {hpro / ce:>6.2f}")
+    total_ce, total_hp = sum(r[2] for r in rows), sum(r[3] for r in rows)
     print(f"{'all':>6} {'':>7} {total_ce:>7.3f} {total_hp:>9.3f} {total_hp / total_ce:>6.2f}")
 
 

@@ -80,6 +80,8 @@ def summary(rows: list[dict]) -> dict[str, float]:
 
     return {"wall": mean("wall_seconds"), "client_sum": mean("client_seconds"),
             "client_max": mean("client_seconds_max"), "server": mean("server_seconds"),
+            "overhead": mean("wall_seconds") - mean("client_seconds_max")
+            - mean("server_seconds"),
             "accuracy": rows[-1]["accuracy"]}
 
 
@@ -111,18 +113,21 @@ def main() -> None:
         "",
         "Round times are means over the rounds after the first (round 1 includes start-up); "
         "client compute is the time inside the trainer (extraction + local epochs), summed "
-        "over clients and the slowest one.",
+        "over clients and the slowest one. What is left of a round without the slowest "
+        "client's compute and the server step is the framework's and the ClientApp process's "
+        "(start, imports, loading the partition, encoding).",
         "",
         "| mode | total s | round wall s | client compute, sum s | slowest client s "
-        "| server step s | final accuracy |",
-        "|---|---|---|---|---|---|---|",
+        "| server step s | round - slowest client - server s | final accuracy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     per_mode = {}
     for mode in totals:
         rows = json.loads((args.out / mode / "results.json").read_text())["rounds"]
         per_mode[mode] = s = summary(rows[1:] or rows)
         lines.append(f"| {mode} | {totals[mode]:.1f} | {s['wall']:.1f} | {s['client_sum']:.1f} "
-                     f"| {s['client_max']:.1f} | {s['server']:.2f} | {s['accuracy']:.4f} |")
+                     f"| {s['client_max']:.1f} | {s['server']:.2f} | {s['overhead']:.1f} "
+                     f"| {s['accuracy']:.4f} |")
     extra = per_mode["deployment"]["wall"] - per_mode["simulation"]["wall"]
     lines += [
         "",

@@ -234,3 +234,29 @@ def test_splits_repeat_with_the_seed_and_change_with_it(scheme):
     assert all(np.array_equal(a, b) for a, b in zip(same, again, strict=True))
     assert [len(p) for p in same] == [len(p) for p in other] or scheme == "domains"
     assert not all(np.array_equal(a, b) for a, b in zip(same, other, strict=True))
+
+
+@pytest.mark.parametrize("dataset", ["digits-offline", "uci-digits"])
+def test_cached_partition_is_the_partition_and_is_read_back_from_disk(tmp_path, monkeypatch,
+                                                                      dataset):
+    cfg = parse_experiment({"data": {"dataset": dataset, "root": str(tmp_path)},
+                            "partition": {"scheme": "domains" if dataset == "digits-offline"
+                                          else "dirichlet", "num_partitions": 4}})
+    want = client_data(cfg, 2)
+    got = federated.cached_client_data(cfg, 2)
+    path = federated.partition_cache_path(cfg, 2)
+    assert path.is_file() and path.parent == tmp_path / "partitions"
+    # a later process finds the file: the dataset is not loaded again
+    monkeypatch.setattr(federated, "client_data", lambda *a: pytest.fail("dataset reloaded"))
+    again = federated.cached_client_data(cfg, 2)
+    for data in (got, again):
+        assert torch.equal(data.x, want.x) and torch.equal(data.y, want.y)
+        assert data.num_classes == want.num_classes and data.domains == want.domains
+        assert (data.domain is None) == (want.domain is None)
+        if want.domain is not None:
+            assert torch.equal(data.domain, want.domain)
+    # anything that determines the partition names another file
+    other = parse_experiment({"data": {"dataset": dataset, "root": str(tmp_path)}, "seed": 1,
+                              "partition": cfg.partition.__dict__})
+    assert federated.partition_cache_path(other, 2) != path
+    assert federated.partition_cache_path(cfg, 1) != path

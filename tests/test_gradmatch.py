@@ -4,9 +4,11 @@ import torch.nn.functional as F
 
 from fedhpro_flwr.algorithms.gradmatch import (
     class_gradients,
+    cosine_rows,
     descend,
     distance_and_grad,
     masked_class_mean,
+    prepared_target,
     vector_distance,
     with_autograd,
 )
@@ -74,13 +76,18 @@ def test_closed_form_distance_gradient_matches_autograd(kind):
     torch.manual_seed(1)
     a = torch.randn(3, 4, 6, dtype=torch.double, requires_grad=True)
     b = torch.randn(3, 4, 6, dtype=torch.double)
-    loss, grad = distance_and_grad(a.detach(), b, kind)
-    want = vector_distance(a, b, kind).sum()
+    present = torch.tensor([True, False, True])
+    loss, grad = distance_and_grad(a.detach(), prepared_target(b, present, kind), present, kind)
+    if kind == "cosine":
+        assert cosine_rows(b, present) == 2 * 4
+        loss = loss + cosine_rows(b, present)
+    want = vector_distance(a[present], b[present], kind).sum()
     (want_grad,) = torch.autograd.grad(want, a)
     assert loss.item() == pytest.approx(want.item(), rel=1e-12)
     assert torch.allclose(grad, want_grad, atol=1e-12)
+    assert torch.equal(grad[1], torch.zeros(4, 6, dtype=torch.double))  # absent: no gradient
     with pytest.raises(ValueError, match="no closed-form gradient"):
-        distance_and_grad(a.detach(), b, "scalar")
+        prepared_target(b, present, "scalar")
 
 
 def test_descend_finds_a_quadratic_minimum_and_leaves_its_start_alone():

@@ -2,12 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedhpro_flwr.algorithms.gradmatch import class_gradients
+from fedhpro_flwr.algorithms.gradmatch import class_gradients, with_autograd
 from fedhpro_flwr.algorithms.hyperproto import (
     anchors,
     centers,
     init_hyperprototypes,
     match_hyperprototypes,
+    matching_loss,
+    matching_objective,
 )
 
 
@@ -101,3 +103,19 @@ def test_the_reference_codes_per_scalar_distance_never_moves_the_hyperprototypes
     result = match_hyperprototypes(hp, weight, bias, target, present, 30, 0.1, "scalar")
     assert torch.equal(result.hyperprototypes, hp)  # a sign agreement has no gradient
     assert result.loss_before == result.loss_after > 0
+
+
+@pytest.mark.parametrize("distance", ["cosine", "mse", "scalar"])
+def test_closed_form_matching_gradient_equals_autograd(distance):
+    g = torch.Generator().manual_seed(3)
+    hp = torch.randn(5, 4, 7, generator=g, dtype=torch.double)
+    weight = torch.randn(5, 7, generator=g, dtype=torch.double)
+    bias = torch.randn(5, generator=g, dtype=torch.double)
+    target = torch.randn(5, 7, generator=g, dtype=torch.double)
+    present = torch.tensor([True, False, True, True, True])
+    loss, grad = matching_objective(weight, bias, target, present, distance)(hp)
+    want_loss, want_grad = with_autograd(
+        lambda p: matching_loss(p, weight, bias, target, present, distance))(hp)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
+    assert torch.allclose(grad, want_grad, atol=1e-12)
+    assert torch.equal(grad[1], torch.zeros(4, 7, dtype=torch.double))

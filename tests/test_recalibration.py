@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedhpro_flwr.algorithms.extraction import ClassStatistics
 from fedhpro_flwr.algorithms.gradmatch import class_gradients, vector_distance
@@ -11,6 +12,7 @@ from fedhpro_flwr.algorithms.recalibration import (
     recalibrate,
     recentred,
     train_linear,
+    train_linear_full_batch,
 )
 
 
@@ -140,3 +142,62 @@ def test_closed_form_matching_gradient_equals_autograd(distance):
     assert loss.item() == pytest.approx(want.item(), rel=1e-10)
     assert torch.allclose(grad, want_grad, atol=1e-10)
     assert torch.equal(grad[1], torch.zeros(7, 6, dtype=torch.double))  # absent: not moved
+
+
+def test_train_linear_is_minibatch_sgd_on_cross_entropy():
+    """Against nn.Linear + autograd + torch.optim.SGD on the same draws and shuffles."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(23, 5, generator=g, dtype=torch.double)
+    y = torch.randint(0, 3, (23,), generator=g)
+    weight, bias = train_linear(x, y, 3, 4, 0.3, 5, torch.Generator().manual_seed(2))
+
+    ref_g = torch.Generator().manual_seed(2)
+    layer = torch.nn.Linear(5, 3).double()
+    with torch.no_grad():
+        layer.weight.copy_(((torch.rand(3, 5, generator=ref_g) * 2 - 1) * 5**-0.5).double())
+        layer.bias.copy_(((torch.rand(3, generator=ref_g) * 2 - 1) * 5**-0.5).double())
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.3)
+    for _ in range(4):
+        order = torch.randperm(23, generator=ref_g)
+        for start in range(0, 23, 5):
+            batch = order[start : start + 5]
+            optimizer.zero_grad()
+            F.cross_entropy(layer(x[batch]), y[batch]).backward()
+            optimizer.step()
+    assert torch.allclose(weight, layer.weight.detach(), atol=1e-12)
+    assert torch.allclose(bias, layer.bias.detach(), atol=1e-12)
+
+
+def test_full_batch_solver_is_full_batch_gradient_descent_on_the_epoch_schedule():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(20, 5, generator=g, dtype=torch.double)
+    y = torch.arange(20) % 4
+    weight, bias = train_linear_full_batch(x, y, 4, 6, 0.05, 5, torch.Generator().manual_seed(3))
+
+    ref_g = torch.Generator().manual_seed(3)
+    w = ((torch.rand(4, 5, generator=ref_g) * 2 - 1) * 5**-0.5).double().requires_grad_(True)
+    b = ((torch.rand(4, generator=ref_g) * 2 - 1) * 5**-0.5).double().requires_grad_(True)
+    for _ in range(6):  # 4 minibatches of 5 per epoch: one step at 4 x 0.05
+        gw, gb = torch.autograd.grad(F.cross_entropy(x @ w.T + b, y), (w, b))
+        with torch.no_grad():
+            w -= 0.2 * gw
+            b -= 0.2 * gb
+    assert torch.allclose(weight, w.detach(), atol=1e-12)
+    assert torch.allclose(bias, b.detach(), atol=1e-12)
+
+
+def test_full_batch_solver_recalibrates_like_minibatch_sgd():
+    """Same problem, both solvers: the same accuracy gain and nearly the same classifier."""
+    real, weight, bias, x_test, y_test, g = toy_problem()
+    target = class_gradients(real, weight, bias)
+    present = torch.ones(4, dtype=torch.bool)
+    features = torch.randn(4, 20, 8, generator=g)
+    results = {solver: recalibrate(features, weight, bias, target, present, match_steps=200,
+                                   feature_lr=0.1, epochs=100, lr=0.01, batch_size=20,
+                                   generator=torch.Generator().manual_seed(0), solver=solver)
+               for solver in ("sgd", "full-batch")}
+    sgd, full = results["sgd"], results["full-batch"]
+    assert torch.equal(sgd.features, full.features)  # matching does not depend on the solver
+    assert accuracy(full.weight, full.bias, x_test, y_test) == pytest.approx(
+        accuracy(sgd.weight, sgd.bias, x_test, y_test), abs=0.01)
+    assert (full.weight - sgd.weight).norm() < 0.05 * sgd.weight.norm()

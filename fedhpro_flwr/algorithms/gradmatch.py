@@ -126,22 +126,44 @@ def with_autograd(loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> LossAndGra
     return loss_and_grad
 
 
-def distance_and_grad(a: torch.Tensor, b: torch.Tensor, kind: Distance
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``vector_distance(a, b, kind).sum()`` and its gradient w.r.t. `a`, in closed form.
+def prepared_target(target: torch.Tensor, present: torch.Tensor, kind: Distance
+                    ) -> torch.Tensor:
+    """A (C, ...) matching target as `distance_and_grad` reads it, computed once per round:
+    zero for classes not in `present`; for cosine, unit rows (norm clamped at 1e-12, as
+    ``F.cosine_similarity`` does)."""
+    keep = present.reshape(-1, *(1,) * (target.dim() - 1))
+    if kind == "cosine":
+        target = target / target.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    elif kind != "mse":
+        raise ValueError(f"no closed-form gradient for distance '{kind}'; allowed: cosine, mse")
+    return torch.where(keep, target, torch.zeros((), dtype=target.dtype))
 
-    cosine: ``d(1 - cos)/da = -(b / (|a||b|) - cos a / |a|^2)`` per last-axis row (norms
-    clamped at 1e-12 as ``F.cosine_similarity`` does); mse: ``2 (a - b)``.
+
+def distance_and_grad(a: torch.Tensor, target: torch.Tensor, present: torch.Tensor,
+                      kind: Distance) -> tuple[torch.Tensor, torch.Tensor]:
+    """``vector_distance(a[present], b[present], kind).sum()`` and its gradient w.r.t. `a`
+    (zero on absent classes), in closed form, for ``target = prepared_target(b, present)``.
+
+    cosine: with unit rows ``a^`` and ``b^``, ``d(1 - cos)/da = (cos a^ - b^) / |a|``. Its
+    loss lacks the constant term (the number of present rows, which the caller knows):
+    ``-sum cos``. mse: ``2 (a - b)``. Masks, not boolean indexing: no host synchronisation.
     """
     if kind == "cosine":
-        a_norm = a.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        b_norm = b.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        cos = (a * b).sum(dim=-1, keepdim=True) / (a_norm * b_norm)
-        return (1.0 - cos).sum(), cos * a / a_norm.square() - b / (a_norm * b_norm)
+        a_norm = a.norm(dim=-1, keepdim=True).clamp_(min=1e-12)
+        unit = a / a_norm
+        cos = (unit * target).sum(dim=-1, keepdim=True)  # 0 on absent rows (target 0)
+        return -cos.sum(), (cos * unit - target).div_(a_norm)
     if kind == "mse":
-        diff = a - b
+        keep = present.reshape(-1, *(1,) * (a.dim() - 1))
+        diff = torch.where(keep, a - target, torch.zeros((), dtype=a.dtype))
         return diff.square().sum(), 2.0 * diff
     raise ValueError(f"no closed-form gradient for distance '{kind}'; allowed: cosine, mse")
+
+
+def cosine_rows(target: torch.Tensor, present: torch.Tensor) -> int:
+    """How many last-axis rows of a (C, ...) target the present classes hold: the constant
+    that `distance_and_grad`'s cosine loss leaves out."""
+    return int(present.sum()) * (target[0].numel() // target.shape[-1])
 
 
 def descend(

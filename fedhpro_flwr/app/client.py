@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedhpro_flwr.app.sharing import client_seed, sharing_for
 from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, ExperimentConfig
-from fedhpro_flwr.data.federated import DataSpec, TensorData, client_data, local_data
+from fedhpro_flwr.data.federated import DataSpec, TensorData, cached_client_data, local_data
 from fedhpro_flwr.methods import ClientTask, get_method
 from fedhpro_flwr.methods.payload import EXPERIMENT_RECORD, required_record, tensors_to_record
 
@@ -55,10 +55,11 @@ def node_partition(node_config: dict[str, Any], cfg: ExperimentConfig) -> int:
 
 def node_data(node_config: dict[str, Any], cfg: ExperimentConfig, spec: DataSpec,
               partition_id: int) -> TensorData:
-    """The node's own `data-dir`, used whole, else its partition of the experiment's data."""
+    """The node's own `data-dir`, used whole, else its partition of the experiment's data
+    (cached on the node's disk after the first round)."""
     if "data-dir" in node_config:
         return local_data(spec, cfg.data, Path(str(node_config["data-dir"])).expanduser())
-    return client_data(cfg, partition_id)
+    return cached_client_data(cfg, partition_id)
 
 
 def handle_train(msg: Message, context: Context) -> Message:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -14,6 +16,7 @@ import torch
 
 from fedhpro_flwr.config import ConfigError, DataConfig, ExperimentConfig
 from fedhpro_flwr.data.imagefiles import cached_decode, class_folders, labelled_files
+from fedhpro_flwr.data.npzcache import cached_arrays
 from fedhpro_flwr.data.partition import (
     dirichlet_partition,
     domain_partition,
@@ -225,6 +228,49 @@ def client_data(cfg: ExperimentConfig, partition_id: int) -> TensorData:
             f"partition.num_partitions = {len(parts)}"
         )
     return _dataset(cfg)[0].subset(parts[partition_id])
+
+
+# bump when what `client_data` returns for the same config changes, so old caches are not read
+PARTITION_CACHE_VERSION = 1
+
+
+def partition_cache_path(cfg: ExperimentConfig, partition_id: int) -> Path:
+    """Where `cached_client_data` keeps a partition: under `data.root`, named by a hash of
+    everything that determines it (the data and partition sections, the seed, the id)."""
+    key = repr((PARTITION_CACHE_VERSION, cfg.data, cfg.partition, cfg.seed, partition_id))
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return Path(cfg.data.root).expanduser() / "partitions" / f"{digest}.npz"
+
+
+def cached_client_data(cfg: ExperimentConfig, partition_id: int) -> TensorData:
+    """`client_data`, kept on local disk after the first call.
+
+    In deployment every round starts a fresh ClientApp process, which would otherwise load
+    (or generate) the whole dataset, standardise it and split it again for one partition.
+    The cache is keyed by the config only: replace a dataset's files under the same name and
+    the old partitions stay; delete `<data.root>/partitions` then.
+    """
+    path = partition_cache_path(cfg, partition_id)
+
+    def build() -> dict[str, np.ndarray]:
+        data = client_data(cfg, partition_id)
+        arrays = {"x": data.x.numpy(), "y": data.y.numpy(),
+                  "num_classes": np.array(data.num_classes), "domains": np.array(data.domains)}
+        if data.domain is not None:
+            arrays["domain"] = data.domain.numpy()
+        return arrays
+
+    try:
+        arrays = cached_arrays(path, build)
+    except OSError as exc:  # a read-only or full disk: work without the cache
+        logging.getLogger(__name__).warning(
+            "partition cache %s unusable (%s); loading the dataset", path, exc)
+        return client_data(cfg, partition_id)
+    domain = arrays.get("domain")
+    return TensorData(torch.from_numpy(arrays["x"]), torch.from_numpy(arrays["y"]),
+                      int(arrays["num_classes"]),
+                      None if domain is None else torch.from_numpy(domain),
+                      tuple(str(d) for d in arrays["domains"]))
 
 
 def dataset_spec(cfg: ExperimentConfig) -> DataSpec:

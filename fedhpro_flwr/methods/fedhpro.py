@@ -24,7 +24,7 @@ from fedhpro_flwr.algorithms.hyperproto import (
 from fedhpro_flwr.algorithms.losses import RunningClassMeans, hpal, hpcl
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.prototypes import local_prototypes
-from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings
+from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings, Solver
 from fedhpro_flwr.algorithms.training import evaluate, train_epochs
 from fedhpro_flwr.config import ExperimentConfig, setting
 from fedhpro_flwr.data.federated import TensorData
@@ -68,6 +68,9 @@ class FedHProConfig:
     recal_epochs: int = setting(100, ge=1)
     recal_lr: float = setting(0.01, gt=0.0)
     recal_batch_size: int = setting(50, ge=1)
+    # how the new classifier is trained: "sgd", the reference recipe (recal_epochs of minibatch
+    # SGD), or "full-batch", the same schedule as one full-batch step per epoch (10x fewer steps)
+    recal_solver: Solver = setting("sgd")
     # measure the classifier gradients after local training (at the trained extractor, with
     # the received classifier) instead of before it, as the paper and CReFF do
     recal_after_training: bool = setting(False)
@@ -151,7 +154,7 @@ class FedHProStrategy(RecalibratingStrategy):
             hp_cfg.recal_match_steps, hp_cfg.recal_feature_lr, hp_cfg.recal_epochs,
             hp_cfg.recal_lr, hp_cfg.recal_batch_size,
             "cosine" if hp_cfg.distance == "scalar" else hp_cfg.distance,
-            recentre=hp_cfg.recal_recentre,
+            recentre=hp_cfg.recal_recentre, solver=hp_cfg.recal_solver,
         )
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
                          settings, generator, classifier_gradients=hp_cfg.recalibration,
