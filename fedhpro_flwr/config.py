@@ -23,7 +23,7 @@ T = TypeVar("T")
 STRATEGY_KEY = "strategy"  # names the method in the ConfigRecord sent to clients
 DATASETS = ("mnist-subset", "uci-digits", "digits-offline", "mnist", "fashion-mnist", "usps",
             "svhn", "syn", "digits", "cifar10", "cifar100", "office-caltech", "tiny-imagenet",
-            "sun397", "agnews")  # the sources in sources.py; plus "hf:<name>"
+            "sun397", "agnews", "glyphs-100", "glyphs-400")  # sources.py's; plus "hf:<name>"
 HF_PREFIX = "hf:"  # a Hugging Face dataset, read through flwr-datasets
 
 
@@ -61,6 +61,18 @@ class DataConfig:
     image_size: int = setting(0, ge=0)  # resize images to this square; 0 = the source's size
     text_buckets: int = setting(32768, ge=2)  # text: words are hashed into this many ids
     max_tokens: int = setting(64, ge=1)  # text: tokens kept per sample
+    # glyphs-*: training images generated per class (a fifth as many for test); 0 = the
+    # dataset's own (500 for glyphs-100, 120 for glyphs-400). Smaller sets for quick tests.
+    samples_per_class: int = setting(0, ge=0)
+
+    def __post_init__(self) -> None:
+        if self.samples_per_class and (not self.dataset.startswith("glyphs-")
+                                       or self.samples_per_class < 5):
+            raise ConfigError(
+                f"config key 'data.samples_per_class' = {self.samples_per_class}: only the "
+                f"generated glyphs-* datasets take it, and then 5 or more (one in five is a "
+                f"test image); dataset is '{self.dataset}'; 0 keeps the dataset's own size"
+            )
 
 
 @dataclass(frozen=True)

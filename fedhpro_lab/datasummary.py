@@ -1,7 +1,9 @@
 """`fedhpro-data`: what each client of an experiment holds, before running it.
 
 Prints the samples per class of every client (and of the server's held-out set) for a YAML
-experiment, and can save the same table as a PNG heat map:
+experiment, and can save the same table as a PNG heat map. With more than `MAX_COLUMNS`
+classes the table is summarised (per client: samples, classes held, largest class; per class:
+the counts at every tenth class) and the heat map drops the numbers in its cells:
 
     fedhpro-data --config conf/default.yaml --png clients.png
     python -m fedhpro_lab.datasummary --config conf/mnist-lt.yaml --overrides "seed=1"
@@ -32,6 +34,18 @@ def client_domain_counts(cfg: ExperimentConfig) -> np.ndarray:
                      for i in range(cfg.partition.num_partitions)])
 
 
+MAX_COLUMNS = 20  # class tables wider than this are summarised (glyphs-100, CIFAR-100, ...)
+
+
+def _aligned(rows: list[list[str]], rules: tuple[int, ...]) -> str:
+    """Right-aligned columns, a rule line before each row index in `rules`."""
+    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    for at in sorted(rules, reverse=True):
+        lines.insert(at, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
 def format_counts(counts: np.ndarray, test_counts: np.ndarray, columns: list[str]) -> str:
     """A plain-text table: one row per client, one column per class (or domain), totals."""
     kinds = "classes" if columns[0] == "0" else "domains"
@@ -40,11 +54,25 @@ def format_counts(counts: np.ndarray, test_counts: np.ndarray, columns: list[str
         rows.append([str(i), *map(str, row), str(row.sum()), str((row > 0).sum())])
     for name, row in (("all", counts.sum(axis=0)), ("test", test_counts)):
         rows.append([name, *map(str, row), str(row.sum()), str((row > 0).sum())])
-    widths = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.insert(len(lines) - 2, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return _aligned(rows, (1, len(rows) - 2))
+
+
+def format_many_classes(counts: np.ndarray, test_counts: np.ndarray) -> str:
+    """Too many classes for one column each: per client its samples, the classes it holds
+    and its largest class; then the samples per class of all clients and of the test set at
+    eleven classes spread over the label range (the long tail's profile shows in it)."""
+    rows = [["client", "samples", "classes", "largest class", "share"]]
+    for name, row in [*((str(i), r) for i, r in enumerate(counts)),
+                      ("all", counts.sum(axis=0)), ("test", test_counts)]:
+        top = int(row.argmax())
+        rows.append([name, str(row.sum()), str((row > 0).sum()), f"{top} ({row[top]})",
+                     f"{row[top] / max(row.sum(), 1):.0%}"])
+    picks = np.unique(np.linspace(0, counts.shape[1] - 1, 11).round().astype(int))
+    profile = [["class", *map(str, picks)],
+               ["all", *map(str, counts.sum(axis=0)[picks])],
+               ["test", *map(str, test_counts[picks])]]
+    return (_aligned(rows, (1, len(rows) - 2)) + "\n\nsamples per class, at every tenth "
+            "class:\n" + _aligned(profile, (1,)))
 
 
 def save_heatmap(tables: list[tuple[np.ndarray, str, list[str]]], path: Path,
@@ -56,16 +84,20 @@ def save_heatmap(tables: list[tuple[np.ndarray, str, list[str]]], path: Path,
     import matplotlib.pyplot as plt
 
     clients = tables[0][0].shape[0]
-    widths = [counts.shape[1] for counts, _, _ in tables]
-    fig, axes = plt.subplots(1, len(tables), squeeze=False, width_ratios=widths,
-                             figsize=(1.5 + 0.6 * sum(widths), 1.0 + 0.45 * clients))
+    # room for a number in every cell, or 12 inches for a table too wide to hold them
+    inches = [0.6 * c if c <= MAX_COLUMNS else 12.0 for c in (t[0].shape[1] for t in tables)]
+    fig, axes = plt.subplots(1, len(tables), squeeze=False, width_ratios=inches,
+                             figsize=(1.5 + sum(inches), 1.0 + 0.45 * clients))
     for ax, (counts, xlabel, names) in zip(axes[0], tables, strict=True):
         image = ax.imshow(counts, cmap="viridis", aspect="auto")
-        for (i, j), value in np.ndenumerate(counts):
+        many = len(names) > MAX_COLUMNS  # no numbers in the cells, a tick every tenth
+        ticks = range(0, len(names), -(-len(names) // 10)) if many else range(len(names))
+        for (i, j), value in () if many else np.ndenumerate(counts):
             ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
                     color="white" if value < counts.max() / 2 else "black")
-        ax.set(xlabel=xlabel, ylabel="client", xticks=range(len(names)), yticks=range(clients))
-        ax.set_xticklabels(names, rotation=45 if max(map(len, names)) > 2 else 0)
+        ax.set(xlabel=xlabel, ylabel="client", xticks=ticks, yticks=range(clients))
+        ax.set_xticklabels([names[t] for t in ticks],
+                           rotation=45 if max(map(len, names)) > 2 else 0)
         fig.colorbar(image, ax=ax, label="samples")
     fig.suptitle(title)
     fig.tight_layout()
@@ -93,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     class_names = [str(c) for c in range(classes.shape[1])]
     tables = [(classes, "class", class_names)]
     print(title)
-    print(format_counts(classes, test.class_counts().numpy(), class_names))
+    test_classes = test.class_counts().numpy()
+    print(format_counts(classes, test_classes, class_names) if len(class_names) <= MAX_COLUMNS
+          else format_many_classes(classes, test_classes))
     if domains.shape[1]:
         print()
         print(format_counts(domains, test.domain_counts().numpy(), list(test.domains)))

@@ -51,3 +51,28 @@ def test_the_default_experiment_shows_one_domain_per_client(tmp_path, capsys):
     for line in domain_table[2:12]:  # the ten clients
         assert line.split()[-1] == "1"  # each holds a single domain
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_many_classes_are_summarised_per_client_and_by_class_profile(tmp_path, capsys):
+    png = tmp_path / "glyphs.png"
+    overrides = f"data.root={tmp_path} data.samples_per_class=50"
+    assert main(["--config", str(ROOT / "conf/glyphs100-lt.yaml"), "--overrides", overrides,
+                 "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("glyphs-100, long-tail, 10 clients, seed 536")
+    table, profile = out.split("\n\n")
+    lines = table.splitlines()
+    assert lines[1].split() == ["client", "samples", "classes", "largest", "class", "share"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:] if line[:1] != "-"}
+    assert sum(int(rows[str(i)][0]) for i in range(10)) == int(rows["all"][0])
+    assert rows["all"][2:4] == ["0", "(50)"]  # class 0 keeps all of its 50 images
+    held = sum(int(50 * 100 ** (-c / 99)) > 0 for c in range(100))
+    assert rows["all"][1] == str(held) == "85"  # the tail's last classes keep none of 50
+    assert rows["test"][:2] == ["1000", "100"]  # balanced: 10 of each class
+    class_row, all_row, test_row = [line.split() for line in profile.splitlines()[1:5]
+                                    if line[:1] != "-"]
+    assert class_row[1:] == ["0", "10", "20", "30", "40", "50", "59", "69", "79", "89", "99"]
+    counts = [int(n) for n in all_row[1:]]
+    assert counts[0] == 50 and counts == sorted(counts, reverse=True) and counts[-1] < 5
+    assert test_row[1:] == ["10"] * 11
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

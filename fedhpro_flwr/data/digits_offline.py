@@ -34,7 +34,8 @@ FONTS = (
 )
 
 
-def _font_dir() -> Path:
+def font_dir() -> Path:
+    """matplotlib's bundled TrueType fonts (DejaVu, STIX, Computer Modern)."""
     import matplotlib
 
     return Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
@@ -73,7 +74,7 @@ def _uci(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def _synth(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-    fonts = [_font_dir() / name for name in FONTS]
+    fonts = [font_dir() / name for name in FONTS]
     images, labels = [], []
     for c in range(10):
         for _ in range(SYNTH_PER_CLASS):

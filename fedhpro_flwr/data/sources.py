@@ -76,6 +76,18 @@ def _digits_offline(data: DataConfig) -> Splits:
     return Splits(Samples(x, y, domain), None, 10, domains=digits_offline.DOMAINS)
 
 
+def _glyphs(num_classes: int) -> Loader:
+    def load(data: DataConfig) -> Splits:
+        from fedhpro_flwr.data import glyphs
+
+        arrays = glyphs.load(_root(data), num_classes, data.samples_per_class)
+        return Splits(Samples(arrays["x_train"], arrays["y_train"]),
+                      Samples(arrays["x_test"], arrays["y_test"]), num_classes,
+                      classes=glyphs.class_names(num_classes))
+
+    return load
+
+
 def _torchvision_idx(cls_name: str, name: str,
                      stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Loader:
     def load(data: DataConfig) -> Splits:
@@ -318,6 +330,8 @@ SOURCES: dict[str, Loader] = {
     "tiny-imagenet": _tiny_imagenet,
     "sun397": _sun397,
     "agnews": _agnews,
+    "glyphs-100": _glyphs(100),
+    "glyphs-400": _glyphs(400),
 }
 
 
