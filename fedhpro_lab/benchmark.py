@@ -270,6 +270,12 @@ def run_suite(suite: Suite, out: Path, timeout: float | None = None,
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = read_rows(csv_path)
+    for run in runs:  # finished when its group was cut off: its results.json holds every round
+        results_path = run.out_dir / "results.json"
+        if (not is_done(rows.get(run.key, {}), run.rounds)
+                and len(rounds_in(results_path)) == run.rounds):
+            rows[run.key] = {**summarize(run, json.loads(results_path.read_text()),
+                                         float("nan")), "peak_rss_mb": float("nan")}
     finished = [r for r in runs if is_done(rows.get(r.key, {}), r.rounds)]
     pending = [r for r in runs if r not in finished]
     if finished:

@@ -59,6 +59,16 @@ def test_smoke_suite_writes_consistent_results_and_resumes(tmp_path, capsys):
     assert main(["--suite", "smoke", "--out", str(out)]) == 0
     assert "2 of 2 runs already done" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing re-run
+    # a suite cut off before its group's rows were written: finished runs count from their
+    # results.json (their checkpoints may not have travelled with them)
+    (out / "results.csv").unlink()
+    for path in out.glob("runs/*/*/*/checkpoint.pt"):
+        path.unlink()
+    assert main(["--suite", "smoke", "--out", str(out), "--no-report"]) == 0
+    assert "2 of 2 runs already done" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert [r["final_accuracy"] for r in read_csv(out / "results.csv")] == [
+        r["final_accuracy"] for r in rows]
 
 
 @pytest.mark.slow
