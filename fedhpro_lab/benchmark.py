@@ -270,12 +270,13 @@ def run_suite(suite: Suite, out: Path, timeout: float | None = None,
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = read_rows(csv_path)
-    for run in runs:  # finished when its group was cut off: its results.json holds every round
-        results_path = run.out_dir / "results.json"
-        if (not is_done(rows.get(run.key, {}), run.rounds)
-                and len(rounds_in(results_path)) == run.rounds):
-            rows[run.key] = {**summarize(run, json.loads(results_path.read_text()),
-                                         float("nan")), "peak_rss_mb": float("nan")}
+    recovered = [run for run in runs if not is_done(rows.get(run.key, {}), run.rounds)
+                 and len(rounds_in(run.out_dir / "results.json")) == run.rounds]
+    for run in recovered:  # finished, but its group was cut off before its row was written
+        results = json.loads((run.out_dir / "results.json").read_text())
+        rows[run.key] = {**summarize(run, results, float("nan")), "peak_rss_mb": float("nan")}
+    if recovered:
+        write_rows(csv_path, rows)
     finished = [r for r in runs if is_done(rows.get(r.key, {}), r.rounds)]
     pending = [r for r in runs if r not in finished]
     if finished:
