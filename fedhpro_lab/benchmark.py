@@ -36,7 +36,7 @@ from fedhpro_flwr.config import ConfigError, parse_overrides
 from fedhpro_flwr.methods import load_experiment
 from fedhpro_lab import proctree
 from fedhpro_lab.simulation import APP_DIR
-from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant
+from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant, run_path
 
 COLUMNS = ("suite", "setting", "strategy", "seed", "status", "reason", "final_accuracy",
            "best_accuracy", "mean_last5_accuracy", "rounds", "run_seconds", "wall_seconds",
@@ -90,7 +90,7 @@ def plan(suite: Suite, out: Path, only: tuple[str, ...] = ()) -> list[Run]:
         for seed in suite.seeds:
             for variant in variants:
                 runs.append(Run(suite, setting, variant, seed,
-                                out / "runs" / setting.name / variant.name / f"seed{seed}",
+                                run_path(out, setting.name, variant.name, seed),
                                 rounds, cfg.partition.num_partitions))
     return runs
 

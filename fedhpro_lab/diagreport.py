@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhpro_lab import stats
+from fedhpro_lab.suites import run_path
 
 # (results.json key, column title, how a run's rows become one number)
 COLUMNS = (
@@ -30,10 +31,6 @@ PLOTTED = (("consistency_mean", "consistency with client prototypes"),
            ("anchor_cosine_mean", "mean cosine between class anchors"),
            ("anchor_movement", "anchor movement (relative)"),
            ("hp_movement", "hyper-prototype movement (relative)"))
-
-
-def run_path(out: Path, setting: str, strategy: str, seed: str | int) -> Path:
-    return out / "runs" / setting / strategy / f"seed{seed}"
 
 
 def series(out: Path, setting: str, rows: list[dict[str, str]],

@@ -17,6 +17,7 @@ from typing import Any
 
 from fedhpro_lab import stats
 from fedhpro_lab.report import machine
+from fedhpro_lab.suites import run_path
 from fedhpro_lab.tuning import PUBLISHED, read_chosen, trials
 
 METHOD = "fedhpro"
@@ -26,10 +27,15 @@ CONVERGED_POINTS = 0.5  # largest change of the 5-round mean over the last 10 ro
 VERDICT = {"win": "W", "tie": "T", "loss": "L"}
 
 
-def curves(out: Path, setting: str, variant: str, seeds: list[int]) -> list[list[dict]]:
-    """Each seed's rounds, from its results.json."""
-    return [json.loads((out / "runs" / setting / variant / f"seed{s}" / "results.json")
-                       .read_text())["rounds"] for s in seeds]
+def load_runs(out: Path, setting: str, variant: str, seeds: list[int]) -> list[dict[str, Any]]:
+    """Each seed's results.json."""
+    return [json.loads((run_path(out, setting, variant, s) / "results.json").read_text())
+            for s in seeds]
+
+
+def mean_curve(runs: list[list[dict[str, Any]]]) -> list[float]:
+    """Accuracy per round, averaged over the runs (seeds)."""
+    return [stats.mean([run[i]["accuracy"] for run in runs]) for i in range(len(runs[0]))]
 
 
 def to_target(rounds: list[dict[str, Any]], target: float) -> tuple[int, float] | None:
@@ -78,9 +84,11 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
              "|---|---|---|---|---|---|---|---|---|"]
     tuned = [m for m in methods if m in last5]
     variants = tuned + [f"{m}-published" for m in methods if f"{m}-published" in last5]
+    loaded = {v: load_runs(out, setting, v, seeds[v]) for v in variants}
+    curves = {v: [run["rounds"] for run in loaded[v]] for v in variants}
     for variant in variants:
         own = seeds[variant]
-        runs = curves(out, setting, variant, own)
+        runs = curves[variant]
         reached = [r for r in (to_target(c, target) for c in runs) if r is not None]
         rounds_cell = (f"{stats.mean([r for r, _ in reached]):.1f} ({len(reached)}/"
                        f"{len(own)})" if reached else f"— (0/{len(own)})")
@@ -98,22 +106,22 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
         lines.append(f"| {name} | {len(own)} | {_interval(list(last5[variant].values()))} | "
                      f"{best:.3f} | {rounds_cell} | {mb_cell} | {client:.2f} | {diff_cell} | "
                      f"{verdict} |")
-    lines += ["", *convergence(out, setting, {m: seeds[m] for m in tuned}),
-              *collapses(out, setting, {v: seeds[v] for v in variants}, by_variant),
+    lines += ["", *convergence({m: curves[m] for m in tuned}),
+              *collapses({v: seeds[v] for v in variants}, by_variant,
+                         loaded[variants[0]][0]["num_classes"]),
               f"![{setting}](plots/{setting}-seeds.png)", ""]
-    plot_seeds(out, setting, {m: seeds[m] for m in tuned})
+    plot_seeds(out, setting, {m: curves[m] for m in tuned})
     return lines
 
 
-def convergence(out: Path, setting: str, seeds: dict[str, list[int]]) -> list[str]:
+def convergence(curves: dict[str, list[list[dict[str, Any]]]]) -> list[str]:
     """The 5-round mean's change over the last 10 rounds of each tuned method's mean curve;
     the setting counts as converged when FedAvg's moved less than `CONVERGED_POINTS`."""
     changes = {}
-    for method, own in seeds.items():
-        runs = curves(out, setting, method, own)
-        mean_curve = [stats.mean([c[i]["accuracy"] for c in runs]) for i in range(len(runs[0]))]
-        if len(mean_curve) >= 15:
-            changes[method] = 100 * moving_change(mean_curve)
+    for method, runs in curves.items():
+        curve = mean_curve(runs)
+        if len(curve) >= 15:
+            changes[method] = 100 * moving_change(curve)
     if BASELINE not in changes:
         return ["Convergence: too few rounds to check.", ""]
     holds = abs(changes[BASELINE]) < CONVERGED_POINTS
@@ -123,14 +131,11 @@ def convergence(out: Path, setting: str, seeds: dict[str, list[int]]) -> list[st
             f"under {CONVERGED_POINTS}); the others: {cells}.", ""]
 
 
-def collapses(out: Path, setting: str, seeds: dict[str, list[int]],
-              by_variant: dict[str, dict[int, dict[str, str]]]) -> list[str]:
+def collapses(seeds: dict[str, list[int]], by_variant: dict[str, dict[int, dict[str, str]]],
+              num_classes: int) -> list[str]:
     """Runs that ended near chance (under twice 1 / classes): named with their seed, not
     averaged away."""
-    variant, own = next(iter(seeds.items()))
-    first = json.loads((out / "runs" / setting / variant / f"seed{own[0]}" /
-                        "results.json").read_text())
-    floor = 2 / first["num_classes"]
+    floor = 2 / num_classes
     found = [f"{variant} seed {seed} ({value:.3f})" for variant, own in seeds.items()
              for seed in own
              if (value := float(by_variant[variant][seed]["mean_last5_accuracy"])) < floor]
@@ -140,21 +145,19 @@ def collapses(out: Path, setting: str, seeds: dict[str, list[int]],
             f"{', '.join(found)}; their curves are in the plot.", ""]
 
 
-def plot_seeds(out: Path, setting: str, seeds: dict[str, list[int]]) -> None:
+def plot_seeds(out: Path, setting: str, curves: dict[str, list[list[dict[str, Any]]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (method, own) in enumerate(seeds.items()):
+    for i, (method, runs) in enumerate(curves.items()):
         colour = f"C{i}"
-        runs = curves(out, setting, method, own)
         for run in runs:
             ax.plot([r["round"] for r in run], [r["accuracy"] for r in run], color=colour,
                     alpha=0.25, linewidth=0.8)
-        mean_curve = [stats.mean([c[k]["accuracy"] for c in runs]) for k in range(len(runs[0]))]
-        ax.plot([r["round"] for r in runs[0]], mean_curve, color=colour, linewidth=2,
+        ax.plot([r["round"] for r in runs[0]], mean_curve(runs), color=colour, linewidth=2,
                 label=method)
     ax.set(xlabel="round", ylabel="test accuracy", title=f"{setting}: every seed (thin), mean")
     ax.legend(fontsize=8, ncol=2)

@@ -9,12 +9,18 @@ hyper-prototype seeds, whatever the variant: all of them come from the experimen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedhpro_flwr.methods import METHODS
 
 ALL_STRATEGIES = tuple(METHODS)  # every registered method, in the registry's order
 # the methods that run with personal models (heterogeneous backbones)
 PERSONAL = tuple(name for name, m in METHODS.items() if m.personal_weights is not None)
+
+
+def run_path(out: Path, setting: str, variant: str, seed: str | int) -> Path:
+    """Where a suite run under `out` writes its results.json and checkpoint."""
+    return out / "runs" / setting / variant / f"seed{seed}"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from fedhpro_lab.suites import Setting, Suite, Variant
+from fedhpro_lab.suites import Setting, Suite, Variant, run_path
 
 LEARNING_RATES = (0.01, 0.05)
 MOMENTA = (0.0, 0.9)
@@ -128,8 +128,7 @@ class Tuning:
                      overrides=self.overrides)
 
     def results(self, trial: Trial) -> Path:
-        return (self.out / "runs" / self.setting.name / trial.name / f"seed{self.seed}" /
-                "results.json")
+        return run_path(self.out, self.setting.name, trial.name, self.seed) / "results.json"
 
     def run(self, run_suite: Any, timeout: float | None = None) -> dict[str, Any]:
         """Every rung in turn (finished trials are not re-run); returns the record of scores
