@@ -21,6 +21,9 @@ import yaml
 Scalar = bool | int | float | str
 T = TypeVar("T")
 STRATEGY_KEY = "strategy"  # names the method in the ConfigRecord sent to clients
+# names the experiment (one call of the ServerApp's run) in the same ConfigRecord: several
+# experiments can share one Flower run, and with it the nodes' context state
+EXPERIMENT_ID_KEY = "experiment-id"
 DATASETS = ("mnist-subset", "uci-digits", "digits-offline", "mnist", "fashion-mnist", "usps",
             "svhn", "syn", "digits", "cifar10", "cifar100", "office-caltech", "tiny-imagenet",
             "sun397", "agnews", "glyphs-100", "glyphs-400")  # sources.py's; plus "hf:<name>"

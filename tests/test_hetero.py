@@ -4,11 +4,12 @@ The in-process tests drive the real ClientApp handler with messages built as the
 build them (see test_method_round); the last test runs Flower's simulation engine.
 """
 
+import json
 
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from simulate import NUM_CLIENTS, simulate
+from simulate import CONFIG, NUM_CLIENTS, simulate
 from test_method_round import training_message
 
 from fedhpro_flwr.app.client import handle_train
@@ -19,6 +20,7 @@ from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.payload import tensors_to_record
 from fedhpro_flwr.methods.prototype import LOCAL_RECORD
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
+from fedhpro_lab.simulation import simulate as run_experiment
 
 pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
@@ -48,9 +50,10 @@ def server_side(name, cfg=CFG):
                                                   model.feature_dim)
 
 
-def train(name, strategy, shared, pid, context, cfg=CFG, server_round=1):
+def train(name, strategy, shared, pid, context, cfg=CFG, server_round=1,
+          experiment="test-experiment"):
     message = training_message(name, strategy, tensors_to_record(shared), 100 + pid, cfg,
-                               server_round)
+                               server_round, experiment)
     return handle_train(message, context)
 
 
@@ -136,6 +139,30 @@ def test_a_clients_model_persists_between_rounds():
     changed = [k for k, v in fresh.state_dict().items()
                if k.startswith("extractor") and not torch.equal(v, after_one[k])]
     assert changed  # round 1 trained the extractor away from its initialisation
+
+
+def test_a_node_starts_afresh_for_another_experiment():
+    shared, strategy = server_side("fedproto")
+    context = contexts()[1]
+    first = train("fedproto", strategy, shared, 1, context, experiment="a")
+    again = train("fedproto", strategy, shared, 1, context, server_round=2, experiment="a")
+    other = train("fedproto", strategy, shared, 1, context, server_round=2, experiment="b")
+    restored = [m.content.metric_records["metrics"]["local_model_restored"]
+                for m in (first, again, other)]
+    assert restored == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.slow
+def test_experiments_sharing_a_federation_do_not_share_personal_models(tmp_path):
+    # the benchmark runs a setting's strategies one after another on one simulated federation
+    overrides = (f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=1 "
+                 f"federation.min_train_nodes={NUM_CLIENTS} model.backbones={BACKBONES}")
+    run_experiment([{"strategy": "fedproto", "config": CONFIG, "num-server-rounds": 1,
+                     "out-dir": str(tmp_path / name), "resume": False,
+                     "overrides": overrides} for name in ("first", "second")], NUM_CLIENTS)
+    for name in ("first", "second"):
+        (row,) = json.loads((tmp_path / name / "results.json").read_text())["rounds"]
+        assert row["client_models_restored"] == 0, name
 
 
 @pytest.mark.slow

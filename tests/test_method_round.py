@@ -14,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.app.client import handle_train
 from fedhpro_flwr.app.sharing import sharing_for
-from fedhpro_flwr.config import STRATEGY_KEY, ExperimentConfig
+from fedhpro_flwr.config import EXPERIMENT_ID_KEY, STRATEGY_KEY, ExperimentConfig
 from fedhpro_flwr.data.federated import dataset_spec, held_out, held_out_data, validation_data
 from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.fedprox import MU_KEY
@@ -36,10 +36,11 @@ pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def training_message(name, strategy, arrays: ArrayRecord, node_id: int,
-                     cfg: ExperimentConfig = CFG, server_round: int = 1) -> Message:
+                     cfg: ExperimentConfig = CFG, server_round: int = 1,
+                     experiment: str = "test-experiment") -> Message:
     """What `ExperimentStrategy.configure_train` sends a node (Flower adds the round)."""
     config = ConfigRecord({STRATEGY_KEY: name, "server-round": server_round,
-                           **dataset_spec(cfg).to_config()})
+                           EXPERIMENT_ID_KEY: experiment, **dataset_spec(cfg).to_config()})
     if name == "fedprox":
         config[MU_KEY] = strategy.proximal_mu  # what Flower's FedProx.configure_train adds
     content = RecordDict({"arrays": arrays, "config": config,

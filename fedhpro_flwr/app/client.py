@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedhpro_flwr.app.sharing import client_seed, sharing_for
-from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, ExperimentConfig
+from fedhpro_flwr.app.sharing import claim_node_state, client_seed, sharing_for
+from fedhpro_flwr.config import EXPERIMENT_ID_KEY, STRATEGY_KEY, ConfigError, ExperimentConfig
 from fedhpro_flwr.data.federated import DataSpec, TensorData, cached_client_data, local_data
 from fedhpro_flwr.methods import ClientTask, get_method
 from fedhpro_flwr.methods.payload import EXPERIMENT_RECORD, required_record, tensors_to_record
@@ -77,6 +77,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(cfg.train.num_threads)
 
     mode = sharing_for(cfg, method)
+    claim_node_state(context.state, str(config[EXPERIMENT_ID_KEY]))
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, server_round, partition_id))
     local = mode.client_model(spec, node_data(node_config, cfg, spec, partition_id),
                               required_record(msg.content, "arrays"), partition_id, node_config,

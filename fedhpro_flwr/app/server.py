@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import uuid
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
@@ -30,7 +31,13 @@ from fedhpro_flwr.app.checkpoint import (
 )
 from fedhpro_flwr.app.results import RunResults
 from fedhpro_flwr.app.sharing import sharing_for
-from fedhpro_flwr.config import STRATEGY_KEY, ConfigError, RunSettings, resolve_run_config
+from fedhpro_flwr.config import (
+    EXPERIMENT_ID_KEY,
+    STRATEGY_KEY,
+    ConfigError,
+    RunSettings,
+    resolve_run_config,
+)
 from fedhpro_flwr.data.federated import TensorData, dataset_spec, held_out
 from fedhpro_flwr.methods import SECTIONS, get_method
 from fedhpro_flwr.methods.payload import check_state_dict, tensors_to_record
@@ -142,6 +149,7 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
                 num_rounds=remaining,
                 timeout=cfg.federation.round_timeout,
                 train_config=ConfigRecord({STRATEGY_KEY: settings.strategy,
+                                           EXPERIMENT_ID_KEY: uuid.uuid4().hex,
                                            **spec.to_config()}),
                 evaluate_fn=end_of_round,
             )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedhpro_flwr.algorithms.models import Backbone, build_model
 from fedhpro_flwr.algorithms.training import evaluate
@@ -32,6 +32,7 @@ from fedhpro_flwr.methods.payload import check_state_dict, tensors_to_record
 from fedhpro_flwr.methods.strategy import ExperimentStrategy, RoundReport
 
 LOCAL_MODEL = "local-model"  # a client's whole personal model, in its context.state
+STATE_OWNER = "state-owner"  # which experiment the rest of a node's context.state belongs to
 
 
 @dataclass
@@ -220,6 +221,22 @@ class PersonalModels(Sharing):
                                  "the client's saved model")
         model.load_state_dict(saved)
         return model, True
+
+
+def claim_node_state(state: RecordDict, experiment_id: str) -> None:
+    """Empty a node's context state left by another experiment, and mark it as this one's.
+
+    Flower keeps a node's context state per Flower run, and one run may hold several
+    experiments in turn (the benchmark runs a setting's strategies one after another on one
+    simulated federation): without this, an experiment's clients would start from the
+    personal models another experiment trained.
+    """
+    owner = state.config_records.get(STATE_OWNER)
+    if owner is not None and owner.get("experiment") == experiment_id:
+        return
+    for key in list(state.keys()):
+        del state[key]
+    state[STATE_OWNER] = ConfigRecord({"experiment": experiment_id})
 
 
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
