@@ -52,9 +52,10 @@ def analyse(run: Path) -> dict[str, float]:
 
     generator = torch.Generator().manual_seed(0)
     batch_real = cfg.section(FedHProConfig).batch_real
-    stats, means = zip(*(extract_class_statistics(model, client_data(cfg, k), batch_real, 1,
-                                                  generator, torch.device("cpu"))
-                         for k in range(cfg.partition.num_partitions)), strict=True)
+    stats = [extract_class_statistics(model, client_data(cfg, k), batch_real, 1, generator,
+                                      torch.device("cpu"))
+             for k in range(cfg.partition.num_partitions)]
+    means = [s.feature_means for s in stats]
     held = torch.stack([s.present for s in stats])
     target, holders = masked_class_mean(torch.stack([s.feature_grads for s in stats]), held)
     class_means, _ = masked_class_mean(torch.stack(list(means)), held)

@@ -6,11 +6,13 @@
 For each number of classes C, builds the FedHPro Strategy for a d = 128 model, feeds it the
 replies of `--clients` clients that each hold every class (random per-class statistics of the
 real shapes, sent through the real encoder and decoder), and times `server_step` with one
-thread: as configured (classifier recalibration + hyper-prototype matching, the default steps)
-and with `fedhpro.recalibration=false` (matching only; clients then send no classifier
-gradients). Also prints the bytes one client uploads per round: the model weights (a CNN whose
-classifier has C outputs) and the per-class gradients, in float32 and with
-`fedhpro.float16_upload`, with and without the classifier gradients.
+thread: as configured (classifier recalibration from the clients' classifier gradients +
+hyper-prototype matching, the default steps), with `fedhpro.recal_source=moments`
+(recalibration from the clients' class feature moments), the same with
+`fedhpro.recal_solver=gaussian` (the classifier in closed form) and with
+`fedhpro.recalibration=false` (matching only). Also prints the bytes one client uploads per
+round: the model weights (a CNN whose classifier has C outputs) and the class statistics of
+each variant, and the default's in float16 (`fedhpro.float16_upload`).
 Run it on an otherwise idle machine. With --csv the rows are also written there, where
 `fedhpro_lab.report` picks them up (next to results.csv).
 """
@@ -22,22 +24,34 @@ import csv
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from flwr.app import ArrayRecord, RecordDict
 
 from fedhpro_flwr.algorithms.extraction import ClassStatistics
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.data.federated import DataSpec
 from fedhpro_flwr.methods import get_method, parse_experiment
-from fedhpro_flwr.methods.payload import (
-    decode_class_statistics,
-    encode_class_statistics,
-    record_nbytes,
-    tensors_to_record,
+from fedhpro_flwr.methods.fedhpro import (
+    FedHProConfig,
+    sends_classifier_grads,
+    sends_feature_grads,
+    sends_moments,
 )
+from fedhpro_flwr.methods.payload import encode_class_statistics, record_nbytes, tensors_to_record
+from fedhpro_flwr.methods.recalibrating import STATS_RECORD
 from fedhpro_flwr.methods.strategy import ClientReply
 
 D = 128
+
+
+VARIANTS = {  # fedhpro keys of each measured variant
+    "gradients": {},
+    "moments": {"recal_source": "moments"},
+    "moments_gaussian": {"recal_source": "moments", "recal_solver": "gaussian"},
+    "no_recal": {"recalibration": False},
+}
 
 
 def random_statistics(num_classes: int, generator: torch.Generator) -> ClassStatistics:
@@ -45,23 +59,29 @@ def random_statistics(num_classes: int, generator: torch.Generator) -> ClassStat
     return ClassStatistics(torch.ones(c, dtype=torch.bool), torch.full((c,), 50),
                            torch.randn(c, D, generator=generator) * 0.01,
                            torch.randn(c, c, D, generator=generator) * 0.01,
-                           torch.randn(c, c, generator=generator) * 0.01)
+                           torch.randn(c, c, generator=generator) * 0.01,
+                           torch.rand(c, D, generator=generator),
+                           torch.rand(c, generator=generator))
+
+
+def upload(stats: ClassStatistics, hp_cfg: FedHProConfig,
+           dtype: torch.dtype = torch.float32) -> ArrayRecord:
+    """What a FedHPro client with these settings sends of `stats`."""
+    return encode_class_statistics(stats, dtype, classifier=sends_classifier_grads(hp_cfg),
+                                   feature_grads=sends_feature_grads(hp_cfg),
+                                   moments=sends_moments(hp_cfg))
 
 
 def server_seconds(weights: dict[str, torch.Tensor], num_classes: int, clients: int,
-                   repeats: int, recalibration: bool) -> float:
+                   repeats: int, fedhpro: dict[str, Any]) -> float:
     """Median time of the second server step (the first also initialises the features)."""
-    cfg = parse_experiment({"model": {"feature_dim": D},
-                                      "fedhpro": {"recalibration": recalibration}})
+    cfg = parse_experiment({"model": {"feature_dim": D}, "fedhpro": fedhpro})
     generator = torch.Generator().manual_seed(0)
+    receiver = get_method("fedhpro").make_strategy(cfg, weights, num_classes, D)
     replies = []
     for i in range(clients):
-        record = encode_class_statistics(random_statistics(num_classes, generator),
-                                         classifier=recalibration,
-                                         feature_grads=not recalibration)
-        stats = decode_class_statistics(
-            record, num_classes, D, classifier=recalibration,
-            measured_at=weights["classifier.weight"] if recalibration else None)
+        record = upload(random_statistics(num_classes, generator), cfg.section(FedHProConfig))
+        stats = receiver.decode_extra(RecordDict({STATS_RECORD: record}))
         replies.append(ClientReply(i, i, 100, weights, {"margin": 0.0}, stats))
     seconds = []
     for _ in range(repeats):
@@ -78,16 +98,15 @@ def measure(num_classes: int, clients: int, repeats: int) -> dict[str, float]:
     model = build_model(cfg.model, DataSpec((1, 28, 28), tuple(map(str, range(num_classes)))))
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     stats = random_statistics(num_classes, torch.Generator().manual_seed(1))
-    return {
-        "server_seconds": server_seconds(weights, num_classes, clients, repeats, True),
-        "server_seconds_no_recal": server_seconds(weights, num_classes, clients, repeats, False),
-        "weights_bytes": record_nbytes(tensors_to_record(weights)),
-        "gradients_bytes": record_nbytes(encode_class_statistics(stats, feature_grads=False)),
-        "gradients_bytes_fp16": record_nbytes(encode_class_statistics(stats, torch.float16,
-                                                                      feature_grads=False)),
-        "feature_gradients_bytes": record_nbytes(encode_class_statistics(stats,
-                                                                         classifier=False)),
-    }
+    row: dict[str, float] = {"weights_bytes": record_nbytes(tensors_to_record(weights))}
+    for name, fedhpro in VARIANTS.items():
+        hp_cfg = parse_experiment({"fedhpro": fedhpro}).section(FedHProConfig)
+        row[f"server_seconds_{name}"] = server_seconds(weights, num_classes, clients, repeats,
+                                                       fedhpro)
+        row[f"upload_bytes_{name}"] = record_nbytes(upload(stats, hp_cfg))
+    default = parse_experiment({}).section(FedHProConfig)
+    row["upload_bytes_gradients_fp16"] = record_nbytes(upload(stats, default, torch.float16))
+    return row
 
 
 def main() -> None:
@@ -99,17 +118,18 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     torch.set_num_threads(1)
-    print("| classes | server step (s) | without recalibration (s) | weights MB "
-          "| gradients MB | upload / FedAvg's | float16 gradients | without recalibration |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| classes | server step (s): gradients | moments | moments, gaussian "
+          "| no recalibration | weights MB | upload / FedAvg's: gradients | float16 | moments "
+          "| no recalibration |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in args.classes:
         m = measure(c, args.clients, args.repeats)
         rows.append({"classes": c, **m})
-        w, g = m["weights_bytes"], m["gradients_bytes"]
-        h, f = m["gradients_bytes_fp16"], m["feature_gradients_bytes"]
-        print(f"| {c} | {m['server_seconds']:.3f} | {m['server_seconds_no_recal']:.3f} "
-              f"| {w / 1e6:.3f} | {g / 1e6:.3f} | {(w + g) / w:.3f}x | {(w + h) / w:.3f}x "
-              f"| {(w + f) / w:.3f}x |", flush=True)
+        w = m["weights_bytes"]
+        ratios = " | ".join(f"{(w + m[f'upload_bytes_{k}']) / w:.3f}x"
+                            for k in ("gradients", "gradients_fp16", "moments", "no_recal"))
+        steps = " | ".join(f"{m[f'server_seconds_{k}']:.3f}" for k in VARIANTS)
+        print(f"| {c} | {steps} | {w / 1e6:.3f} | {ratios} |", flush=True)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -208,10 +208,7 @@ def scale_goals(ok: list[dict[str, str]], scaling: list[dict[str, str]]) -> list
     if len(scaling) >= 2:
         first, last = scaling[0], scaling[-1]
         classes = float(last["classes"]) / float(first["classes"])
-        for key, how in (("server_seconds", ""),
-                         ("server_seconds_no_recal", " (fedhpro.recalibration=false)")):
-            if not last.get(key):
-                continue
+        for key, how in SCALING_VARIANTS:
             grows = _float(last, key) / _float(first, key)
             lines.append(f"| FedHPro's server step{how} grows no worse than linearly in the "
                          f"classes ({first['classes']} -> {last['classes']}) | {grows:.1f}x the "
@@ -280,22 +277,26 @@ def goals(ok: list[dict[str, str]]) -> list[str]:
     return lines
 
 
+# server_scaling.csv's variants: column suffix, how the report names it
+SCALING_VARIANTS = (("server_seconds_gradients", " (recalibration from classifier gradients)"),
+                    ("server_seconds_moments", " (fedhpro.recal_source=moments)"),
+                    ("server_seconds_moments_gaussian", " (fedhpro.recal_source=moments "
+                     "recal_solver=gaussian)"),
+                    ("server_seconds_no_recal", " (fedhpro.recalibration=false)"))
+
+
 def scaling_table(scaling: list[dict[str, str]]) -> list[str]:
-    """Server step and upload per number of classes (older CSVs lack the recalibration-off
-    columns: shown as -)."""
-    lines = ["| classes | server step (s) | without recalibration (s) "
-             "| client upload MB (weights + gradients) | upload / FedAvg's "
-             "| with float16 gradients | without recalibration |", "|" + "---|" * 7]
+    """Server step and a client's upload per number of classes, for each recalibration."""
+    lines = ["| classes | server step (s): classifier gradients | class moments "
+             "| class moments, gaussian head | no recalibration | upload / FedAvg's: "
+             "classifier gradients | their float16 | class moments | no recalibration |",
+             "|" + "---|" * 9]
     for r in scaling:
-        weights, grads = _float(r, "weights_bytes"), _float(r, "gradients_bytes")
-        half = _float(r, "gradients_bytes_fp16")
-        no_recal = upload_no_recal = "-"
-        if r.get("server_seconds_no_recal"):
-            no_recal = f"{_float(r, 'server_seconds_no_recal'):.3f}"
-            upload_no_recal = f"{(weights + _float(r, 'feature_gradients_bytes')) / weights:.3f}x"
-        lines.append(f"| {r['classes']} | {_float(r, 'server_seconds'):.3f} | {no_recal} "
-                     f"| {(weights + grads) / 1e6:.3f} | {(weights + grads) / weights:.3f}x "
-                     f"| {(weights + half) / weights:.3f}x | {upload_no_recal} |")
+        weights = _float(r, "weights_bytes")
+        steps = " | ".join(f"{_float(r, key):.3f}" for key, _ in SCALING_VARIANTS)
+        uploads = " | ".join(f"{(weights + _float(r, f'upload_bytes_{k}')) / weights:.3f}x"
+                             for k in ("gradients", "gradients_fp16", "moments", "no_recal"))
+        lines.append(f"| {r['classes']} | {steps} | {uploads} |")
     return lines
 
 

@@ -83,6 +83,19 @@ ABLATIONS = (
     Variant("fedhpro-orthogonal-init", "fedhpro", "fedhpro.init=orthogonal"),
 )
 
+# FedHPro's classifier recalibrations (issue #19): the paper's, from the clients' C x C x d
+# classifier gradients; the re-centred fix; from per-class feature moments (C x d + C), with
+# the classifier trained as the paper's or written down in closed form; none
+RECALIBRATIONS = (
+    Variant("fedhpro", "fedhpro"),
+    Variant("fedhpro-recal-fix", "fedhpro",
+            "fedhpro.recal_after_training=true fedhpro.recal_recentre=true"),
+    Variant("fedhpro-moments", "fedhpro", "fedhpro.recal_source=moments"),
+    Variant("fedhpro-moments-gaussian", "fedhpro",
+            "fedhpro.recal_source=moments fedhpro.recal_solver=gaussian"),
+    Variant("fedhpro-no-recalibration", "fedhpro", "fedhpro.recalibration=false"),
+)
+
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite(
         "smoke", "two strategies, one seed, two rounds on 3 clients of the MNIST subset (CI)",
@@ -100,6 +113,13 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         "ablation", "FedHPro with one part switched off at a time, on the default suite's "
         "settings, 3 seeds; about 2.5 hours on 2 CPU cores",
         DEFAULT_SETTINGS, ABLATIONS, (0, 1, 2), rounds=10, overrides="train.local_epochs=2",
+    ),
+    Suite(
+        "recalibration", "FedHPro's classifier recalibrations against each other under a long "
+        "tail, on the MNIST subset and on 100 generated glyph classes, 5 seeds; about 2 hours "
+        "on 2 CPU cores",
+        (DEFAULT_SETTINGS[3], Setting("glyphs100-lt", "conf/glyphs100-lt.yaml")),
+        RECALIBRATIONS, (0, 1, 2, 3, 4), rounds=20, overrides="train.local_epochs=2",
     ),
     Suite(
         "diagnostics", "FedHPro's anchors and the prototype methods' global prototypes, measured "

@@ -78,11 +78,22 @@ def test_extraction_masks_absent_classes():
     data = next(d for d in (client_data(cfg, i) for i in range(10))
                 if (d.class_counts() == 0).any())
     model = build_model(cfg.model, dataset_spec(cfg))
-    stats, means = extract_class_statistics(model, data, 20, 2, torch.Generator().manual_seed(0),
-                                            torch.device("cpu"))
+    stats = extract_class_statistics(model, data, 20, 2, torch.Generator().manual_seed(0),
+                                     torch.device("cpu"))
     absent = data.class_counts() == 0
     assert torch.equal(stats.present, ~absent)
-    assert stats.feature_grads[absent].abs().sum() == 0 and means[absent].abs().sum() == 0
+    for rows in (stats.feature_grads, stats.feature_means, stats.feature_vars):
+        assert rows[absent].abs().sum() == 0
+    # with room for every sample, the moments are those of all of the client's features
+    whole = extract_class_statistics(model, data, 10_000, 1, torch.Generator().manual_seed(0),
+                                     torch.device("cpu"))
+    with torch.no_grad():
+        z = model.features(data.x)
+    for c in torch.nonzero(~absent).flatten().tolist():
+        zc = z[data.y == c]
+        assert torch.allclose(whole.feature_means[c], zc.mean(dim=0), atol=1e-5)
+        assert whole.feature_vars[c].item() == pytest.approx(
+            zc.var(dim=0, correction=0).mean().item(), rel=1e-4, abs=1e-7)
     assert stats.feature_grads[~absent].abs().sum(1).min() > 0
 
 

@@ -122,6 +122,23 @@ def test_fedhpro_uploads_only_what_its_server_cannot_rebuild():
                         - s.get("feature_grads", 0) for s in sizes)
 
 
+def test_fedhpro_with_moments_uploads_class_moments_and_recalibrates_on_them():
+    cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {"recal_source": "moments"}})
+    model = build_model(cfg.model, dataset_spec(cfg))
+    strategy = get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10,
+                                                   model.feature_dim)
+    replies = client_replies("fedhpro", strategy, model, cfg)
+    assert sorted(replies[0].content.array_records[STATS_RECORD].keys()) == [
+        "classes", "counts", "feature_grads", "feature_means", "feature_vars"]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    assert strategy.aggregated_head is not None
+    recalibrated = arrays.to_torch_state_dict()["classifier.weight"]
+    assert not torch.equal(recalibrated, strategy.aggregated_head["weight"])
+    assert strategy.federated.seen.all()  # every class is held by some client here
+    assert "recal_match_loss_before" not in strategy.report.row()
+
+
 def first_round_accuracies(**fedhpro) -> tuple[float, float]:
     """Round 1 of FedHPro with recalibration: accuracy of the FedAvg'd classifier and of the
     recalibrated one that replaces it."""

@@ -30,7 +30,10 @@ def stats():
     generator = torch.Generator().manual_seed(1)
     features = torch.randn(C, 5, D, generator=generator) * mask[..., None]
     grads = class_gradients(features, WEIGHT, torch.randn(C, generator=generator), mask)
-    return ClassStatistics(present, counts, grads.feature, grads.weight, grads.bias)
+    means = features.sum(dim=1) / counts.clamp(min=1)[:, None]
+    variances = torch.rand(C, generator=generator) * present
+    return ClassStatistics(present, counts, grads.feature, grads.weight, grads.bias, means,
+                           variances)
 
 
 def encoded(**replace):
@@ -96,6 +99,25 @@ def test_without_classifier_gradients_only_feature_gradients_travel():
         decode_class_statistics(record, C, D)  # a server that expects them refuses it
     with pytest.raises(PayloadError, match="unexpected arrays"):
         decode_class_statistics(encode_class_statistics(original), C, D, classifier=False)
+
+
+def test_moments_travel_in_place_of_the_classifier_gradients():
+    original = stats()
+    record = encode_class_statistics(original, classifier=False, moments=True)
+    assert sorted(record.keys()) == ["classes", "counts", "feature_grads", "feature_means",
+                                     "feature_vars"]
+    assert record["feature_means"].numpy().shape == (3, D)
+    assert record["feature_vars"].numpy().shape == (3,)
+    decoded = decode_class_statistics(record, C, D, classifier=False, moments=True)
+    for name in ("feature_grads", "feature_means", "feature_vars"):
+        assert torch.equal(getattr(decoded, name), getattr(original, name)), name
+    with pytest.raises(PayloadError, match="unexpected arrays"):
+        decode_class_statistics(record, C, D, classifier=False)
+    arrays = {k: record[k].numpy() for k in record}
+    arrays["feature_vars"] = np.array([0.5, -0.1, 0.2], np.float32)
+    with pytest.raises(PayloadError, match="variance is negative"):
+        decode_class_statistics(ArrayRecord({k: Array(v) for k, v in arrays.items()}), C, D,
+                                classifier=False, moments=True)
 
 
 def test_model_weights_stay_float32_only():

@@ -8,7 +8,10 @@ from fedhpro_flwr.algorithms.recalibration import (
     FederatedFeatures,
     RecalibrationSettings,
     class_means_from_gradients,
+    classifier_on,
     feature_matching,
+    fresh_linear,
+    pooled_moments,
     recalibrate,
     recentred,
     train_linear,
@@ -201,3 +204,84 @@ def test_full_batch_solver_recalibrates_like_minibatch_sgd():
     assert accuracy(full.weight, full.bias, x_test, y_test) == pytest.approx(
         accuracy(sgd.weight, sgd.bias, x_test, y_test), abs=0.01)
     assert (full.weight - sgd.weight).norm() < 0.05 * sgd.weight.norm()
+
+
+def moment_statistics(samples: dict[int, torch.Tensor], num_classes: int) -> ClassStatistics:
+    """What a client holding `samples` (class -> (n, d) features) uploads with moments."""
+    dim = next(iter(samples.values())).shape[1]
+    present = torch.zeros(num_classes, dtype=torch.bool)
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    means, variances = torch.zeros(num_classes, dim), torch.zeros(num_classes)
+    for c, z in samples.items():
+        present[c], counts[c] = True, len(z)
+        means[c] = z.mean(dim=0)
+        variances[c] = z.var(dim=0, correction=0).mean()
+    zeros = torch.zeros(num_classes, dim)
+    return ClassStatistics(present, counts, zeros, None, None, means, variances)
+
+
+def test_pooled_moments_are_the_moments_of_all_clients_samples_together():
+    g = torch.Generator().manual_seed(3)
+    a = {0: torch.randn(7, 5, generator=g) + 2, 1: torch.randn(3, 5, generator=g)}
+    b = {0: torch.randn(20, 5, generator=g) * 3, 2: torch.randn(4, 5, generator=g) - 1}
+    means, variances, present = pooled_moments([moment_statistics(a, 4),
+                                                moment_statistics(b, 4)])
+    assert present.tolist() == [True, True, True, False]
+    for c in range(3):
+        union = torch.cat([s[c] for s in (a, b) if c in s])
+        assert torch.allclose(means[c], union.mean(dim=0), atol=1e-5)
+        assert variances[c].item() == pytest.approx(union.var(dim=0, correction=0).mean().item(),
+                                                    rel=1e-5)
+    assert variances[3] == 0 and (means[3] == 0).all()
+
+
+def test_moment_features_are_drawn_around_the_pooled_means():
+    g = torch.Generator().manual_seed(4)
+    federated = FederatedFeatures(3, 2000, 6, g)
+    untouched = federated.features[2].clone()
+    centre = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0, 1.0])
+    stats = moment_statistics({0: centre + 0.5 * torch.randn(500, 6, generator=g),
+                               1: -centre + torch.zeros(40, 6)}, 3)
+    settings = RecalibrationSettings(match_steps=0, feature_lr=0.1, epochs=5, lr=0.1,
+                                     batch_size=200, source="moments")
+    result = federated.recalibrate(torch.zeros(3, 6), torch.zeros(3), [stats], settings, g)
+    assert result.diagnostics() == {}  # drawn, not matched
+    assert torch.equal(federated.features[2], untouched)  # nobody holds class 2
+    assert federated.seen.tolist() == [True, True, False]
+    assert torch.equal(federated.features[1], (-centre).expand(2000, 6))  # no spread: the mean
+    drawn = federated.features[0]
+    assert torch.allclose(drawn.mean(dim=0), stats.feature_means[0], atol=0.05)  # 4.5 sd
+    assert drawn.var(dim=0).mean().item() == pytest.approx(stats.feature_vars[0].item(), rel=0.1)
+    # the new classifier tells the two classes apart, with no training sample of either
+    z = torch.stack([centre, -centre])
+    assert ((z @ result.weight.T + result.bias).argmax(dim=1) == torch.tensor([0, 1])).all()
+
+
+def test_moment_recalibration_needs_moments():
+    settings = RecalibrationSettings(match_steps=0, feature_lr=0.1, epochs=1, lr=0.1,
+                                     batch_size=10, source="moments")
+    bare = ClassStatistics(torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.long),
+                           torch.zeros(2, 3), None, None)
+    with pytest.raises(ValueError, match="moments"):
+        FederatedFeatures(2, 4, 3, torch.Generator()).recalibrate(
+            torch.zeros(2, 3), torch.zeros(2), [bare], settings, torch.Generator())
+
+
+def test_gaussian_head_is_the_nearest_class_mean_rule():
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(4, 30, 6, generator=g) + torch.randn(4, 1, 6, generator=g) * 3
+    classes = torch.tensor([True, True, True, False])
+    before = torch.Generator()
+    before.set_state(g.get_state())
+    weight, bias = classifier_on(features, classes, "gaussian", 0, 0.0, 1, g)
+    means = features.mean(dim=1)
+    z = torch.randn(200, 6, generator=g) * 3
+    logits = (z @ weight.T + bias)[:, :3]
+    nearest = torch.cdist(z, means[:3]).argmin(dim=1)
+    assert torch.equal(logits.argmax(dim=1), nearest)
+    # the logit gaps are the squared-distance gaps over twice the pooled variance
+    variance = features[:3].var(dim=1, correction=0).mean()
+    gaps = -(torch.cdist(z, means[:3]) ** 2) / (2 * variance)
+    assert torch.allclose(logits - logits[:, :1], gaps - gaps[:, :1], atol=1e-3)
+    fresh_weight, fresh_bias = fresh_linear(4, 6, before)  # the unseen class: a fresh row
+    assert torch.equal(weight[3], fresh_weight[3]) and bias[3] == fresh_bias[3]

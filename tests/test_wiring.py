@@ -73,8 +73,9 @@ def hand_built_fedhpro_step(cfg, hp: torch.Tensor) -> tuple[dict[str, torch.Tens
     model = initial_model(cfg)
     generator = torch.Generator().manual_seed(SEED)
     # extraction comes first and draws from the client's generator; its class means seed m_k
-    stats, means = extract_class_statistics(copy.deepcopy(model), data, hp_cfg.batch_real,
-                                            hp_cfg.repeat_num, generator, torch.device("cpu"))
+    stats = extract_class_statistics(copy.deepcopy(model), data, hp_cfg.batch_real,
+                                     hp_cfg.repeat_num, generator, torch.device("cpu"))
+    means = stats.feature_means
     order = torch.randperm(len(data), generator=generator)
     x, y = data.x[order], data.y[order]
     model.train()

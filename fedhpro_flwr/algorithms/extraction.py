@@ -2,8 +2,8 @@
 
 Before local training, with the model in eval mode, each client takes up to `per_class`
 samples of every class it holds, computes their features, and averages the CE gradients
-w.r.t. the features and the classifier (``gradmatch.class_gradients``). Classes it lacks
-are reported as absent, never as zeros.
+w.r.t. the features and the classifier (``gradmatch.class_gradients``), and the features'
+mean and spread. Classes it lacks are reported as absent, never as zeros.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ class ClassStatistics:
     feature_grads: torch.Tensor  # (C, d)
     weight_grads: torch.Tensor | None  # (C, C, d); None when not uploaded
     bias_grads: torch.Tensor | None  # (C, C)
+    feature_means: torch.Tensor | None = None  # (C, d)
+    # (C,): mean squared distance of a class's features to their mean, per dimension
+    feature_vars: torch.Tensor | None = None
 
 
 def sample_per_class(
@@ -60,12 +63,11 @@ def extract_class_statistics(
     device: torch.device,
     head: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk: int = 512,
-) -> tuple[ClassStatistics, torch.Tensor]:
-    """Per-class mean CE gradients at the model as received, and the (C, d) mean features.
+) -> ClassStatistics:
+    """Per-class mean CE gradients at the model as received, and the features' moments.
 
     `head` (weight, bias) replaces the model's classifier in the loss when given (CReFF
-    measures at its re-trained classifier). The mean features stay on the client (they seed
-    the running means of FedHPro's margin).
+    measures at its re-trained classifier).
     """
     model.eval()
     num_classes = data.num_classes
@@ -86,9 +88,12 @@ def extract_class_statistics(
         grid[mask.to(device)] = z
         mask_d = mask.to(device)
         grads = class_gradients(grid, weight, bias, mask_d)
-        means = grid.sum(dim=1) / mask_d.sum(dim=1).clamp(min=1)[:, None]
-        parts = [grads.feature, grads.weight, grads.bias, means]
+        taken = mask_d.sum(dim=1).clamp(min=1)
+        means = grid.sum(dim=1) / taken[:, None]
+        squares = ((grid - means[:, None]) ** 2 * mask_d[..., None]).sum(dim=(1, 2))
+        variances = squares / (taken * grid.shape[2])
+        parts = [grads.feature, grads.weight, grads.bias, means, variances]
         sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
     assert sums is not None
-    feature, weight_g, bias_g, means = (s.cpu() / repeats for s in sums)
-    return ClassStatistics(present, counts, feature, weight_g, bias_g), means
+    feature, weight_g, bias_g, means, variances = (s.cpu() / repeats for s in sums)
+    return ClassStatistics(present, counts, feature, weight_g, bias_g, means, variances)

@@ -4,6 +4,11 @@ The server keeps M learnable "federated features" per class. Each round it moves
 that the classifier gradients they induce match the clients' mean classifier gradients, then
 trains a fresh linear layer on them. The features are balanced across classes by
 construction, which is what corrects a classifier biased by skewed client data.
+
+The clients' classifier gradients are C x C x d each, and matching against them costs C^2
+per step. The `moments` source replaces both by each class's feature mean and spread (C x d
+and C per client): the server draws the features from the pooled Gaussian of each class and
+trains the same fresh linear layer on them, without matching.
 """
 
 from __future__ import annotations
@@ -27,9 +32,13 @@ from fedhpro_flwr.algorithms.gradmatch import (
     prepared_target,
 )
 
-# how the new classifier is trained on the federated features: the reference recipe's
-# minibatch SGD, or the same schedule as one full-batch step per epoch
-Solver = Literal["sgd", "full-batch"]
+# how the new classifier is made from the federated features: trained by the reference
+# recipe's minibatch SGD, or by the same schedule as one full-batch step per epoch, or written
+# down in closed form (`gaussian_head`, cost linear in the classes)
+Solver = Literal["sgd", "full-batch", "gaussian"]
+# what the federated features are made from: matched to the clients' classifier gradients,
+# or drawn from the clients' per-class feature moments
+Source = Literal["gradients", "moments"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +48,14 @@ class RecalibrationResult:
     features: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor
-    match_loss_before: float
-    match_loss_after: float
+    match_loss_before: float | None  # None: drawn, not matched
+    match_loss_after: float | None
+
+    def diagnostics(self) -> dict[str, float]:
+        if self.match_loss_before is None or self.match_loss_after is None:
+            return {}
+        return {"recal_match_loss_before": self.match_loss_before,
+                "recal_match_loss_after": self.match_loss_after}
 
 
 def matching_objective(
@@ -197,7 +212,8 @@ def recalibrate(
         present: (C,) bool, classes with a target this round.
         train_classes: (C,) bool, classes whose features train the new classifier
             (default: `present`).
-        solver: `train_linear` ("sgd") or `train_linear_full_batch` ("full-batch").
+        solver: `train_linear` ("sgd"), `train_linear_full_batch` ("full-batch") or
+            `gaussian_head` ("gaussian").
     """
     weight, bias = weight.detach(), bias.detach()
     matched, before, after = descend(
@@ -206,14 +222,68 @@ def recalibrate(
     )
 
     classes = present if train_classes is None else train_classes
-    num_classes, per_class, _ = matched.shape
+    new_weight, new_bias = classifier_on(matched, classes, solver, epochs, lr, batch_size,
+                                         generator)
+    return RecalibrationResult(matched, new_weight, new_bias, before, after)
+
+
+def gaussian_head(features: torch.Tensor, classes: torch.Tensor, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Bayes classifier of the (C, M, d) features' classes, each modelled as a Gaussian
+    around its mean with one shared isotropic variance, all classes equally likely.
+
+    Its logits ``(mu_c . z - |mu_c|^2 / 2) / v`` rank classes as the distance from z to their
+    means does (nearest class mean). Rows of classes outside `classes` are those of a fresh
+    layer, as the trained solvers leave them. O(C M d): no training, no class-by-class
+    products.
+    """
+    weight, bias = fresh_linear(features.shape[0], features.shape[2], generator, features.dtype)
+    means = features[classes].mean(dim=1)
+    variance = features[classes].var(dim=1, correction=0).mean().clamp(min=1e-12)
+    weight[classes] = means / variance
+    bias[classes] = -(means * means).sum(dim=1) / (2 * variance)
+    return weight, bias
+
+
+def classifier_on(features: torch.Tensor, classes: torch.Tensor, solver: Solver, epochs: int,
+                  lr: float, batch_size: int, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh linear layer made from the (C, M, d) features of the `classes` (C,) bool."""
+    if solver == "gaussian":
+        return gaussian_head(features, classes, generator)
+    num_classes, per_class, _ = features.shape
     labels = torch.arange(num_classes).repeat_interleave(per_class).view(num_classes, per_class)
     train = train_linear if solver == "sgd" else train_linear_full_batch
-    new_weight, new_bias = train(
-        matched[classes].flatten(0, 1), labels[classes].flatten(), num_classes,
-        epochs, lr, batch_size, generator,
-    )
-    return RecalibrationResult(matched, new_weight, new_bias, before, after)
+    return train(features[classes].flatten(0, 1), labels[classes].flatten(), num_classes,
+                 epochs, lr, batch_size, generator)
+
+
+def pooled_moments(stats: list[ClassStatistics]) -> tuple[torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+    """Each class's feature mean and variance over all clients holding it: (C, d), (C,)
+    and which classes any client holds (C,).
+
+    Means are weighted by the clients' class counts; the variance adds the spread of the
+    clients' means around the pooled one to their own spreads (the law of total variance),
+    per dimension."""
+    if any(s.feature_means is None or s.feature_vars is None for s in stats):
+        raise ValueError("moment recalibration needs the feature moments of every reply")
+    counts = torch.stack([s.counts * s.present for s in stats]).to(torch.float32)  # (K, C)
+    means = torch.stack([s.feature_means for s in stats])  # (K, C, d)
+    variances = torch.stack([s.feature_vars for s in stats])  # (K, C)
+    totals = counts.sum(dim=0)
+    weights = counts / totals.clamp(min=1)
+    pooled = (weights[..., None] * means).sum(dim=0)
+    between = ((means - pooled) ** 2).mean(dim=2)
+    return pooled, (weights * (variances + between)).sum(dim=0), totals > 0
+
+
+def drawn_features(features: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
+                   classes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`features` with the M rows of each class in `classes` drawn anew from N(mean, var I)."""
+    noise = torch.randn(features.shape, generator=generator)
+    drawn = means[:, None, :] + variances.sqrt()[:, None, None] * noise
+    return torch.where(classes[:, None, None], drawn, features)
 
 
 # Re-centre a class only while the classifier gives its samples less than this probability on
@@ -264,6 +334,7 @@ class RecalibrationSettings:
     distance: Distance = "cosine"
     recentre: bool = False  # put each class's features at its mean feature first
     solver: Solver = "sgd"
+    source: Source = "gradients"
 
 
 class FederatedFeatures:
@@ -285,7 +356,10 @@ class FederatedFeatures:
         settings: RecalibrationSettings,
         generator: torch.Generator,
     ) -> RecalibrationResult:
-        """Match against `weight`, `bias` (held fixed); the features keep the result."""
+        """Match against `weight`, `bias` (held fixed), or draw from the moments (see
+        `RecalibrationSettings.source`); the features keep the result."""
+        if settings.source == "moments":
+            return self.from_moments(stats, settings, generator)
         if any(s.weight_grads is None or s.bias_grads is None for s in stats):
             raise ValueError("recalibration needs the classifier gradients of every reply")
         held = torch.stack([s.present for s in stats])
@@ -310,6 +384,17 @@ class FederatedFeatures:
         )
         self.features = result.features
         return result
+
+    def from_moments(self, stats: list[ClassStatistics], settings: RecalibrationSettings,
+                      generator: torch.Generator) -> RecalibrationResult:
+        """Features drawn from this round's pooled class moments (classes absent this round
+        keep theirs), and a fresh classifier trained on every class seen so far."""
+        means, variances, present = pooled_moments(stats)
+        self.features = drawn_features(self.features, means, variances, present, generator)
+        self.seen |= present
+        weight, bias = classifier_on(self.features, self.seen, settings.solver, settings.epochs,
+                                     settings.lr, settings.batch_size, generator)
+        return RecalibrationResult(self.features, weight, bias, None, None)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"features": self.features, "seen": self.seen}

@@ -55,9 +55,9 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     head = record_to_tensors(required_record(task.content, HEAD_RECORD),
                              {"weight": ((c, d), "float"), "bias": ((c,), "float")},
                              "re-trained classifier")
-    stats, _ = extract_class_statistics(model, task.data, creff.batch_real, creff.repeat_num,
-                                        task.generator, task.device,
-                                        head=(head["weight"], head["bias"]))
+    stats = extract_class_statistics(model, task.data, creff.batch_real, creff.repeat_num,
+                                     task.generator, task.device,
+                                     head=(head["weight"], head["bias"]))
     metrics = train_epochs(model, task.data, task.cfg.train, task.generator, task.device)
     return {STATS_RECORD: encode_class_statistics(stats, feature_grads=False)}, metrics
 
@@ -80,8 +80,7 @@ class CReFFStrategy(RecalibratingStrategy):
                     replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         result = self.recalibrate(replies)
         self.head = {"weight": result.weight, "bias": result.bias}
-        return weights, {"recal_match_loss_before": result.match_loss_before,
-                         "recal_match_loss_after": result.match_loss_after}
+        return weights, result.diagnostics()
 
     def evaluate_model(self, model: Backbone, data: TensorData,
                        device: torch.device) -> dict[str, float]:

@@ -24,7 +24,7 @@ from fedhpro_flwr.algorithms.hyperproto import (
 from fedhpro_flwr.algorithms.losses import RunningClassMeans, hpal, hpcl
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.prototypes import local_prototypes
-from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings, Solver
+from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings, Solver, Source
 from fedhpro_flwr.algorithms.training import evaluate, train_epochs
 from fedhpro_flwr.config import ExperimentConfig, setting
 from fedhpro_flwr.data.federated import TensorData
@@ -77,6 +77,10 @@ class FedHProConfig:
     # move each class's federated features so that their mean is the class's mean feature,
     # read off the clients' classifier gradients (row c of dCE/dW over dCE/db_c)
     recal_recentre: bool = setting(False)
+    # what the federated features come from: "gradients", matched to the clients' C x C x d
+    # classifier gradients (the paper's), or "moments", drawn from the clients' per-class
+    # feature means and spreads (C x d + C per client; no matching; cost linear in C)
+    recal_source: Source = setting("gradients")
 
 
 def decode_hyperprototypes(record: ArrayRecord, num_classes: int, feature_dim: int,
@@ -86,11 +90,19 @@ def decode_hyperprototypes(record: ArrayRecord, num_classes: int, feature_dim: i
     return record_to_tensors(record, {"hp": (shape, "float")}, "hyper-prototypes")["hp"]
 
 
+def sends_classifier_grads(hp_cfg: FedHProConfig) -> bool:
+    return hp_cfg.recalibration and hp_cfg.recal_source == "gradients"
+
+
+def sends_moments(hp_cfg: FedHProConfig) -> bool:
+    return hp_cfg.recalibration and hp_cfg.recal_source == "moments"
+
+
 def sends_feature_grads(hp_cfg: FedHProConfig) -> bool:
     """Whether the feature gradients travel: not when the server can rebuild them from bias
-    gradients measured at the same model, i.e. with recalibration on and measured before
+    gradients measured at the same model, i.e. with classifier gradients measured before
     training (see `payload.encode_class_statistics`)."""
-    return not hp_cfg.recalibration or hp_cfg.recal_after_training
+    return not sends_classifier_grads(hp_cfg) or hp_cfg.recal_after_training
 
 
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
@@ -99,13 +111,14 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     model, data = task.model, task.data
     hp = decode_hyperprototypes(required_record(task.content, HP_RECORD), data.num_classes,
                                 model.feature_dim, hp_cfg.num_hyperprototypes).to(task.device)
-    stats, feature_means = extract_class_statistics(
+    stats = extract_class_statistics(
         model, data, hp_cfg.batch_real, hp_cfg.repeat_num, task.generator, task.device
     )
     class_anchors, class_centers = anchors(hp), centers(hp)
     head = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
-    running = RunningClassMeans(feature_means.to(task.device), stats.present.to(task.device),
-                                hp_cfg.margin_momentum)
+    assert stats.feature_means is not None
+    running = RunningClassMeans(stats.feature_means.to(task.device),
+                                stats.present.to(task.device), hp_cfg.margin_momentum)
     margin_sum = torch.zeros((), device=task.device)  # read once, after training
     batches = 0
 
@@ -125,17 +138,19 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     metrics["margin"] = margin_sum.item() / batches if batches else 0.0
     if hp_cfg.recalibration and hp_cfg.recal_after_training:
         # the trained extractor's features, seen through the classifier the server matches at
-        after, _ = extract_class_statistics(model, data, hp_cfg.batch_real, hp_cfg.repeat_num,
-                                            task.generator, task.device, head=head)
-        stats = replace(stats, weight_grads=after.weight_grads, bias_grads=after.bias_grads)
+        after = extract_class_statistics(model, data, hp_cfg.batch_real, hp_cfg.repeat_num,
+                                         task.generator, task.device, head=head)
+        stats = replace(stats, weight_grads=after.weight_grads, bias_grads=after.bias_grads,
+                        feature_means=after.feature_means, feature_vars=after.feature_vars)
     if task.cfg.diagnostics.consistency:
         protos, counts = local_prototypes(model, data, task.device)
         metrics |= consistency_metric(protos, counts > 0, class_anchors,
                                       torch.ones(data.num_classes, dtype=torch.bool))
     dtype = torch.float16 if hp_cfg.float16_upload else torch.float32
     # the classifier gradients serve only the server's recalibration
-    record = encode_class_statistics(stats, dtype, classifier=hp_cfg.recalibration,
-                                     feature_grads=sends_feature_grads(hp_cfg))
+    record = encode_class_statistics(stats, dtype, classifier=sends_classifier_grads(hp_cfg),
+                                     feature_grads=sends_feature_grads(hp_cfg),
+                                     moments=sends_moments(hp_cfg))
     return {STATS_RECORD: record}, metrics
 
 
@@ -155,10 +170,12 @@ class FedHProStrategy(RecalibratingStrategy):
             hp_cfg.recal_lr, hp_cfg.recal_batch_size,
             "cosine" if hp_cfg.distance == "scalar" else hp_cfg.distance,
             recentre=hp_cfg.recal_recentre, solver=hp_cfg.recal_solver,
+            source=hp_cfg.recal_source,
         )
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
-                         settings, generator, classifier_gradients=hp_cfg.recalibration,
-                         feature_gradients=sends_feature_grads(hp_cfg))
+                         settings, generator, classifier_gradients=sends_classifier_grads(hp_cfg),
+                         feature_gradients=sends_feature_grads(hp_cfg),
+                         moments=sends_moments(hp_cfg))
         self.hyperprototypes = hyperprototypes
         self.aggregated_head: dict[str, torch.Tensor] | None = None  # what recalibration replaced
 
@@ -184,8 +201,7 @@ class FedHProStrategy(RecalibratingStrategy):
             result = self.recalibrate(replies)
             self.aggregated_head = {"weight": weights[w_key], "bias": weights[b_key]}
             weights = {**weights, w_key: result.weight, b_key: result.bias}
-            diagnostics |= {"recal_match_loss_before": result.match_loss_before,
-                            "recal_match_loss_after": result.match_loss_after}
+            diagnostics |= result.diagnostics()
 
         match = match_hyperprototypes(
             self.hyperprototypes, weights[w_key], weights[b_key], feature_target, present,

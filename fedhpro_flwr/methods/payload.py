@@ -172,16 +172,19 @@ def with_own_class(grads: torch.Tensor) -> torch.Tensor:
 
 
 def encode_class_statistics(stats: ClassStatistics, dtype: torch.dtype = torch.float32,
-                            classifier: bool = True, feature_grads: bool = True) -> ArrayRecord:
+                            classifier: bool = True, feature_grads: bool = True,
+                            moments: bool = False) -> ArrayRecord:
     """Only the classes the client holds, and nothing the server can recompute.
 
     The classifier gradients (C x C x d per client, the bulk at many classes) travel only when
     `classifier`, without each class's own row (`without_own_class`). The feature gradients
     travel only when `feature_grads`: for a linear head, dCE/dz = W^T dCE/db, so a server that
     knows the classifier weight W the client measured at rebuilds them from the bias
-    gradients (`decode_class_statistics`'s `measured_at`)."""
-    if not (classifier or feature_grads):
-        raise ValueError("class statistics need the classifier or the feature gradients")
+    gradients (`decode_class_statistics`'s `measured_at`). The features' class means and
+    spreads (C x d and C) travel when `moments`."""
+    if not (classifier or feature_grads or moments):
+        raise ValueError("class statistics need the classifier or the feature gradients, or "
+                         "the moments")
     rows: dict[str, torch.Tensor] = {}
     if feature_grads:
         rows["feature_grads"] = stats.feature_grads
@@ -189,12 +192,16 @@ def encode_class_statistics(stats: ClassStatistics, dtype: torch.dtype = torch.f
         assert stats.weight_grads is not None and stats.bias_grads is not None
         rows["weight_grads"] = without_own_class(stats.weight_grads)
         rows["bias_grads"] = without_own_class(stats.bias_grads)
+    if moments:
+        assert stats.feature_means is not None and stats.feature_vars is not None
+        rows["feature_means"] = stats.feature_means
+        rows["feature_vars"] = stats.feature_vars
     return encode_class_rows(stats.present, rows, stats.counts, dtype)
 
 
 def decode_class_statistics(
     record: ArrayRecord, num_classes: int, feature_dim: int, what: str = "class statistics",
-    classifier: bool = True, measured_at: torch.Tensor | None = None,
+    classifier: bool = True, measured_at: torch.Tensor | None = None, moments: bool = False,
 ) -> ClassStatistics:
     """Inverse of `encode_class_statistics`, with absent classes back as zero rows.
 
@@ -208,9 +215,13 @@ def decode_class_statistics(
         raise ValueError("feature gradients can only be rebuilt from the classifier gradients")
     if classifier:
         shapes |= {"weight_grads": (c - 1, d), "bias_grads": (c - 1,)}
+    if moments:
+        shapes |= {"feature_means": (d,), "feature_vars": ()}
     decoded = decode_class_rows(record, c, shapes, what, with_counts=True)
     assert decoded.counts is not None
     rows = decoded.rows
+    if moments and bool((rows["feature_vars"] < 0).any()):
+        raise PayloadError(f"{what}: a class's feature variance is negative")
     weight_grads = with_own_class(rows["weight_grads"]) if classifier else None
     bias_grads = with_own_class(rows["bias_grads"]) if classifier else None
     if measured_at is None:
@@ -218,4 +229,5 @@ def decode_class_statistics(
     else:
         assert bias_grads is not None
         feature = bias_grads @ measured_at
-    return ClassStatistics(decoded.present, decoded.counts, feature, weight_grads, bias_grads)
+    return ClassStatistics(decoded.present, decoded.counts, feature, weight_grads, bias_grads,
+                           rows.get("feature_means"), rows.get("feature_vars"))

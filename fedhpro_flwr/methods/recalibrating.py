@@ -31,11 +31,13 @@ class RecalibratingStrategy(ExperimentStrategy):
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int, features_per_class: int,
                  settings: RecalibrationSettings, generator: torch.Generator,
-                 classifier_gradients: bool = True, feature_gradients: bool = False):
+                 classifier_gradients: bool = True, feature_gradients: bool = False,
+                 moments: bool = False):
         super().__init__(cfg, reference_state)
         # what replies carry; feature gradients that do not travel are rebuilt at `head`
         self.classifier_gradients = classifier_gradients
         self.feature_gradients = feature_gradients
+        self.moments = moments
         self.num_classes, self.feature_dim = num_classes, feature_dim
         self.settings = settings
         self.rng = generator
@@ -49,10 +51,12 @@ class RecalibratingStrategy(ExperimentStrategy):
         return decode_class_statistics(
             required_record(content, STATS_RECORD, "reply"), self.num_classes, self.feature_dim,
             classifier=self.classifier_gradients,
-            measured_at=None if self.feature_gradients else self.head["weight"])
+            measured_at=None if self.feature_gradients else self.head["weight"],
+            moments=self.moments)
 
     def recalibrate(self, replies: list[ClientReply]) -> RecalibrationResult:
-        """Match the features at `head` to the replies' gradients; re-train a classifier."""
+        """Match the features at `head` to the replies' gradients (or draw them from the
+        replies' moments); re-train a classifier."""
         return self.federated.recalibrate(self.head["weight"], self.head["bias"],
                                           [r.extra for r in replies], self.settings,
                                           self.rng)
