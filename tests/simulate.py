@@ -11,7 +11,7 @@ from fedhpro_lab.simulation import simulate as run_experiment
 NUM_CLIENTS = 3
 CONFIG = "conf/mnist-dir0.5.yaml"  # small and quick
 OVERRIDES = f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=2"
-# two of the three clients a round (int(3 * 0.67) = 2): Flower samples them with `random`
+# two of the three clients a round (int(3 * 0.67) = 2), drawn from the seed and the round
 PARTIAL = f"{OVERRIDES} federation.fraction_train=0.67"
 
 
@@ -47,11 +47,8 @@ def assert_same_tensors(a: dict, b: dict, where: str = "") -> None:
 def assert_same_run(out_a: Path, out_b: Path) -> None:
     """Two runs ended in the same state, bit for bit: weights, the strategy's state (e.g.
     hyper-prototypes, its generators), torch's global RNG and every results row but its clock
-    readings. No tolerance: a resumed run must replay the uninterrupted one.
-
-    Python's global `random` state is not compared: Flower draws from it beyond sampling
-    clients, so it differs between two identical runs (measured); with every client sampled
-    nothing of the run depends on it."""
+    readings (so also which partitions trained). No tolerance: a resumed run must replay the
+    uninterrupted one."""
     a, b = checkpoint(out_a), checkpoint(out_b)
     assert a["round"] == b["round"]
     assert_same_tensors(a["weights"], b["weights"], "weights.")

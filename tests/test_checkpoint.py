@@ -1,3 +1,5 @@
+import random
+
 import pytest
 import torch
 
@@ -45,6 +47,20 @@ def test_missing_and_corrupt_checkpoints_are_refused(tmp_path):
     path = tmp_path / CHECKPOINT_NAME
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_checkpoint(tmp_path, "fedhpro", "abc")
+
+
+def test_a_checkpoint_of_format_1_resumes_without_its_python_random_state(tmp_path):
+    """Format 1 also held `random.getstate()`, from when Flower sampled nodes with it."""
+    original = saved(tmp_path)
+    path = tmp_path / CHECKPOINT_NAME
+    raw = torch.load(path, weights_only=True)
+    raw |= {"format_version": 1, "python_rng": random.getstate()}
+    torch.save(raw, path)
+    loaded = load_checkpoint(tmp_path, "fedhpro", "abc")
+    assert loaded.round == 3 and torch.equal(loaded.torch_rng, original.torch_rng)
+    torch.save(raw | {"format_version": 9}, path)
+    with pytest.raises(CheckpointError, match="has format 9, expected one of 1, 2"):
         load_checkpoint(tmp_path, "fedhpro", "abc")
 
 

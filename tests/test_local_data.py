@@ -107,7 +107,7 @@ def test_a_node_with_its_own_digits_trains_in_a_fedhpro_round(tmp_path):
 
 
 def test_a_node_with_data_dir_still_needs_an_id(tmp_path):
-    cfg = ExperimentConfig()
+    num_partitions = ExperimentConfig().partition.num_partitions
     with pytest.raises(ConfigError, match="still needs an integer 'partition-id'"):
-        node_partition({"data-dir": str(tmp_path)}, cfg)
-    assert node_partition({"data-dir": str(tmp_path), "partition-id": 3}, cfg) == 3
+        node_partition({"data-dir": str(tmp_path)}, num_partitions)
+    assert node_partition({"data-dir": str(tmp_path), "partition-id": 3}, num_partitions) == 3

@@ -57,9 +57,7 @@ def test_resume_replays_the_uninterrupted_run_bit_for_bit(two_rounds, tmp_path):
     assert resumed["rounds"][:2] == first["rounds"]
     assert checkpoint(out)["round"] == 3
 
-    # every client every round: with fraction_train < 1 two runs of one seed sample different
-    # clients (simulated node ids are random; Flower samples positions in their unordered set;
-    # see test_strategies.py's partial-participation run)
+    # every client every round; with fraction_train < 1: test_sampling.py
     simulate(tmp_path / "straight", rounds=3)
     assert_same_run(out, tmp_path / "straight")
 

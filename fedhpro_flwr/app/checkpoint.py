@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# version 1 also held Python's `random` state (Flower sampled nodes with it); nothing reads it
+# now that the round's sample comes from the seed, and it is dropped on load
+READABLE_VERSIONS = (1, 2)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -27,7 +29,6 @@ class Checkpoint:
     round: int
     weights: dict[str, torch.Tensor]
     strategy_state: dict[str, Any]
-    python_rng: Any  # random.getstate(): Flower samples nodes with `random`
     torch_rng: torch.Tensor
     results: dict[str, Any]
 
@@ -35,10 +36,9 @@ class Checkpoint:
     def capture(strategy: str, fingerprint: str, round_: int, weights: dict[str, torch.Tensor],
                 strategy_state: dict[str, Any], results: dict[str, Any]) -> Checkpoint:
         return Checkpoint(strategy, fingerprint, round_, weights, strategy_state,
-                          random.getstate(), torch.get_rng_state(), results)
+                          torch.get_rng_state(), results)
 
     def restore_rng(self) -> None:
-        random.setstate(self.python_rng)
         torch.set_rng_state(self.torch_rng)
 
 
@@ -60,11 +60,17 @@ def load_checkpoint(out_dir: Path, strategy: str, fingerprint: str) -> Checkpoin
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         version = raw.pop("format_version")
-        checkpoint = Checkpoint(**raw)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {exc}") from exc
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {version}, expected {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"checkpoint {path} has format {version}, expected one of "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if version == 1:
+        raw.pop("python_rng", None)
+    try:
+        checkpoint = Checkpoint(**raw)
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {exc}") from exc
     if checkpoint.strategy != strategy:
         raise CheckpointError(f"checkpoint {path} is from strategy '{checkpoint.strategy}', "
                               f"this run is '{strategy}'")

@@ -1,4 +1,5 @@
-"""The ClientApp's work: decode a training message, run the method's trainer, build the reply."""
+"""The ClientApp's work: decode a training message, run the method's trainer, build the reply;
+and tell the server this node's partition id when it asks (to sample partitions)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from fedhpro_flwr.config import EXPERIMENT_ID_KEY, STRATEGY_KEY, ConfigError, Ex
 from fedhpro_flwr.data.federated import DataSpec, TensorData, cached_client_data, local_data
 from fedhpro_flwr.methods import ClientTask, get_method
 from fedhpro_flwr.methods.payload import EXPERIMENT_RECORD, required_record, tensors_to_record
+from fedhpro_flwr.methods.sampling import NUM_PARTITIONS_KEY, PARTITION_KEY, QUERY_RECORD
 
 
 def pick_device(node_config: dict[str, Any]) -> torch.device:
@@ -22,7 +24,7 @@ def pick_device(node_config: dict[str, Any]) -> torch.device:
     return torch.device(str(name))
 
 
-def node_partition(node_config: dict[str, Any], cfg: ExperimentConfig) -> int:
+def node_partition(node_config: dict[str, Any], num_partitions: int) -> int:
     """This node's partition id, checked against the experiment's number of partitions (a
     node with its own `data-dir` needs only the id: it names the client in seeds and logs)."""
     if "data-dir" in node_config:
@@ -36,19 +38,18 @@ def node_partition(node_config: dict[str, Any], cfg: ExperimentConfig) -> int:
         return partition_id
     try:
         partition_id = int(node_config["partition-id"])
-        num_partitions = int(node_config["num-partitions"])
+        federation = int(node_config["num-partitions"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(
             "node config needs integer 'partition-id' and 'num-partitions' "
             f"(got {dict(node_config)})"
         ) from exc
-    if num_partitions != cfg.partition.num_partitions:
+    if federation != num_partitions:
         raise ConfigError(
-            f"this federation has num-partitions={num_partitions} (one per SuperNode) but the "
-            f"experiment splits the data into partition.num_partitions="
-            f"{cfg.partition.num_partitions}; start {cfg.partition.num_partitions} SuperNodes "
-            f"(simulation: flwr run . --federation-config "
-            f"'num-supernodes={cfg.partition.num_partitions}') or change the experiment"
+            f"this federation has num-partitions={federation} (one per SuperNode) but the "
+            f"experiment splits the data into partition.num_partitions={num_partitions}; "
+            f"start {num_partitions} SuperNodes (simulation: flwr run . --federation-config "
+            f"'num-supernodes={num_partitions}') or change the experiment"
         )
     return partition_id
 
@@ -71,7 +72,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     spec = DataSpec.from_config(config)
     server_round = int(config["server-round"])
     node_config = dict(context.node_config)
-    partition_id = node_partition(node_config, cfg)
+    partition_id = node_partition(node_config, cfg.partition.num_partitions)
     device = pick_device(node_config)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -100,4 +101,13 @@ def handle_train(msg: Message, context: Context) -> Message:
         **own_metrics,
     })
     reply = RecordDict({"arrays": tensors_to_record(weights), "metrics": metrics, **extra})
+    return Message(content=reply, reply_to=msg)
+
+
+def handle_query(msg: Message, context: Context) -> Message:
+    """This node's partition id, for the server to sample partitions by the seed; checked
+    as a training round checks it, so a misconfigured node is named before it is sampled."""
+    query = msg.content.config_records[QUERY_RECORD]
+    partition_id = node_partition(dict(context.node_config), int(query[NUM_PARTITIONS_KEY]))
+    reply = RecordDict({QUERY_RECORD: ConfigRecord({PARTITION_KEY: partition_id})})
     return Message(content=reply, reply_to=msg)

@@ -8,7 +8,6 @@ report becomes a row of results.json and a checkpoint is written, all from
 from __future__ import annotations
 
 import json
-import random
 import time
 import uuid
 from collections.abc import Mapping
@@ -67,7 +66,6 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
     total_rounds = cfg.federation.rounds
     log(INFO, "fedhpro-flwr: strategy=%s config=%s rounds=%d seed=%d out-dir=%s",
         settings.strategy, settings.config_path, total_rounds, cfg.seed, settings.out_dir)
-    random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if cfg.federation.server_threads:
         # The server step is many small tensor ops: extra threads only add synchronisation,

@@ -1,18 +1,18 @@
-"""FedProx (Li et al., MLSys 2020) through Flower's built-in `FedProx` strategy.
+"""FedProx (Li et al., MLSys 2020), as Flower's built-in `FedProx` strategy sends it.
 
-Flower's FedProx puts ``proximal-mu`` in every training message's config; the client adds
-``mu / 2 * ||w - w_global||^2`` to its loss. Aggregation is FedAvg's.
+The server puts ``proximal-mu`` in every training message's config, under Flower's key; the
+client adds ``mu / 2 * ||w - w_global||^2`` to its loss. Aggregation is FedAvg's.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord
-from flwr.serverapp.strategy import FedProx
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
 
 from fedhpro_flwr.algorithms.losses import proximal_term
 from fedhpro_flwr.algorithms.training import train_epochs
@@ -21,7 +21,7 @@ from fedhpro_flwr.methods.base import ClientTask, Method
 from fedhpro_flwr.methods.payload import PayloadError
 from fedhpro_flwr.methods.strategy import ClientReply, ExperimentStrategy, mean_metric
 
-MU_KEY = "proximal-mu"  # where Flower's FedProx puts mu
+MU_KEY = "proximal-mu"  # where Flower's FedProx puts mu, and so this strategy
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     mu = task.content.config_records["config"].get(MU_KEY)
     if not isinstance(mu, int | float) or not math.isfinite(mu) or mu < 0:
         raise PayloadError(f"training config's '{MU_KEY}' must be a finite number >= 0 "
-                           f"(Flower's FedProx sends it), got {mu!r}")
+                           f"(the FedProx server sends it), got {mu!r}")
     params = list(task.model.parameters())
     global_params = [p.detach().clone() for p in params]
     terms: list[float] = []
@@ -52,11 +52,18 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     return {}, metrics
 
 
-class FedProxStrategy(ExperimentStrategy, FedProx):
-    """Flower's FedProx (it sends mu) under our validation and accounting."""
+class FedProxStrategy(ExperimentStrategy):
+    """FedAvg that sends mu, as Flower's `FedProx.configure_train` does (that one cannot
+    be chained: `ExperimentStrategy` samples the nodes itself)."""
 
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor]):
-        super().__init__(cfg, reference_state, proximal_mu=cfg.section(FedProxConfig).mu)
+        super().__init__(cfg, reference_state)
+        self.proximal_mu = cfg.section(FedProxConfig).mu
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        config[MU_KEY] = self.proximal_mu
+        return super().configure_train(server_round, arrays, config, grid)
 
     def server_step(self, server_round: int, weights: dict[str, torch.Tensor],
                     replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -1,4 +1,5 @@
-"""Encoding of the tensors that travel in Flower messages, and their validation.
+"""Encoding of the tensors that travel in Flower messages, their validation, and why a
+reply is unusable.
 
 Every decoder checks names, shapes, dtypes and finiteness and raises `PayloadError` with
 what is wrong, so a bad message is rejected before it can touch any global state.
@@ -6,12 +7,14 @@ what is wrong, so a bad message is rejected before it can touch any global state
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedhpro_flwr.algorithms.extraction import ClassStatistics
 
@@ -22,6 +25,30 @@ EXPERIMENT_RECORD = "experiment"
 
 class PayloadError(ValueError):
     """A message carries missing, malformed or non-finite arrays."""
+
+
+# the error codes of a reply whose node ran the ClientApp and saw it fail
+CLIENT_FAILURES = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.CLIENT_APP_CRASHED,
+                   ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
+
+
+def last_line(text: str, limit: int = 300) -> str:
+    """The last non-empty line of a client's error (the exception itself, not its traceback
+    through Flower and Ray), without terminal colour codes."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()]
+    line = next((line for line in reversed(lines) if line), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def error_reason(error: Error) -> str:
+    """Why an error reply leaves its node out, in one line: the SuperLink's verdict on a
+    node that stopped sending heartbeats (a dead or cut-off machine), the node's ClientApp
+    failing, or another of Flower's errors (named by its code)."""
+    if error.code == ErrorCode.NODE_UNAVAILABLE:
+        return "node unavailable: no heartbeat reached the SuperLink in time"
+    if error.code in CLIENT_FAILURES:
+        return f"client crashed: {last_line(error.reason)}"
+    return f"failed (Flower error code {error.code}): {last_line(error.reason)}"
 
 
 def required_record(content: RecordDict, name: str,

@@ -1,21 +1,22 @@
 """What every method's server Strategy shares, on top of Flower's FedAvg.
 
-FedAvg gives node sampling and the round loop (`Strategy.start`). This layer adds what
-FedAvg cannot do for methods with extra payloads: it validates every reply (weights, metrics
-and the method's own arrays) and rejects bad ones with the node id logged; it averages the
-weights; it hands the decoded replies to the method's `server_step`; it measures the round
-(payload bytes, client and server seconds); it evaluates the global model on the server; and
-it exposes state for checkpoints.
+FedAvg gives the round loop (`Strategy.start`). This layer samples the round's nodes by
+partition, reproducibly from the seed (`sampling`), and adds what FedAvg cannot do for methods
+with extra payloads: it validates every reply (weights, metrics and the method's own arrays)
+and rejects bad ones with the node id logged; it averages the weights; it hands the decoded
+replies to the method's `server_step`; it measures the round (payload bytes, client and
+server seconds); it evaluates the global model on the server; and it exposes state for
+checkpoints.
 
-Flower's own aggregation is not used for the weights: it sums every ArrayRecord of a reply
-(methods send more than the weights), turns integer buffers into floats and cannot reject
-one bad reply. Everything else (node sampling, messages, the round loop) is Flower's.
+Flower's own sampling is not used: it draws node ids, random per SuperNode start, with
+Python's global `random`. Nor is its aggregation for the weights: it sums every ArrayRecord
+of a reply (methods send more than the weights), turns integer buffers into floats and cannot
+reject one bad reply. Everything else (messages, the round loop) is Flower's.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -23,8 +24,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord
-from flwr.common.constant import ErrorCode
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -38,14 +38,18 @@ from fedhpro_flwr.methods.payload import (
     EXPERIMENT_RECORD,
     PayloadError,
     check_state_dict,
+    error_reason,
     record_nbytes,
     tensors_to_record,
 )
+from fedhpro_flwr.methods.sampling import (
+    PartitionDirectory,
+    sample_partitions,
+    sample_size,
+    wait_for_nodes,
+)
 
 REQUIRED_METRICS = ("num-examples", "partition-id", "client-seconds", "train_loss")
-# the error codes of a reply whose node ran the ClientApp and saw it fail
-CLIENT_FAILURES = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.CLIENT_APP_CRASHED,
-                   ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
 
 
 @dataclass(frozen=True)
@@ -165,25 +169,6 @@ def busy_seconds(spans: Iterable[tuple[float, float]], start: float, end: float)
     return total
 
 
-def last_line(text: str, limit: int = 300) -> str:
-    """The last non-empty line of a client's error (the exception itself, not its traceback
-    through Flower and Ray), without terminal colour codes."""
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines()]
-    line = next((line for line in reversed(lines) if line), "")
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def error_reason(error: Error) -> str:
-    """Why an error reply leaves its node out, in one line: the SuperLink's verdict on a
-    node that stopped sending heartbeats (a dead or cut-off machine), the node's ClientApp
-    failing, or another of Flower's errors (named by its code)."""
-    if error.code == ErrorCode.NODE_UNAVAILABLE:
-        return "node unavailable: no heartbeat reached the SuperLink in time"
-    if error.code in CLIENT_FAILURES:
-        return f"client crashed: {last_line(error.reason)}"
-    return f"failed (Flower error code {error.code}): {last_line(error.reason)}"
-
-
 def checked_state(
     state: Mapping[str, Any], current: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -202,21 +187,21 @@ class ExperimentStrategy(FedAvg):
     """FedAvg plus validated extra payloads, accounting and checkpointable state.
 
     Subclasses override `train_records`, `decode_extra`, `server_step`, `evaluate_model`,
-    `state_dict` and `load_state_dict`; with none overridden this is FedAvg. Keyword
-    arguments go to the Flower strategy next in line (e.g. FedProx's ``proximal_mu``).
+    `state_dict` and `load_state_dict`; with none overridden this is FedAvg (sampling by
+    partition).
     """
 
-    def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
-                 **flower_kwargs: Any):
+    def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor]):
         fed = cfg.federation
         super().__init__(
             fraction_train=fed.fraction_train,
             fraction_evaluate=0.0,  # the global model is evaluated on the server
             min_train_nodes=fed.min_train_nodes,
             min_available_nodes=fed.min_train_nodes,
-            **flower_kwargs,
         )
         self.cfg = cfg
+        # each node's partition id, learnt when a round samples fewer than all nodes
+        self.directory = PartitionDirectory(cfg.partition.num_partitions, fed.round_timeout)
         self.reference_state = {k: v.detach().cpu() for k, v in reference_state.items()}
         self.round_offset = 0  # rounds already done before this process (resume)
         self.report: RoundReport | None = None  # the last round's
@@ -267,6 +252,31 @@ class ExperimentStrategy(FedAvg):
         """The run's round number for Flower's count in this process (they differ on resume)."""
         return server_round + self.round_offset
 
+    def sample(self, round_: int, grid: Grid) -> list[int]:
+        """The node ids that train in `round_`, sorted by partition when sampled.
+
+        Flower's sample size (`sample_size`) and wait for nodes; when it covers every
+        connected node all train and no partition is asked, else the nodes' partitions are
+        drawn from (seed, round) by `sample_partitions`.
+        """
+        connected = len(list(grid.get_node_ids()))
+        size = sample_size(connected, self.fraction_train, self.min_train_nodes)
+        nodes = wait_for_nodes(grid, max(self.min_available_nodes, size))
+        if size >= len(nodes):
+            chosen = nodes
+        else:
+            partition_of = self.directory.partitions(grid, nodes, round_)
+            if len(partition_of) < size:
+                log(WARNING, "round %d: sampling %d nodes, not %d: only %d of %d connected "
+                    "nodes told their partition", round_, len(partition_of), size,
+                    len(partition_of), len(nodes))
+            node_of = {partition: node for node, partition in partition_of.items()}
+            partitions = sample_partitions(self.cfg.seed, round_, node_of, size)
+            chosen = [node_of[p] for p in partitions]
+            log(INFO, "round %d: sampled partitions %s", round_, partitions)
+        log(INFO, "configure_train: Sampled %s nodes (out of %s)", len(chosen), len(nodes))
+        return chosen
+
     # ---- Flower Strategy ----------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -274,7 +284,10 @@ class ExperimentStrategy(FedAvg):
         self._round_start = time.perf_counter()
         self._round_started = time.time()
         round_ = self.absolute_round(server_round)
-        messages = list(super().configure_train(round_, arrays, config, grid))
+        config["server-round"] = round_
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        messages = list(self._construct_messages(record, self.sample(round_, grid),
+                                                 MessageType.TRAIN))
         extra = self.train_records()
         for message in messages:
             message.content[EXPERIMENT_RECORD] = ConfigRecord(self.cfg.to_flat())

@@ -1,0 +1,125 @@
+"""Which nodes train in a round: partitions drawn from the experiment seed and the round alone.
+
+Flower's `FedAvg` samples node ids with Python's global `random`; node ids are random per
+SuperNode start (in simulation too) and Flower draws from `random` elsewhere, so two runs of
+one seed trained different clients. Here the server learns each node's partition id (a small
+query message, asked once per node id) and samples partition ids with a torch generator seeded
+from (experiment seed, round): a round's sample depends only on those and on which partitions
+are connected, so a resumed run needs no sampler state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedhpro_flwr.config import ConfigError
+from fedhpro_flwr.methods.payload import error_reason
+
+QUERY_RECORD = "partition-query"  # the query's ConfigRecord, and the reply's
+NUM_PARTITIONS_KEY = "num-partitions"  # asked: the experiment's partition.num_partitions
+PARTITION_KEY = "partition-id"  # answered: the node's partition id
+
+
+def sample_size(num_connected: int, fraction: float, min_nodes: int) -> int:
+    """Flower's rule: the fraction of the connected nodes, rounded down, at least `min_nodes`."""
+    return max(int(num_connected * fraction), min_nodes)
+
+
+def sampling_seed(seed: int, round_: int) -> int:
+    """The generator seed of one round's sample; a hash, so it never equals a client's seed."""
+    digest = hashlib.sha256(f"fedhpro-sampling/{seed}/{round_}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
+def sample_partitions(seed: int, round_: int, partitions: Iterable[int], size: int) -> list[int]:
+    """`size` of the partition ids (all if fewer), sorted: the first of a permutation of the
+    sorted ids drawn from (seed, round) alone."""
+    pool = sorted(set(partitions))
+    if size >= len(pool):
+        return pool
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(
+        sampling_seed(seed, round_)))
+    return sorted(pool[i] for i in order[:size].tolist())
+
+
+def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
+    """The connected node ids, sorted, once at least `minimum` are connected (as Flower's
+    `sample_nodes` waits)."""
+    while len(nodes := sorted(grid.get_node_ids())) < minimum:
+        log(INFO, "Waiting for nodes to connect: %d connected (minimum required: %d).",
+            len(nodes), minimum)
+        time.sleep(1)
+    return nodes
+
+
+def partition_of(reply: Message) -> int:
+    """The partition id a query reply names (ValueError if it names none)."""
+    if reply.has_error():
+        raise ValueError(error_reason(reply.error))
+    record = reply.content.config_records.get(QUERY_RECORD)
+    value = None if record is None else record.get(PARTITION_KEY)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"reply names no partition id >= 0 (got {value!r})")
+    return value
+
+
+class PartitionDirectory:
+    """Each node's partition id, asked once per node id and cached: a restarted SuperNode
+    comes back under a new id and is asked again."""
+
+    def __init__(self, num_partitions: int, timeout: float):
+        self.num_partitions = num_partitions
+        self.timeout = timeout
+        self.known: dict[int, int] = {}  # node id -> partition id
+
+    def partitions(self, grid: Grid, nodes: list[int], round_: int) -> dict[int, int]:
+        """{node id: partition id} for the `nodes` that told theirs; those that fail to
+        answer are logged and left out (asked again next round). Two nodes naming one
+        partition stop the run: their data, seeds and results would be indistinguishable."""
+        unknown = [node for node in nodes if node not in self.known]
+        if unknown:
+            self._ask(grid, unknown, round_)
+        found = {node: self.known[node] for node in nodes if node in self.known}
+        holders: dict[int, list[int]] = {}
+        for node, partition in found.items():
+            holders.setdefault(partition, []).append(node)
+        duplicates = {p: n for p, n in sorted(holders.items()) if len(n) > 1}
+        if duplicates:
+            raise ConfigError("several connected nodes hold the same partition-id: " + "; ".join(
+                f"partition {p} on nodes {', '.join(map(str, n))}"
+                for p, n in duplicates.items()) + "; give every SuperNode its own partition-id "
+                "(a SuperNode restarted under a new node id counts twice until the SuperLink "
+                "marks its old id offline)")
+        return found
+
+    def _ask(self, grid: Grid, nodes: list[int], round_: int) -> None:
+        content = RecordDict({QUERY_RECORD: ConfigRecord({NUM_PARTITIONS_KEY:
+                                                          self.num_partitions})})
+        messages = [Message(content=content, dst_node_id=node, message_type=MessageType.QUERY)
+                    for node in nodes]
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        # message ids are set when the grid sends; a reply names the one it answers
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered = set()
+        for reply in replies:
+            node = asked.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                continue
+            answered.add(node)
+            try:
+                self.known[node] = partition_of(reply)
+            except ValueError as exc:
+                log(WARNING, "round %d: node %d left out of sampling: partition query "
+                    "failed: %s", round_, node, exc)
+        for node in nodes:
+            if node not in answered:
+                log(WARNING, "round %d: node %d left out of sampling: no answer to the "
+                    "partition query within %g s", round_, node, self.timeout)
