@@ -139,6 +139,30 @@ def test_fedhpro_with_moments_uploads_class_moments_and_recalibrates_on_them():
     assert "recal_match_loss_before" not in strategy.report.row()
 
 
+def test_a_closed_form_head_keeps_the_clients_scale():
+    # the Bayes scale of a nearest-class-mean head (one over the feature variance) made the
+    # clients' losses overflow in round 2 of mnist-lt; at the round's own scale they train on
+    cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {"recal_source": "moments",
+                                                         "recal_solver": "gaussian"}})
+    model = build_model(cfg.model, dataset_spec(cfg))
+    strategy = get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10,
+                                                   model.feature_dim)
+    start = model.classifier.weight.detach().clone()
+    arrays, _ = strategy.aggregate_train(1, client_replies("fedhpro", strategy, model, cfg))
+    assert arrays is not None
+    head = arrays.to_torch_state_dict()["classifier.weight"]
+    assert head.norm().item() == pytest.approx(start.norm().item(), rel=1e-5)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    replies = [handle_train(training_message("fedhpro", strategy, arrays, 100 + pid, cfg, 2),
+                            Context(run_id=1, node_id=100 + pid, state=RecordDict(),
+                                    run_config={}, node_config={"partition-id": pid,
+                                                                "num-partitions": NUM_CLIENTS}))
+               for pid in range(NUM_CLIENTS)]
+    assert strategy.aggregate_train(2, replies)[0] is not None
+    assert strategy.report.left_out == []
+    assert all(r.content.metric_records["metrics"]["train_loss"] < 10 for r in replies)
+
+
 def first_round_accuracies(**fedhpro) -> tuple[float, float]:
     """Round 1 of FedHPro with recalibration: accuracy of the FedAvg'd classifier and of the
     recalibrated one that replaces it."""

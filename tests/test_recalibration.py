@@ -267,21 +267,23 @@ def test_moment_recalibration_needs_moments():
             torch.zeros(2, 3), torch.zeros(2), [bare], settings, torch.Generator())
 
 
-def test_gaussian_head_is_the_nearest_class_mean_rule():
+def test_gaussian_head_is_the_nearest_class_mean_rule_at_the_reference_scale():
     g = torch.Generator().manual_seed(5)
     features = torch.randn(4, 30, 6, generator=g) + torch.randn(4, 1, 6, generator=g) * 3
     classes = torch.tensor([True, True, True, False])
+    reference = torch.randn(4, 6, generator=g) * 0.1
     before = torch.Generator()
     before.set_state(g.get_state())
-    weight, bias = classifier_on(features, classes, "gaussian", 0, 0.0, 1, g)
-    means = features.mean(dim=1)
+    weight, bias = classifier_on(features, classes, "gaussian", 0, 0.0, 1, g, reference)
+    means = features.mean(dim=1)[:3]
     z = torch.randn(200, 6, generator=g) * 3
     logits = (z @ weight.T + bias)[:, :3]
-    nearest = torch.cdist(z, means[:3]).argmin(dim=1)
-    assert torch.equal(logits.argmax(dim=1), nearest)
-    # the logit gaps are the squared-distance gaps over twice the pooled variance
-    variance = features[:3].var(dim=1, correction=0).mean()
-    gaps = -(torch.cdist(z, means[:3]) ** 2) / (2 * variance)
-    assert torch.allclose(logits - logits[:, :1], gaps - gaps[:, :1], atol=1e-3)
+    assert torch.equal(logits.argmax(dim=1), torch.cdist(z, means).argmin(dim=1))
+    # the logit gaps are the squared-distance gaps, times the scale that gives the rows the
+    # reference's norm
+    assert weight[:3].norm().item() == pytest.approx(reference[:3].norm().item(), rel=1e-5)
+    scale = reference[:3].norm() / means.norm()
+    gaps = -(torch.cdist(z, means) ** 2) / 2 * scale
+    assert torch.allclose(logits - logits[:, :1], gaps - gaps[:, :1], atol=1e-4)
     fresh_weight, fresh_bias = fresh_linear(4, 6, before)  # the unseen class: a fresh row
     assert torch.equal(weight[3], fresh_weight[3]) and bias[3] == fresh_bias[3]

@@ -223,34 +223,38 @@ def recalibrate(
 
     classes = present if train_classes is None else train_classes
     new_weight, new_bias = classifier_on(matched, classes, solver, epochs, lr, batch_size,
-                                         generator)
+                                         generator, weight)
     return RecalibrationResult(matched, new_weight, new_bias, before, after)
 
 
-def gaussian_head(features: torch.Tensor, classes: torch.Tensor, generator: torch.Generator
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def gaussian_head(features: torch.Tensor, classes: torch.Tensor, reference: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The Bayes classifier of the (C, M, d) features' classes, each modelled as a Gaussian
-    around its mean with one shared isotropic variance, all classes equally likely.
+    around its mean with one shared isotropic variance, all classes equally likely, at the
+    scale of the `reference` classifier weight (C, d).
 
-    Its logits ``(mu_c . z - |mu_c|^2 / 2) / v`` rank classes as the distance from z to their
-    means does (nearest class mean). Rows of classes outside `classes` are those of a fresh
-    layer, as the trained solvers leave them. O(C M d): no training, no class-by-class
-    products.
+    Its logits ``s (mu_c . z - |mu_c|^2 / 2)`` rank classes as the distance from z to their
+    means does (nearest class mean). The Bayes scale, one over the variance, is as large as
+    the features are concentrated and made clients diverge; `s` instead gives the rows of the
+    `classes` the norm the reference's rows have: the rule changes, the confidence the
+    clients train from does not. Rows of other classes are those of a fresh layer, as the
+    trained solvers leave them. O(C M d): no training, no class-by-class products.
     """
     weight, bias = fresh_linear(features.shape[0], features.shape[2], generator, features.dtype)
     means = features[classes].mean(dim=1)
-    variance = features[classes].var(dim=1, correction=0).mean().clamp(min=1e-12)
-    weight[classes] = means / variance
-    bias[classes] = -(means * means).sum(dim=1) / (2 * variance)
+    scale = reference[classes].norm() / means.norm().clamp(min=1e-12)
+    weight[classes] = means * scale
+    bias[classes] = -(means * means).sum(dim=1) / 2 * scale
     return weight, bias
 
 
 def classifier_on(features: torch.Tensor, classes: torch.Tensor, solver: Solver, epochs: int,
-                  lr: float, batch_size: int, generator: torch.Generator
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fresh linear layer made from the (C, M, d) features of the `classes` (C,) bool."""
+                  lr: float, batch_size: int, generator: torch.Generator,
+                  reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh linear layer made from the (C, M, d) features of the `classes` (C,) bool
+    (`reference`: the classifier weight it replaces, whose scale `gaussian_head` keeps)."""
     if solver == "gaussian":
-        return gaussian_head(features, classes, generator)
+        return gaussian_head(features, classes, reference, generator)
     num_classes, per_class, _ = features.shape
     labels = torch.arange(num_classes).repeat_interleave(per_class).view(num_classes, per_class)
     train = train_linear if solver == "sgd" else train_linear_full_batch
@@ -359,7 +363,7 @@ class FederatedFeatures:
         """Match against `weight`, `bias` (held fixed), or draw from the moments (see
         `RecalibrationSettings.source`); the features keep the result."""
         if settings.source == "moments":
-            return self.from_moments(stats, settings, generator)
+            return self.from_moments(weight, stats, settings, generator)
         if any(s.weight_grads is None or s.bias_grads is None for s in stats):
             raise ValueError("recalibration needs the classifier gradients of every reply")
         held = torch.stack([s.present for s in stats])
@@ -385,16 +389,18 @@ class FederatedFeatures:
         self.features = result.features
         return result
 
-    def from_moments(self, stats: list[ClassStatistics], settings: RecalibrationSettings,
-                      generator: torch.Generator) -> RecalibrationResult:
+    def from_moments(self, weight: torch.Tensor, stats: list[ClassStatistics],
+                     settings: RecalibrationSettings, generator: torch.Generator
+                     ) -> RecalibrationResult:
         """Features drawn from this round's pooled class moments (classes absent this round
         keep theirs), and a fresh classifier trained on every class seen so far."""
         means, variances, present = pooled_moments(stats)
         self.features = drawn_features(self.features, means, variances, present, generator)
         self.seen |= present
-        weight, bias = classifier_on(self.features, self.seen, settings.solver, settings.epochs,
-                                     settings.lr, settings.batch_size, generator)
-        return RecalibrationResult(self.features, weight, bias, None, None)
+        new_weight, new_bias = classifier_on(self.features, self.seen, settings.solver,
+                                             settings.epochs, settings.lr, settings.batch_size,
+                                             generator, weight)
+        return RecalibrationResult(self.features, new_weight, new_bias, None, None)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"features": self.features, "seen": self.seen}
