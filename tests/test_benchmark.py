@@ -128,6 +128,16 @@ def fake_run(tmp_path, strategy="fedhpro", rounds=3):
     return Run(suite, suite.settings[0], Variant(strategy, strategy), 0, tmp_path, rounds, 4)
 
 
+def test_mean_of_the_last_five_rounds_leaves_the_earlier_ones_out(tmp_path):
+    accuracies = [0.1, 0.9, 0.3, 0.4, 0.5, 0.6, 0.7]  # rounds 1-2 would move any other mean
+    rows = [{"round": i, "accuracy": a, "wall_seconds": 1.0, "server_seconds": 0.1,
+             "client_seconds": 1.0, "client_seconds_max": 0.5, "bytes_up": 1.0,
+             "bytes_down": 1.0} for i, a in enumerate(accuracies, start=1)]
+    row = summarize(fake_run(tmp_path, rounds=7), {"rounds": rows}, 10.0)
+    assert row["mean_last5_accuracy"] == pytest.approx(0.5)
+    assert row["final_accuracy"] == 0.7 and row["best_accuracy"] == 0.9
+
+
 def test_summary_leaves_round_1_out_of_the_times(tmp_path):
     rows = [{"round": i, "accuracy": a, "wall_seconds": w, "server_seconds": 0.5,
              "client_seconds": 8.0, "client_seconds_max": 2.0, "bytes_up": 100.0 * i,

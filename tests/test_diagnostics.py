@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from simulate import NUM_CLIENTS, OVERRIDES, simulate
+from simulate import NUM_CLIENTS, OVERRIDES, checkpoint, simulate
 
 from fedhpro_flwr.algorithms.diagnostics import (
     anchor_cosines,
@@ -16,7 +16,10 @@ from fedhpro_flwr.algorithms.diagnostics import (
     relative_change,
     spread,
 )
+from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.config import ConfigError, ExperimentConfig
+from fedhpro_flwr.data.federated import dataset_spec
+from fedhpro_flwr.methods import get_method, parse_experiment
 
 
 def test_anchor_cosines_over_present_classes_only():
@@ -86,11 +89,20 @@ def test_a_simulation_records_the_anchor_diagnostics(tmp_path, strategy):
     first, second = results["rounds"]
     for row in (second,) if strategy == "fedproto" else (first, second):
         # FedProto has no global prototypes before round 1's uploads: nothing to compare
-        assert -1.0 <= row["consistency_min"] <= row["consistency_mean"] <= 1.0
-        assert row["consistency_std"] >= 0.0
+        assert row["consistency_min"] <= row["consistency_mean"]
+        # Samuelson: no client lies further below the mean than sqrt(n - 1) std
+        spread_bound = row["consistency_std"] * math.sqrt(NUM_CLIENTS - 1)
+        assert row["consistency_mean"] - row["consistency_min"] <= spread_bound + 1e-9
         assert row["anchor_movement"] > 0.0
-    for row in (first, second):
-        assert -1.0 <= row["anchor_cosine_mean"] <= row["anchor_cosine_max"] <= 1.0
+    # the separation recorded is that of the anchors the run ended with (its checkpoint)
+    cfg = parse_experiment(results["config"])
+    model = build_model(cfg.model, dataset_spec(cfg))
+    ended = get_method(strategy).make_strategy(cfg, model.state_dict(), 10, model.feature_dim)
+    ended.load_state_dict(checkpoint(tmp_path)["strategy_state"])
+    expected = anchor_cosines(*ended.global_anchors())
+    assert second["anchor_cosine_mean"] == pytest.approx(expected["anchor_cosine_mean"])
+    assert second["anchor_cosine_max"] == pytest.approx(expected["anchor_cosine_max"])
+    assert first["anchor_cosine_mean"] != second["anchor_cosine_mean"]  # round 2 moved them
     picture = json.loads((tmp_path / "embedding-round2.json").read_text())
     assert picture["round"] == 2 and picture["strategy"] == strategy
     assert len(picture["features"]) == len(picture["labels"]) == 10 * 50
@@ -98,7 +110,8 @@ def test_a_simulation_records_the_anchor_diagnostics(tmp_path, strategy):
     assert not (tmp_path / "embedding-round1.json").exists()
     if strategy == "fedhpro":
         # the recalibrated classifier is evaluated, and so is the FedAvg'd one it replaced
-        assert all(0.0 <= r["aggregated_head_accuracy"] <= 1.0 for r in results["rounds"])
+        # (a different classifier: the two accuracies differ in some round)
+        assert any(r["aggregated_head_accuracy"] != r["accuracy"] for r in results["rounds"])
         # diagnostics only measure: the same run without them trains identically
         plain = simulate(tmp_path / "plain", rounds=2, strategy=strategy)
         accuracies = [r["accuracy"] for r in results["rounds"]]

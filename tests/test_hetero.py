@@ -5,6 +5,7 @@ build them (see test_method_round); the last test runs Flower's simulation engin
 """
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -93,7 +94,10 @@ def test_shared_payloads_have_the_same_shapes_across_architectures(name):
         assert sorted(arrays.keys()) == sorted(shared)
         assert {k: a.shape for k, a in arrays.items()} == {k: tuple(t.shape)
                                                             for k, t in shared.items()}
-        assert 0.0 <= reply.content.metric_records["metrics"]["local_accuracy"] <= 1.0
+        metrics = reply.content.metric_records["metrics"]
+        # a share of the client's own test split: a whole number of its samples
+        correct = metrics["local_accuracy"] * metrics["local_test_size"]
+        assert correct == pytest.approx(round(correct), abs=1e-6) and metrics["local_test_size"]
     # per class, every client sends rows of the same shape whatever its backbone (the number
     # of rows is the number of classes it holds)
     trailing: dict[str, set] = {}
@@ -179,7 +183,7 @@ def test_heterogeneous_clients_complete_a_simulation(tmp_path, name):
         assert sorted(clients) == [str(k) for k in range(NUM_CLIENTS)]
         assert row["accuracy"] == pytest.approx(sum(clients.values()) / NUM_CLIENTS)
         assert row["client_accuracy_min"] == min(clients.values())
-        assert row["client_accuracy_std"] >= 0.0
+        assert row["client_accuracy_std"] == pytest.approx(statistics.pstdev(clients.values()))
     first, second = results["rounds"]
     assert first["client_models_restored"] == 0  # fresh models in round 1...
     assert second["client_models_restored"] == NUM_CLIENTS  # ...kept by every node for round 2

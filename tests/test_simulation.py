@@ -70,7 +70,9 @@ def test_the_default_experiment_reports_accuracy_per_domain(tmp_path):
     assert results["config"]["data"]["dataset"] == "digits-offline"
     row = results["rounds"][0]
     domains = ("mnist", "uci", "synth", "mnistm")
-    assert all(0.0 <= row[f"accuracy_{d}"] <= 1.0 for d in domains)
     test_sizes = (500, 359, 500, 500)  # 20% of each domain's (domain, class) strata
+    for domain, size in zip(domains, test_sizes, strict=True):  # a share of that domain's set
+        correct = row[f"accuracy_{domain}"] * size
+        assert correct == pytest.approx(round(correct), abs=1e-6), domain
     overall = sum(row[f"accuracy_{d}"] * n for d, n in zip(domains, test_sizes, strict=True))
     assert row["accuracy"] == pytest.approx(overall / sum(test_sizes), abs=1e-9)
