@@ -90,10 +90,11 @@ def trials(method: str) -> list[Trial]:
     return [Trial(method, i, keys) for i, keys in enumerate(points)]
 
 
-def score(results_json: Path) -> float:
-    """Mean validation accuracy over the run's last `LAST` rounds (NaN if none recorded)."""
+def score(results_json: Path, rounds: int) -> float:
+    """Mean validation accuracy over the last `LAST` of the run's first `rounds` rounds (NaN
+    if none recorded): a rung's score, also when the run has since gone on to a later rung."""
     try:
-        rows = json.loads(results_json.read_text())["rounds"]
+        rows = json.loads(results_json.read_text())["rounds"][:rounds]
     except (OSError, ValueError, KeyError):
         return float("nan")
     values = [r["val_accuracy"] for r in rows[-LAST:] if "val_accuracy" in r]
@@ -139,7 +140,7 @@ class Tuning:
         for share, keep in RUNGS:
             rounds = max(round(self.rounds * share), LAST)
             run_suite(self.suite(alive, rounds), self.out, timeout)
-            scores = {t: score(self.results(t)) for t in alive}
+            scores = {t: score(self.results(t), rounds) for t in alive}
             record["rungs"].append({"rounds": rounds,
                                     "scores": {t.name: scores[t] for t in alive}})
             alive = [t for m in self.methods

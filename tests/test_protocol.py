@@ -19,6 +19,7 @@ from fedhpro_lab.tuning import (
     Tuning,
     promoted,
     read_chosen,
+    score,
     trials,
     write_chosen,
 )
@@ -41,6 +42,16 @@ def test_the_best_trials_are_promoted_nan_last_ties_in_order():
     a, b, c, d = (Trial("m", i, ()) for i in range(4))
     assert promoted({a: 0.5, b: 0.7, c: float("nan"), d: 0.7}, 2) == [b, d]
     assert promoted({a: float("nan"), c: float("nan")}, 1) == [a]
+
+
+def test_a_rung_is_scored_on_its_own_rounds_after_the_run_went_on(tmp_path):
+    # a resumed tuning re-scores rung 1 from results.json files that rung 2 has extended
+    path = tmp_path / "results.json"
+    rows = [{"round": r, "val_accuracy": r / 100} for r in range(1, 16)]
+    path.write_text(json.dumps({"rounds": rows}))
+    assert score(path, 8) == pytest.approx((4 + 5 + 6 + 7 + 8) / 500)
+    assert score(path, 15) == pytest.approx((11 + 12 + 13 + 14 + 15) / 500)
+    assert score(tmp_path / "missing.json", 8) != score(tmp_path / "missing.json", 8)  # NaN
 
 
 def test_chosen_keys_round_trip_as_yaml(tmp_path):
