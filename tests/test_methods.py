@@ -2,8 +2,10 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedProx
 from torch import nn
 
@@ -19,7 +21,7 @@ from fedhpro_flwr.algorithms.tgp import (
 )
 from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
-from fedhpro_flwr.methods.fedprox import FedProxStrategy
+from fedhpro_flwr.methods.fedprox import MU_KEY, FedProxStrategy
 
 
 def test_registry_holds_every_strategy_and_names_them_on_a_typo():
@@ -41,10 +43,24 @@ def test_proximal_term_and_its_gradient():
     assert torch.allclose(b.grad, torch.tensor([[1.0]]))
 
 
-def test_fedprox_is_flowers_fedprox_with_the_configured_mu():
+class NodeList:
+    """A grid with three connected nodes (all that configure_train asks of it)."""
+
+    def get_node_ids(self) -> list[int]:
+        return [11, 12, 13]
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_fedprox_sends_what_flowers_fedprox_sends_with_the_configured_mu():
     cfg = parse_experiment({"fedprox": {"mu": 0.3}})
-    strategy = FedProxStrategy(cfg, {"w": torch.zeros(1)})
-    assert isinstance(strategy, FedProx) and strategy.proximal_mu == 0.3
+    arrays = ArrayRecord({"w": Array(np.zeros(1, np.float32))})
+    ours = FedProxStrategy(cfg, {"w": torch.zeros(1)}).configure_train(
+        1, arrays, ConfigRecord({"lr": 0.1}), NodeList())
+    flowers = FedProx(proximal_mu=0.3).configure_train(1, arrays, ConfigRecord({"lr": 0.1}),
+                                                        NodeList())
+    sent = {m.metadata.dst_node_id: dict(m.content["config"]) for m in ours}
+    assert sent == {m.metadata.dst_node_id: dict(m.content["config"]) for m in flowers}
+    assert all(config[MU_KEY] == 0.3 for config in sent.values())
 
 
 # ---- FedProto -----------------------------------------------------------------------------
