@@ -32,8 +32,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedhpro_flwr.config import ConfigError, parse_overrides
-from fedhpro_flwr.methods import load_experiment
+from fedhpro_flwr.app.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from fedhpro_flwr.config import ConfigError, parse_overrides, resolve_run_config
+from fedhpro_flwr.methods import SECTIONS, load_experiment
 from fedhpro_lab import proctree
 from fedhpro_lab.simulation import APP_DIR
 from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant, run_path
@@ -202,6 +203,26 @@ def rounds_in(path: Path) -> list[dict[str, Any]]:
         return []
 
 
+STALE_CHECKPOINT = "checkpoint.stale.pt"
+
+
+def resumable(run: Run) -> bool:
+    """Whether the run continues from its checkpoint. One written under another config (a
+    setting changed, or a key the code has gained since) cannot be continued: it is set aside
+    as `STALE_CHECKPOINT` and the run starts afresh, instead of failing to resume."""
+    if not (run.out_dir / CHECKPOINT_NAME).is_file():
+        return False
+    settings = resolve_run_config(run.run_config(resume=True), APP_DIR, SECTIONS)
+    try:
+        load_checkpoint(run.out_dir, run.variant.strategy, settings.experiment.fingerprint())
+    except CheckpointError as exc:
+        (run.out_dir / CHECKPOINT_NAME).replace(run.out_dir / STALE_CHECKPOINT)
+        print(f"  {run.setting.name} {run.strategy} seed {run.seed}: starting afresh ({exc})",
+              flush=True)
+        return False
+    return True
+
+
 def execute(group: list[Run], first: int, progress: Progress,
             timeout: float | None) -> list[dict[str, Any]]:
     """Run one (setting, seed)'s runs one after another in a child process (one engine
@@ -210,7 +231,7 @@ def execute(group: list[Run], first: int, progress: Progress,
     configs = []
     for run in group:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        configs.append(run.run_config(resume=(run.out_dir / "checkpoint.pt").is_file()))
+        configs.append(run.run_config(resume=resumable(run)))
     seen = [len(rounds_in(r.out_dir / "results.json")) if c["resume"] else 0
             for r, c in zip(group, configs, strict=True)]
     command = [sys.executable, "-m", "fedhpro_lab.simulation",
@@ -381,9 +402,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--protocol runs its own settings; leave out --suite and --config")
         from fedhpro_lab.protocol import run_protocol
         from fedhpro_lab.protocol_report import write_protocol_report
+        from fedhpro_lab.tuning import TuningIncomplete
 
         out = args.out.resolve()
-        csv_path = run_protocol(out, run_suite, args.run_timeout)
+        try:
+            csv_path = run_protocol(out, run_suite, args.run_timeout)
+        except TuningIncomplete as exc:
+            print(f"fedhpro-bench: stopped: {exc}", file=sys.stderr, flush=True)
+            return 1
         if not args.no_report:
             print(f"report: {write_protocol_report(out, command)}", flush=True)
         return 0 if all(r.get("status") == "ok" for r in read_rows(csv_path).values()) else 1

@@ -90,6 +90,14 @@ def trials(method: str) -> list[Trial]:
     return [Trial(method, i, keys) for i, keys in enumerate(points)]
 
 
+def recorded_rounds(results_json: Path) -> int:
+    """How many rounds the run's results.json holds (0 if none)."""
+    try:
+        return len(json.loads(results_json.read_text())["rounds"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def score(results_json: Path, rounds: int) -> float:
     """Mean validation accuracy over the last `LAST` of the run's first `rounds` rounds (NaN
     if none recorded): a rung's score, also when the run has since gone on to a later rung."""
@@ -108,6 +116,10 @@ def promoted(scores: dict[Trial, float], keep: int) -> list[Trial]:
         return (-value if value == value else float("inf"), trial.index)
 
     return sorted(scores, key=rank)[:keep]
+
+
+class TuningIncomplete(RuntimeError):
+    """A rung's trial did not run all its rounds, so the rung cannot be scored."""
 
 
 @dataclass
@@ -140,6 +152,12 @@ class Tuning:
         for share, keep in RUNGS:
             rounds = max(round(self.rounds * share), LAST)
             run_suite(self.suite(alive, rounds), self.out, timeout)
+            short = [t.name for t in alive if recorded_rounds(self.results(t)) < rounds]
+            if short:  # a score over fewer rounds is not comparable: never choose on one
+                raise TuningIncomplete(
+                    f"tuning on {self.setting.name}: {', '.join(short)} did not reach {rounds} "
+                    f"rounds (their reasons: {self.out / 'results.csv'}); run the same command "
+                    f"again once the cause is fixed: finished trials are kept")
             scores = {t: score(self.results(t), rounds) for t in alive}
             record["rungs"].append({"rounds": rounds,
                                     "scores": {t.name: scores[t] for t in alive}})

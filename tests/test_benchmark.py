@@ -7,13 +7,16 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
-from fedhpro_flwr.config import parse_overrides
-from fedhpro_flwr.methods import load_experiment
+from fedhpro_flwr.app.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
+from fedhpro_flwr.config import parse_overrides, resolve_run_config
+from fedhpro_flwr.methods import SECTIONS, load_experiment
 from fedhpro_flwr.methods.strategy import busy_seconds
 from fedhpro_lab.benchmark import (
+    STALE_CHECKPOINT,
     Progress,
     Run,
     config_suite,
@@ -22,6 +25,7 @@ from fedhpro_lab.benchmark import (
     parse_seeds,
     plan,
     read_rows,
+    resumable,
     run_suite,
     summarize,
     tree_rss_mb,
@@ -126,6 +130,19 @@ def test_a_suite_can_be_run_for_some_of_its_strategies(tmp_path):
 def fake_run(tmp_path, strategy="fedhpro", rounds=3):
     suite = Suite("t", "", (Setting("s", "conf/mnist-dir0.5.yaml"),), (strategy,), (0,), rounds)
     return Run(suite, suite.settings[0], Variant(strategy, strategy), 0, tmp_path, rounds, 4)
+
+
+def test_a_checkpoint_of_another_config_is_set_aside_and_the_run_starts_afresh(tmp_path):
+    run = fake_run(tmp_path)
+    assert not resumable(run)  # no checkpoint yet
+    settings = resolve_run_config(run.run_config(resume=True), APP_DIR, SECTIONS)
+    own = Checkpoint.capture("fedhpro", settings.experiment.fingerprint(), 1, {}, {}, {})
+    save_checkpoint(own, run.out_dir)
+    assert resumable(run)
+    save_checkpoint(replace(own, fingerprint="written-under-other-settings"), run.out_dir)
+    assert not resumable(run)
+    assert not (run.out_dir / CHECKPOINT_NAME).exists()
+    assert (run.out_dir / STALE_CHECKPOINT).is_file()  # kept, not deleted
 
 
 def test_mean_of_the_last_five_rounds_leaves_the_earlier_ones_out(tmp_path):

@@ -17,6 +17,7 @@ from fedhpro_lab.tuning import (
     TRIALS,
     Trial,
     Tuning,
+    TuningIncomplete,
     promoted,
     read_chosen,
     score,
@@ -104,6 +105,22 @@ def test_the_setting_table_pairs_seeds_and_calls_wins_and_collapses(tmp_path):
     assert lines.count("| T |") == 2  # fpl: no paired difference; published: one seed off
     assert "fpl-published seed 0 (0.100)" in lines  # named, not averaged away
     assert "(converged:" in lines and (tmp_path / "plots" / "s-seeds.png").stat().st_size
+
+
+def test_a_rung_with_a_trial_short_of_its_rounds_stops_the_tuning(tmp_path):
+    """A trial that failed part-way has a score over fewer rounds: choosing on it would
+    compare windows of different rounds, so the tuning stops and names it."""
+    tuning = Tuning(Setting("s", "conf/mnist-dir0.5.yaml"), ("fedavg",), 20, 7, tmp_path)
+
+    def run_suite_failing_one(suite, out, timeout):
+        for variant in suite.variants:
+            path = tuning.results(next(t for t in trials("fedavg") if t.name == variant.name))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rows = 3 if variant.name == "fedavg-t5" else suite.rounds
+            path.write_text(json.dumps({"rounds": [{"val_accuracy": 0.5}] * rows}))
+
+    with pytest.raises(TuningIncomplete, match="fedavg-t5 did not reach 5 rounds"):
+        tuning.run(run_suite_failing_one)
 
 
 @pytest.mark.slow
