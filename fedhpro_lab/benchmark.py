@@ -266,7 +266,7 @@ def execute(group: list[Run], first: int, progress: Progress,
         results_path = run.out_dir / "results.json"
         rows = rounds_in(results_path)
         share = seconds / len(group)  # the group's time, shared out
-        if len(rows) == run.rounds:
+        if len(rows) >= run.rounds:  # (a run may hold more: it went on to a later rung)
             row = summarize(run, json.loads(results_path.read_text()), share)
             rows_out.append({**row, "peak_rss_mb": peak})  # the group's peak
         else:
