@@ -27,19 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import RecordDict
 
 from fedhpro_flwr.algorithms.extraction import ClassStatistics
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.data.federated import DataSpec
 from fedhpro_flwr.methods import get_method, parse_experiment
-from fedhpro_flwr.methods.fedhpro import (
-    FedHProConfig,
-    sends_classifier_grads,
-    sends_feature_grads,
-    sends_moments,
-)
-from fedhpro_flwr.methods.payload import encode_class_statistics, record_nbytes, tensors_to_record
+from fedhpro_flwr.methods.fedhpro import FedHProConfig, upload_record
+from fedhpro_flwr.methods.payload import record_nbytes, tensors_to_record
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
 from fedhpro_flwr.methods.strategy import ClientReply
 
@@ -64,14 +59,6 @@ def random_statistics(num_classes: int, generator: torch.Generator) -> ClassStat
                            torch.rand(c, generator=generator))
 
 
-def upload(stats: ClassStatistics, hp_cfg: FedHProConfig,
-           dtype: torch.dtype = torch.float32) -> ArrayRecord:
-    """What a FedHPro client with these settings sends of `stats`."""
-    return encode_class_statistics(stats, dtype, classifier=sends_classifier_grads(hp_cfg),
-                                   feature_grads=sends_feature_grads(hp_cfg),
-                                   moments=sends_moments(hp_cfg))
-
-
 def server_seconds(weights: dict[str, torch.Tensor], num_classes: int, clients: int,
                    repeats: int, fedhpro: dict[str, Any]) -> float:
     """Median time of the second server step (the first also initialises the features)."""
@@ -80,7 +67,8 @@ def server_seconds(weights: dict[str, torch.Tensor], num_classes: int, clients: 
     receiver = get_method("fedhpro").make_strategy(cfg, weights, num_classes, D)
     replies = []
     for i in range(clients):
-        record = upload(random_statistics(num_classes, generator), cfg.section(FedHProConfig))
+        record = upload_record(random_statistics(num_classes, generator),
+                               cfg.section(FedHProConfig))
         stats = receiver.decode_extra(RecordDict({STATS_RECORD: record}))
         replies.append(ClientReply(i, i, 100, weights, {"margin": 0.0}, stats))
     seconds = []
@@ -103,9 +91,9 @@ def measure(num_classes: int, clients: int, repeats: int) -> dict[str, float]:
         hp_cfg = parse_experiment({"fedhpro": fedhpro}).section(FedHProConfig)
         row[f"server_seconds_{name}"] = server_seconds(weights, num_classes, clients, repeats,
                                                        fedhpro)
-        row[f"upload_bytes_{name}"] = record_nbytes(upload(stats, hp_cfg))
-    default = parse_experiment({}).section(FedHProConfig)
-    row["upload_bytes_gradients_fp16"] = record_nbytes(upload(stats, default, torch.float16))
+        row[f"upload_bytes_{name}"] = record_nbytes(upload_record(stats, hp_cfg))
+    half = parse_experiment({"fedhpro": {"float16_upload": True}}).section(FedHProConfig)
+    row["upload_bytes_gradients_fp16"] = record_nbytes(upload_record(stats, half))
     return row
 
 

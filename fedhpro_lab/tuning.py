@@ -16,13 +16,13 @@ tuned ones; the setting's rounds, local epochs and batch size stay the same for 
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fedhpro_lab.benchmark import rounds_in
 from fedhpro_lab.suites import Setting, Suite, Variant, run_path
 
 LEARNING_RATES = (0.01, 0.05)
@@ -90,21 +90,10 @@ def trials(method: str) -> list[Trial]:
     return [Trial(method, i, keys) for i, keys in enumerate(points)]
 
 
-def recorded_rounds(results_json: Path) -> int:
-    """How many rounds the run's results.json holds (0 if none)."""
-    try:
-        return len(json.loads(results_json.read_text())["rounds"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
 def score(results_json: Path, rounds: int) -> float:
     """Mean validation accuracy over the last `LAST` of the run's first `rounds` rounds (NaN
     if none recorded): a rung's score, also when the run has since gone on to a later rung."""
-    try:
-        rows = json.loads(results_json.read_text())["rounds"][:rounds]
-    except (OSError, ValueError, KeyError):
-        return float("nan")
+    rows = rounds_in(results_json)[:rounds]
     values = [r["val_accuracy"] for r in rows[-LAST:] if "val_accuracy" in r]
     return sum(values) / len(values) if values else float("nan")
 
@@ -152,7 +141,7 @@ class Tuning:
         for share, keep in RUNGS:
             rounds = max(round(self.rounds * share), LAST)
             run_suite(self.suite(alive, rounds), self.out, timeout)
-            short = [t.name for t in alive if recorded_rounds(self.results(t)) < rounds]
+            short = [t.name for t in alive if len(rounds_in(self.results(t))) < rounds]
             if short:  # a score over fewer rounds is not comparable: never choose on one
                 raise TuningIncomplete(
                     f"tuning on {self.setting.name}: {', '.join(short)} did not reach {rounds} "

@@ -26,7 +26,7 @@ from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.prototypes import local_prototypes
 from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings, Solver, Source
 from fedhpro_flwr.algorithms.training import evaluate, train_epochs
-from fedhpro_flwr.config import ExperimentConfig, setting
+from fedhpro_flwr.config import ConfigError, ExperimentConfig, setting
 from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods.base import ClientTask, Method
 from fedhpro_flwr.methods.payload import (
@@ -82,6 +82,14 @@ class FedHProConfig:
     # feature means and spreads (C x d + C per client; no matching; cost linear in C)
     recal_source: Source = setting("gradients")
 
+    def __post_init__(self) -> None:
+        if self.recal_recentre and self.recal_source == "moments":
+            raise ConfigError(
+                "config key 'fedhpro.recal_recentre' = true re-centres the features matched to "
+                "classifier gradients; with 'fedhpro.recal_source' = moments the features are "
+                "drawn around the class means already and no classifier gradients travel: set "
+                "one of the two")
+
 
 def decode_hyperprototypes(record: ArrayRecord, num_classes: int, feature_dim: int,
                            per_class: int) -> torch.Tensor:
@@ -103,6 +111,14 @@ def sends_feature_grads(hp_cfg: FedHProConfig) -> bool:
     gradients measured at the same model, i.e. with classifier gradients measured before
     training (see `payload.encode_class_statistics`)."""
     return not sends_classifier_grads(hp_cfg) or hp_cfg.recal_after_training
+
+
+def upload_record(stats: ClassStatistics, hp_cfg: FedHProConfig) -> ArrayRecord:
+    """What a client sends of its class statistics under these settings."""
+    dtype = torch.float16 if hp_cfg.float16_upload else torch.float32
+    return encode_class_statistics(stats, dtype, classifier=sends_classifier_grads(hp_cfg),
+                                   feature_grads=sends_feature_grads(hp_cfg),
+                                   moments=sends_moments(hp_cfg))
 
 
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
@@ -146,12 +162,7 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
         protos, counts = local_prototypes(model, data, task.device)
         metrics |= consistency_metric(protos, counts > 0, class_anchors,
                                       torch.ones(data.num_classes, dtype=torch.bool))
-    dtype = torch.float16 if hp_cfg.float16_upload else torch.float32
-    # the classifier gradients serve only the server's recalibration
-    record = encode_class_statistics(stats, dtype, classifier=sends_classifier_grads(hp_cfg),
-                                     feature_grads=sends_feature_grads(hp_cfg),
-                                     moments=sends_moments(hp_cfg))
-    return {STATS_RECORD: record}, metrics
+    return {STATS_RECORD: upload_record(stats, hp_cfg)}, metrics
 
 
 class FedHProStrategy(RecalibratingStrategy):
