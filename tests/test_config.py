@@ -34,6 +34,10 @@ def test_default_yaml_loads_and_round_trips_through_flat_form():
         ({"fedhpro.distance": "l1"}, "allowed values are cosine, mse"),
         ({"model.name": "vgg"}, "allowed values are cnn, resnet10"),
         ({"fedhpro.lr_hp": float("nan")}, "finite"),
+        ({"fedhpro.recal_source": "means"}, "allowed values are gradients, moments"),
+        ({"fedhpro.recal_solver": "lbfgs"}, "allowed values are sgd, full-batch, gaussian"),
+        ({"fedhpro.recal_source": "moments", "fedhpro.recal_recentre": True},
+         "'fedhpro.recal_recentre' = true re-centres the features matched to classifier"),
     ],
 )
 def test_bad_values_name_key_value_and_rule(overrides, message):
