@@ -96,6 +96,17 @@ RECALIBRATIONS = (
     Variant("fedhpro-no-recalibration", "fedhpro", "fedhpro.recalibration=false"),
 )
 
+# Anchors that learn (issue #20): the paper's matching, fixed random anchors, matching on the
+# clients' own-row classifier gradients (where each class lies in feature space; normalized
+# steps: plain ones move the hyper-prototypes by 1% a round), and FedProto's averaged prototypes
+ANCHORS = (
+    Variant("fedhpro", "fedhpro"),
+    Variant("fedhpro-fixed-anchors", "fedhpro", "fedhpro.rounds_of_hp=0"),
+    Variant("fedhpro-row-anchors", "fedhpro",
+            "fedhpro.hp_target=row-grads fedhpro.hp_step=normalized fedhpro.lr_hp=0.01"),
+    Variant("fedproto", "fedproto"),
+)
+
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite(
         "smoke", "two strategies, one seed, two rounds on 3 clients of the MNIST subset (CI)",
@@ -120,6 +131,12 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         "on 2 CPU cores",
         (DEFAULT_SETTINGS[3], Setting("glyphs100-lt", "conf/glyphs100-lt.yaml")),
         RECALIBRATIONS, (0, 1, 2, 3, 4), rounds=20, overrides="train.local_epochs=2",
+    ),
+    Suite(
+        "anchors", "FedHPro's hyper-prototype matching targets against fixed anchors and "
+        "FedProto, with the anchors' diagnostics, on the default suite's settings, 5 seeds",
+        DEFAULT_SETTINGS, ANCHORS, (0, 1, 2, 3, 4), rounds=10,
+        overrides="train.local_epochs=2 diagnostics.consistency=true",
     ),
     Suite(
         "diagnostics", "FedHPro's anchors and the prototype methods' global prototypes, measured "

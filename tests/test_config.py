@@ -38,6 +38,11 @@ def test_default_yaml_loads_and_round_trips_through_flat_form():
         ({"fedhpro.recal_solver": "lbfgs"}, "allowed values are sgd, full-batch, gaussian"),
         ({"fedhpro.recal_source": "moments", "fedhpro.recal_recentre": True},
          "'fedhpro.recal_recentre' = true re-centres the features matched to classifier"),
+        ({"fedhpro.hp_target": "rows"}, "allowed values are feature-grads, row-grads"),
+        ({"fedhpro.hp_target": "row-grads", "fedhpro.recalibration": False},
+         "'fedhpro.hp_target' = row-grads matches the clients' classifier gradients"),
+        ({"fedhpro.hp_target": "row-grads", "fedhpro.recal_source": "moments"},
+         "'fedhpro.hp_target' = row-grads matches the clients' classifier gradients"),
     ],
 )
 def test_bad_values_name_key_value_and_rule(overrides, message):

@@ -6,11 +6,20 @@ from fedhpro_flwr.algorithms.gradmatch import class_gradients, with_autograd
 from fedhpro_flwr.algorithms.hyperproto import (
     anchors,
     centers,
+    centred_directions,
     init_hyperprototypes,
     match_hyperprototypes,
     matching_loss,
     matching_objective,
+    own_row_gradients,
+    row_matching_objective,
 )
+
+
+def matched(hp, weight, bias, target, present, steps, lr, distance="cosine", step="sgd"):
+    """The paper's matching: feature gradients at the (held fixed) classifier."""
+    objective = matching_objective(weight, bias, target, present, distance)
+    return match_hyperprototypes(hp, objective, steps, lr, step)
 
 
 def setup(seed=0, num_classes=5, dim=16):
@@ -45,7 +54,7 @@ def test_matching_lowers_loss_and_raises_cosine():
     hp, weight, bias, target = setup()
     present = torch.ones(5, dtype=torch.bool)
     before = mean_cosine(hp, weight, bias, target, present)
-    result = match_hyperprototypes(hp, weight, bias, target, present, steps=200, lr=1.0)
+    result = matched(hp, weight, bias, target, present, steps=200, lr=1.0)
     after = mean_cosine(result.hyperprototypes, weight, bias, target, present)
     assert result.loss_after < result.loss_before
     assert after > before + 0.05
@@ -56,18 +65,18 @@ def test_absent_classes_do_not_move_and_zero_steps_change_nothing():
     hp, weight, bias, target = setup(1)
     present = torch.tensor([True, False, True, True, False])
     target[~present] = float("nan")  # whatever sits in absent rows must not leak in
-    result = match_hyperprototypes(hp, weight, bias, target, present, steps=20, lr=1.0)
+    result = matched(hp, weight, bias, target, present, steps=20, lr=1.0)
     assert torch.equal(result.hyperprototypes[~present], hp[~present])
     assert not torch.equal(result.hyperprototypes[present], hp[present])
     assert torch.isfinite(result.hyperprototypes).all()
-    unchanged = match_hyperprototypes(hp, weight, bias, target, present, steps=0, lr=1.0)
+    unchanged = matched(hp, weight, bias, target, present, steps=0, lr=1.0)
     assert torch.equal(unchanged.hyperprototypes, hp) and unchanged.movement == 0.0
 
 
 def test_mse_distance_also_descends():
     hp, weight, bias, target = setup(2)
     present = torch.ones(5, dtype=torch.bool)
-    result = match_hyperprototypes(hp, weight, bias, target, present, 50, 0.5, "mse")
+    result = matched(hp, weight, bias, target, present, 50, 0.5, "mse")
     assert result.loss_after < result.loss_before
 
 
@@ -88,19 +97,19 @@ def test_orthogonal_init_makes_class_means_orthogonal_and_keeps_the_spread():
 def test_normalized_steps_move_each_class_by_lr_times_its_norm():
     hp, weight, bias, target = setup(5)
     present = torch.tensor([True, True, False, True, True])
-    one = match_hyperprototypes(hp, weight, bias, target, present, 1, 0.01, step="normalized")
+    one = matched(hp, weight, bias, target, present, 1, 0.01, step="normalized")
     moved = (one.hyperprototypes - hp).flatten(1).norm(dim=1)
     assert torch.allclose(moved[present], 0.01 * hp[present].flatten(1).norm(dim=1), rtol=1e-4)
     assert moved[~present].item() == 0.0
-    plain = match_hyperprototypes(hp, weight, bias, target, present, 30, 0.1)
-    far = match_hyperprototypes(hp, weight, bias, target, present, 30, 0.01, step="normalized")
+    plain = matched(hp, weight, bias, target, present, 30, 0.1)
+    far = matched(hp, weight, bias, target, present, 30, 0.01, step="normalized")
     assert far.loss_after < plain.loss_after and far.movement > plain.movement
 
 
 def test_the_reference_codes_per_scalar_distance_never_moves_the_hyperprototypes():
     hp, weight, bias, target = setup(6)
     present = torch.ones(5, dtype=torch.bool)
-    result = match_hyperprototypes(hp, weight, bias, target, present, 30, 0.1, "scalar")
+    result = matched(hp, weight, bias, target, present, 30, 0.1, "scalar")
     assert torch.equal(result.hyperprototypes, hp)  # a sign agreement has no gradient
     assert result.loss_before == result.loss_after > 0
 
@@ -119,3 +128,52 @@ def test_closed_form_matching_gradient_equals_autograd(distance):
     assert loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
     assert torch.allclose(grad, want_grad, atol=1e-12)
     assert torch.equal(grad[1], torch.zeros(4, 7, dtype=torch.double))
+
+
+def test_own_row_gradients_are_the_diagonal_of_the_classifier_gradients():
+    hp, weight, bias, _ = setup(7)
+    full = class_gradients(hp, weight, bias).weight  # (C, C, d): class c's dCE/dW
+    assert torch.allclose(own_row_gradients(hp, weight, bias),
+                          torch.diagonal(full).T, atol=1e-6)
+
+
+def test_centred_directions_ignore_length_and_absent_rows():
+    g = torch.Generator().manual_seed(8)
+    rows = torch.randn(4, 6, generator=g)
+    present = torch.tensor([True, True, False, True])
+    centred = centred_directions(rows, present)
+    scaled = centred_directions(rows * torch.tensor([[3.0], [0.5], [7.0], [2.0]]), present)
+    assert torch.allclose(centred, scaled, atol=1e-6)
+    assert torch.equal(centred[2], torch.zeros(6))
+    assert torch.allclose(centred[present].sum(dim=0), torch.zeros(6), atol=1e-6)
+    unit = F.normalize(rows[present], dim=1)
+    assert torch.allclose(centred[present], unit - unit.mean(dim=0), atol=1e-6)
+
+
+def test_row_matching_moves_the_anchors_towards_where_the_classes_lie():
+    """Features of class c cluster around a class mean sharing one positive component with
+    every other class (as after a ReLU); the own-row targets measured on them pull the
+    anchors' centred directions to the centred class means, which the paper's target does
+    not (its gradients are about -W_c whatever the features)."""
+    g = torch.Generator().manual_seed(9)
+    num_classes, dim = 5, 16
+    hp = init_hyperprototypes(num_classes, 3, dim, g)
+    weight, bias = torch.randn(num_classes, dim, generator=g) * 0.1, torch.zeros(num_classes)
+    means = torch.rand(num_classes, dim, generator=g) + 2.0
+    real = means[:, None, :] + 0.3 * torch.randn(num_classes, 20, dim, generator=g)
+    present = torch.tensor([True, True, True, False, True])
+    target = torch.diagonal(class_gradients(real, weight, bias).weight).T
+    target[~present] = float("nan")  # absent rows must not leak in
+
+    def agreement(p):
+        a = centred_directions(anchors(p), present)
+        return F.cosine_similarity(a, centred_directions(means, present), dim=1)[present].mean()
+
+    result = match_hyperprototypes(hp, row_matching_objective(weight, bias, target, present),
+                                   30, 0.05, "normalized")
+    assert result.loss_after < result.loss_before
+    assert agreement(hp) < 0.3 and agreement(result.hyperprototypes) > 0.8
+    assert torch.equal(result.hyperprototypes[~present], hp[~present])
+    paper_target = class_gradients(real, weight, bias, with_classifier=False).feature
+    paper = matched(hp, weight, bias, paper_target, present, 30, 0.05, step="normalized")
+    assert agreement(paper.hyperprototypes) < 0.5

@@ -2,7 +2,9 @@
 
 Clients use them through two derived views (`anchors` for HPCL, `centers` for HPAL); the
 server moves them so that the CE gradients they induce in the global classifier match the
-gradients clients measured on real features (`match_hyperprototypes`).
+gradients clients measured on real features (`match_hyperprototypes`): by the paper, the
+gradients w.r.t. the features (`matching_objective`); as a variant, the gradients w.r.t. each
+class's own classifier row (`row_matching_objective`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from fedhpro_flwr.algorithms.gradmatch import (
 )
 
 Init = Literal["normal", "orthogonal"]
+# what the hyper-prototypes' induced gradients are matched to: the clients' mean CE gradient
+# w.r.t. a class's features (the paper's), or w.r.t. the class's own classifier row
+Target = Literal["feature-grads", "row-grads"]
 
 
 def init_hyperprototypes(
@@ -125,30 +130,63 @@ def matching_objective(
     return loss_and_grad
 
 
-def match_hyperprototypes(
-    hyperprototypes: torch.Tensor,
+def centred_directions(rows: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Unit (C, d) rows minus their mean over the `present` classes; absent rows are zero.
+
+    What tells classes apart: the component shared by every class (real features after a
+    ReLU share one dominant direction) is removed, and each class weighs the same whatever
+    the length of its row."""
+    keep = present[:, None]
+    unit = torch.where(keep, F.normalize(rows, dim=-1), torch.zeros((), dtype=rows.dtype))
+    mean = unit.sum(dim=0) / present.sum().clamp(min=1)
+    return torch.where(keep, unit - mean, torch.zeros((), dtype=rows.dtype))
+
+
+def own_row_gradients(hyperprototypes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+                      ) -> torch.Tensor:
+    """(C, d): the mean over l of dCE(h(P[c,l]), c)/dW_c, class c's gradient w.r.t. its own
+    classifier row, ``mean_l (p_c(P[c,l]) - 1) P[c,l]``: minus the class's vectors averaged
+    with the weight the classifier still owes each of them."""
+    probs = torch.softmax(hyperprototypes @ weight.T + bias, dim=-1)  # (C, L, C)
+    own = torch.diagonal(probs, dim1=0, dim2=2).T  # (C, L): probs[c, l, c]
+    return ((own - 1.0)[..., None] * hyperprototypes).mean(dim=1)
+
+
+def row_matching_objective(
     weight: torch.Tensor,
     bias: torch.Tensor,
-    target: torch.Tensor,
+    target_rows: torch.Tensor,
     present: torch.Tensor,
+) -> LossAndGrad:
+    """Cosine distance, summed over present classes, between the centred directions of the
+    hyper-prototypes' own-row gradients (`own_row_gradients`) and of the clients' mean
+    own-row gradients `target_rows` (C, d), with its gradient by autograd.
+
+    Row c of dCE/dW over class c's samples is minus their (1 - p_c)-weighted mean feature: it
+    carries where the class lies in feature space, which the feature gradient, about -W_c
+    whatever the feature, does not. Centring keeps what separates the classes."""
+    goal = centred_directions(target_rows, present)
+    keep = present.to(weight.dtype)
+
+    def loss(hyperprototypes: torch.Tensor) -> torch.Tensor:
+        induced = centred_directions(own_row_gradients(hyperprototypes, weight, bias), present)
+        cos = F.cosine_similarity(induced, goal, dim=-1, eps=1e-12)
+        return ((1.0 - cos) * keep).sum()
+
+    return with_autograd(loss)
+
+
+def match_hyperprototypes(
+    hyperprototypes: torch.Tensor,
+    objective: LossAndGrad,
     steps: int,
     lr: float,
-    distance: Distance = "cosine",
     step: Step = "sgd",
 ) -> MatchResult:
-    """`steps` descent steps on the hyper-prototypes against the clients' mean feature
-    gradients (`step`: see `gradmatch.descend`).
-
-    Args:
-        hyperprototypes: (C, L, d).
-        weight, bias: the new global classifier, held fixed.
-        target: (C, d) mean over clients of their per-class feature gradients.
-        present: (C,) bool, classes at least one client sent a gradient for.
-    """
-    weight, bias = weight.detach(), bias.detach()
+    """`steps` descent steps on the (C, L, d) hyper-prototypes against a matching
+    `objective` (`matching_objective` or `row_matching_objective`, built at the new global
+    classifier; `step`: see `gradmatch.descend`)."""
     start = hyperprototypes.detach()
-    result, before, after = descend(
-        start, matching_objective(weight, bias, target, present, distance), steps, lr, step
-    )
+    result, before, after = descend(start, objective, steps, lr, step)
     movement = ((result - start).norm() / start.norm().clamp(min=1e-12)).item()
     return MatchResult(result, before, after, movement)

@@ -16,10 +16,13 @@ from fedhpro_flwr.algorithms.extraction import ClassStatistics, extract_class_st
 from fedhpro_flwr.algorithms.gradmatch import Distance, Step, masked_class_mean
 from fedhpro_flwr.algorithms.hyperproto import (
     Init,
+    Target,
     anchors,
     centers,
     init_hyperprototypes,
     match_hyperprototypes,
+    matching_objective,
+    row_matching_objective,
 )
 from fedhpro_flwr.algorithms.losses import RunningClassMeans, hpal, hpcl
 from fedhpro_flwr.algorithms.models import Backbone
@@ -57,6 +60,9 @@ class FedHProConfig:
     rounds_of_hp: int = setting(30, ge=0)  # matching steps per round; 0 = fixed anchors
     lr_hp: float = setting(0.1, gt=0.0)
     hp_step: Step = setting("sgd")  # see gradmatch.descend
+    # the gradients matched: w.r.t. the features (the paper's) or w.r.t. each class's own
+    # classifier row (centred directions; see hyperproto.row_matching_objective)
+    hp_target: Target = setting("feature-grads")
     # matching distance; "scalar" (the reference code's loop) applies to the hyper-prototypes
     # only, the recalibration then matches whole rows by cosine as that code does
     distance: Distance = setting("cosine")
@@ -89,6 +95,11 @@ class FedHProConfig:
                 "classifier gradients; with 'fedhpro.recal_source' = moments the features are "
                 "drawn around the class means already and no classifier gradients travel: set "
                 "one of the two")
+        if self.hp_target == "row-grads" and not sends_classifier_grads(self):
+            raise ConfigError(
+                "config key 'fedhpro.hp_target' = row-grads matches the clients' classifier "
+                "gradients, which travel only with 'fedhpro.recalibration' = true and "
+                "'fedhpro.recal_source' = gradients")
 
 
 def decode_hyperprototypes(record: ArrayRecord, num_classes: int, feature_dim: int,
@@ -214,10 +225,17 @@ class FedHProStrategy(RecalibratingStrategy):
             weights = {**weights, w_key: result.weight, b_key: result.bias}
             diagnostics |= result.diagnostics()
 
-        match = match_hyperprototypes(
-            self.hyperprototypes, weights[w_key], weights[b_key], feature_target, present,
-            hp_cfg.rounds_of_hp, hp_cfg.lr_hp, hp_cfg.distance, hp_cfg.hp_step,
-        )
+        weight, bias = weights[w_key].detach(), weights[b_key].detach()
+        if hp_cfg.hp_target == "row-grads":
+            own_rows, _ = masked_class_mean(
+                torch.stack([torch.diagonal(s.weight_grads).T for s in stats]),
+                torch.stack([s.present for s in stats]))
+            objective = row_matching_objective(weight, bias, own_rows, present)
+        else:
+            objective = matching_objective(weight, bias, feature_target, present,
+                                           hp_cfg.distance)
+        match = match_hyperprototypes(self.hyperprototypes, objective, hp_cfg.rounds_of_hp,
+                                      hp_cfg.lr_hp, hp_cfg.hp_step)
         self.hyperprototypes = match.hyperprototypes
         self.head = {"weight": weights[w_key].clone(), "bias": weights[b_key].clone()}
         diagnostics |= {"hp_match_loss_before": match.loss_before,
