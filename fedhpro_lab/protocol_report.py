@@ -24,9 +24,6 @@ METHOD = "fedhpro"
 BASELINE = "fedavg"
 TARGET_SHARE = 0.95  # of tuned FedAvg's accuracy
 CONVERGED_POINTS = 0.5  # largest change of the 5-round mean over the last 10 rounds
-VERDICT = {"win": "W", "tie": "T", "loss": "L"}
-
-
 def load_runs(out: Path, setting: str, variant: str, seeds: list[int]) -> list[dict[str, Any]]:
     """Each seed's results.json."""
     return [json.loads((run_path(out, setting, variant, s) / "results.json").read_text())
@@ -53,14 +50,6 @@ def moving_change(accuracies: list[float], window: int = 5, span: int = 10) -> f
     now = stats.mean(accuracies[-window:])
     before = stats.mean(accuracies[-window - span:-span])
     return now - before
-
-
-def _interval(values: list[float], points: bool = False) -> str:
-    scale = 100 if points else 1
-    low, high = stats.t_interval(values)
-    digits = 1 if points else 3
-    return (f"{stats.mean(values) * scale:.{digits}f} "
-            f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]")
 
 
 def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
@@ -100,10 +89,11 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
             diff_cell, verdict = "—", "—"
         else:
             diffs = [last5[METHOD][s] - last5[variant][s] for s in common]
-            diff_cell = _interval(diffs, points=True)
-            verdict = VERDICT[stats.verdict(diffs)]
+            diff_cell = stats.interval_text(diffs, points=True)
+            verdict = stats.VERDICT_LETTER[stats.verdict(diffs)]
         name = f"**{variant}**" if variant == METHOD else variant
-        lines.append(f"| {name} | {len(own)} | {_interval(list(last5[variant].values()))} | "
+        accuracy = stats.interval_text(list(last5[variant].values()))
+        lines.append(f"| {name} | {len(own)} | {accuracy} | "
                      f"{best:.3f} | {rounds_cell} | {mb_cell} | {client:.2f} | {diff_cell} | "
                      f"{verdict} |")
     lines += ["", *convergence({m: curves[m] for m in tuned}),

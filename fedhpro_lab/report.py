@@ -29,6 +29,9 @@ BASELINE = "fedavg"
 METHOD = "fedhpro"
 
 
+PAIRED_REFERENCE = "fedhpro"  # what a suite's variants are compared with, seed by seed
+
+
 def _float(row: dict[str, str], key: str) -> float:
     return float(row[key]) if row.get(key) not in (None, "") else float("nan")
 
@@ -102,6 +105,33 @@ def setting_table(rows: list[dict[str, str]]) -> list[str]:
             f"| {cell('client_busy_seconds', digits=2)} | {cell('server_seconds', digits=3)} "
             f"| {cell('framework_seconds', digits=2)} "
             f"| {cell('bytes_up_per_round', 1e-6, 3)} | {cell('bytes_down_per_round', 1e-6, 3)} |")
+    return lines
+
+
+def paired_table(rows: list[dict[str, str]], reference: str) -> list[str]:
+    """Markdown rows: each variant's mean of the last 5 rounds with its 95% interval, and
+    its difference to `reference` paired by seed (the seeds both ran) with W / T / L (the
+    variant ahead / no difference / behind). Empty when the reference has under 2 seeds."""
+    last5 = {s: {int(r["seed"]): _float(r, "mean_last5_accuracy") for r in rs}
+             for (s,), rs in _by(rows, "strategy").items()}
+    if len(last5.get(reference, {})) < 2:
+        return []
+    lines = ["Mean of each run's last 5 rounds over seeds [95% t interval]; the variant minus "
+             f"{reference} in points, paired by seed [95% interval]; W / T / L: the variant "
+             "ahead / no difference / behind, by whether that interval excludes 0.", "",
+             f"| variant | seeds | mean of last 5 | minus {reference} | W/T/L |",
+             "|---|---|---|---|---|"]
+    for variant, runs in sorted(last5.items(), key=lambda kv: -stats.mean(kv[1].values())):
+        values = list(runs.values())
+        cell = stats.interval_text(values) if len(values) > 1 else f"{values[0]:.3f}"
+        common = sorted(set(runs) & set(last5[reference]))
+        if variant == reference or len(common) < 2:
+            diff, verdict = "—", "—"
+        else:
+            diffs = [runs[s] - last5[reference][s] for s in common]
+            diff = stats.interval_text(diffs, points=True)
+            verdict = stats.VERDICT_LETTER[stats.verdict(diffs)]
+        lines.append(f"| {variant} | {len(values)} | {cell} | {diff} | {verdict} |")
     return lines
 
 
@@ -329,6 +359,9 @@ def write_report(csv_path: Path, command: str) -> Path:
         memory = f" Peak memory of a run's processes: {max(peaks):.0f} MB." if peaks else ""
         lines += [f"## {setting}", "", f"Suite {srows[0]['suite']}, {rounds} rounds.{memory}",
                   "", *setting_table(srows), ""]
+        paired = paired_table(srows, PAIRED_REFERENCE)
+        if paired:
+            lines += [*paired, ""]
         if domains:
             lines += ["Final accuracy per domain (mean over seeds):", "",
                       *domain_table(srows, domains), ""]

@@ -57,6 +57,9 @@ def paired_differences(a: Sequence[float], b: Sequence[float]) -> list[float]:
     return [x - y for x, y in zip(a, b, strict=True)]
 
 
+VERDICT_LETTER = {"win": "W", "tie": "T", "loss": "L"}  # a table's column of verdicts
+
+
 def verdict(differences: Sequence[float], level: float = 0.95) -> str:
     """"win" when the `level` interval of the mean paired difference lies above 0, "loss"
     when below, else "tie"; a single pair is never enough to call."""
@@ -64,3 +67,12 @@ def verdict(differences: Sequence[float], level: float = 0.95) -> str:
         return "tie"
     low, high = t_interval(differences, level)
     return "win" if low > 0 else "loss" if high < 0 else "tie"
+
+
+def interval_text(values: Sequence[float], points: bool = False) -> str:
+    """"mean [low, high]" of the 95% t interval, to 3 decimals, or in points (x 100, to 1
+    decimal) for differences of accuracies."""
+    scale, digits = (100, 1) if points else (1, 3)
+    low, high = t_interval(values)
+    return (f"{mean(values) * scale:.{digits}f} "
+            f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]")

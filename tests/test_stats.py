@@ -7,7 +7,7 @@ import pytest
 
 from fedhpro_lab import stats
 from fedhpro_lab.diagreport import _summary
-from fedhpro_lab.report import setting_table
+from fedhpro_lab.report import paired_table, setting_table
 
 
 def test_mean_and_sample_std_with_bessels_correction():
@@ -71,3 +71,32 @@ def test_the_diagnostics_tables_use_the_same_std():
     assert _summary(runs, "last", 1)[0] == pytest.approx((0.4 + 0.6 + 1.0) / 3)
     assert _summary(runs, "per-class", 10)[0] == pytest.approx(1.9 / 30)
     assert _summary([[float("nan")]], "mean", 1) is None
+
+
+def test_interval_text_in_accuracy_and_in_points():
+    half = 3.182446305284263 * math.sqrt(5 / 3) / 2  # t_{0.975, 3} * std / sqrt(4)
+    assert stats.interval_text([1.0, 2.0, 3.0, 4.0]) == (
+        f"2.500 [{2.5 - half:.3f}, {2.5 + half:.3f}]")
+    assert stats.interval_text([0.01, 0.02, 0.03], points=True) == "2.0 [-0.5, 4.5]"
+
+
+def test_the_paired_table_pairs_by_seed_and_calls_wins_and_ties():
+    def row(strategy, seed, last5):
+        return {"strategy": strategy, "seed": str(seed), "mean_last5_accuracy": str(last5)}
+
+    reference = [0.70, 0.80, 0.75]
+    rows = [row("fedhpro", s, v) for s, v in enumerate(reference)]
+    # ahead by exactly 0.02, 0.03, 0.025 on the same seeds: a win; its own spread is larger
+    rows += [row("fedhpro-new", s, v + d) for s, (v, d) in enumerate(zip(reference,
+                                                                        (0.02, 0.03, 0.025)))]
+    rows += [row("fedhpro-noisy", s, v) for s, v in enumerate((0.80, 0.70, 0.75))]
+    rows += [row("fedhpro-one-seed", 1, 0.9)]
+    lines = paired_table(rows, "fedhpro")
+    table = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[4:]}
+    assert table["fedhpro-new"][3] == stats.interval_text([0.02, 0.03, 0.025], points=True)
+    assert table["fedhpro-new"][4] == "W |"
+    assert table["fedhpro-noisy"][4] == "T |"  # the same mean, paired differences +-0.1
+    assert table["fedhpro-one-seed"][3:] == ["—", "— |"]  # one common seed decides nothing
+    assert table["fedhpro"][3:] == ["—", "— |"]
+    assert lines[4].startswith("| fedhpro-one-seed | 1 | 0.900 |")  # highest mean first
+    assert paired_table([row("fedhpro", 0, 0.5)], "fedhpro") == []
