@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -245,21 +246,24 @@ def execute(group: list[Run], first: int, progress: Progress,
     with open(log, "a") as out:
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
                                  cwd=APP_DIR)
-        while child.poll() is None:
-            time.sleep(1.0)
-            peak = max(peak, tree_rss_mb(child.pid))
-            for i, run in enumerate(group):
-                rows = rounds_in(run.out_dir / "results.json")
-                if len(rows) > seen[i]:
-                    progress.advance(len(rows) - seen[i])
-                    seen[i] = len(rows)
-                    print(progress.line(first + i, run, seen[i], rows[-1]["accuracy"]),
-                          flush=True)
-            elapsed = time.perf_counter() - start
-            if timeout and elapsed > timeout * len(group):
-                child.kill()
-                child.wait()
-                out.write(f"ERROR fedhpro-bench: stopped after {elapsed:.0f} s\n")
+        try:
+            while child.poll() is None:
+                time.sleep(1.0)
+                peak = max(peak, tree_rss_mb(child.pid))
+                for i, run in enumerate(group):
+                    rows = rounds_in(run.out_dir / "results.json")
+                    if len(rows) > seen[i]:
+                        progress.advance(len(rows) - seen[i])
+                        seen[i] = len(rows)
+                        print(progress.line(first + i, run, seen[i], rows[-1]["accuracy"]),
+                              flush=True)
+                elapsed = time.perf_counter() - start
+                if timeout and elapsed > timeout * len(group):
+                    proctree.kill_tree(child)
+                    out.write(f"ERROR fedhpro-bench: stopped after {elapsed:.0f} s\n")
+        finally:  # stopped (Ctrl-C, SIGTERM): the engine and its workers go too
+            if child.poll() is None:
+                proctree.kill_tree(child)
     seconds = time.perf_counter() - start
     rows_out = []
     for run in group:
@@ -396,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds before a run is stopped and recorded as failed")
     parser.add_argument("--no-report", action="store_true", help="skip RESULTS.md and plots")
     args = parser.parse_args(argv)
+    if argv is None:  # as a command: `kill` stops the runs under it too (see `execute`)
+        signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     command = " ".join(["fedhpro-bench", *(sys.argv[1:] if argv is None else argv)])
     if args.protocol:
         if args.suite or args.config:

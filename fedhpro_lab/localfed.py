@@ -161,14 +161,14 @@ class LocalFederation:
         started = [p for p in [*self.supernodes, self.superlink] if p is not None]
         pids = self.pids()
         for pid in pids:
-            _signal(pid, signal.SIGCONT)  # a paused node cannot act on SIGTERM
-            _signal(pid, signal.SIGTERM)
+            proctree.send(pid, signal.SIGCONT)  # a paused node cannot act on SIGTERM
+            proctree.send(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
         for process in started:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(max(0.1, deadline - time.monotonic()))
         for pid in pids:
-            _signal(pid, signal.SIGKILL)
+            proctree.send(pid, signal.SIGKILL)
         for process in started:
             process.wait()
         self.supernodes, self.superlink = [], None
@@ -176,22 +176,22 @@ class LocalFederation:
     def pause_node(self, index: int) -> None:
         """Freeze SuperNode `index` and its processes (SIGSTOP): a machine that hangs."""
         for pid in proctree.tree(self.supernodes[index].pid):
-            _signal(pid, signal.SIGSTOP)
+            proctree.send(pid, signal.SIGSTOP)
 
     def resume_node(self, index: int) -> None:
         for pid in proctree.tree(self.supernodes[index].pid):
-            _signal(pid, signal.SIGCONT)
+            proctree.send(pid, signal.SIGCONT)
 
     def kill_node(self, index: int) -> None:
         """SIGKILL SuperNode `index` and its processes: a machine that loses power. It stays
         dead; its heartbeats stop, and the SuperLink declares it unavailable."""
-        _kill_tree(self.supernodes[index])
+        proctree.kill_tree(self.supernodes[index])
 
     def kill_superlink(self) -> None:
         """SIGKILL the SuperLink and its processes (SuperExec, ServerApp): the coordinator's
         machine losing power. The SuperNodes keep running and retry."""
         assert self.superlink is not None
-        _kill_tree(self.superlink)
+        proctree.kill_tree(self.superlink)
         self.superlink = None
 
     def node_log(self, index: int) -> str:
@@ -301,13 +301,3 @@ class LocalFederation:
         raise FederationError(f"{name} did not listen on 127.0.0.1:{port} within "
                               f"{self.start_timeout:.0f} s")
 
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    for pid in proctree.tree(process.pid):
-        _signal(pid, signal.SIGKILL)
-    process.wait()
-
-
-def _signal(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)

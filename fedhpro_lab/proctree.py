@@ -7,7 +7,10 @@ them (memory, CPU) or stopping them needs the whole tree.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 
@@ -58,3 +61,17 @@ def cpu_seconds(pids: list[int]) -> float:
     """CPU time (user + system) the processes have used so far."""
     ticks = sum(int(fields[11]) + int(fields[12]) for fields in map(stat, pids) if fields)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def send(pid: int, sig: signal.Signals) -> None:
+    """`sig` to `pid`, if it is still there."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a child and everything below it (a killed parent leaves its children running:
+    a simulation's engine workers, a SuperNode's ClientApps), then reap it."""
+    for pid in tree(process.pid):
+        send(pid, signal.SIGKILL)
+    process.wait()

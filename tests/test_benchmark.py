@@ -4,6 +4,7 @@ resume, a failing run recorded while the suite goes on, and the report's arithme
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from fedhpro_flwr.app.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkp
 from fedhpro_flwr.config import parse_overrides, resolve_run_config
 from fedhpro_flwr.methods import SECTIONS, load_experiment
 from fedhpro_flwr.methods.strategy import busy_seconds
+from fedhpro_lab import proctree
 from fedhpro_lab.benchmark import (
     STALE_CHECKPOINT,
     Progress,
@@ -88,6 +90,34 @@ def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path):
     assert good["status"] == "ok" and 0.0 < float(good["final_accuracy"]) <= 1.0
     write_report(tmp_path / "results.csv", "test")
     assert "## Failed runs" in (tmp_path / "RESULTS.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_stopped_bench_takes_its_engine_and_workers_with_it(tmp_path):
+    """`kill` of fedhpro-bench (SIGTERM) used to leave its simulation and the engine's
+    workers training on, orphaned: a resumed bench then ran beside them."""
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "fedhpro_lab.benchmark", "--config", "conf/mnist-dir0.5.yaml",
+         "--strategies", "fedavg", "--rounds", "50", "--out", str(tmp_path), "--overrides",
+         "partition.num_partitions=2 train.local_epochs=1"],
+        cwd=APP_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # until the first round is in: the engine's workers are up
+            results = next(tmp_path.glob("runs/*/fedavg/*/results.json"), None)
+            if results is not None and json.loads(results.read_text())["rounds"]:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no round finished within 300 s")
+        below = proctree.descendants(bench.pid)
+        assert any("fedhpro_lab.simulation" in proctree.cmdline(p) for p in below)
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        time.sleep(1.0)
+        alive = [p for p in below if proctree.stat(p) and proctree.stat(p)[0] != "Z"]
+        assert alive == [], [proctree.cmdline(p) for p in alive]
+    finally:
+        proctree.kill_tree(bench)
 
 
 def test_every_suite_plans_every_strategy_setting_and_seed(tmp_path):

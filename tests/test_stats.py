@@ -87,8 +87,9 @@ def test_the_paired_table_pairs_by_seed_and_calls_wins_and_ties():
     reference = [0.70, 0.80, 0.75]
     rows = [row("fedhpro", s, v) for s, v in enumerate(reference)]
     # ahead by exactly 0.02, 0.03, 0.025 on the same seeds: a win; its own spread is larger
-    rows += [row("fedhpro-new", s, v + d) for s, (v, d) in enumerate(zip(reference,
-                                                                        (0.02, 0.03, 0.025)))]
+    ahead = (0.02, 0.03, 0.025)
+    rows += [row("fedhpro-new", s, v + d)
+             for s, (v, d) in enumerate(zip(reference, ahead, strict=True))]
     rows += [row("fedhpro-noisy", s, v) for s, v in enumerate((0.80, 0.70, 0.75))]
     rows += [row("fedhpro-one-seed", 1, 0.9)]
     lines = paired_table(rows, "fedhpro")
