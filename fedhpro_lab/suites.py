@@ -107,6 +107,17 @@ ANCHORS = (
     Variant("fedproto", "fedproto"),
 )
 
+# Candidates for FedHPro's default recalibration on the default suite's settings (issues #19,
+# #23): the paper's; drawn from the clients' class moments (upload linear in C) with the
+# reference recipe's minibatch SGD, or with one full-batch step per epoch (a tenth of the
+# server's dependent steps)
+RECAL_DEFAULTS = (
+    Variant("fedhpro", "fedhpro"),
+    Variant("fedhpro-moments", "fedhpro", "fedhpro.recal_source=moments"),
+    Variant("fedhpro-moments-full-batch", "fedhpro",
+            "fedhpro.recal_source=moments fedhpro.recal_solver=full-batch"),
+)
+
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite(
         "smoke", "two strategies, one seed, two rounds on 3 clients of the MNIST subset (CI)",
@@ -136,6 +147,13 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         "anchors", "FedHPro's hyper-prototype matching targets against fixed anchors and "
         "FedProto, with the anchors' diagnostics, on the default suite's settings, 5 seeds",
         DEFAULT_SETTINGS, ANCHORS, (0, 1, 2, 3, 4), rounds=10,
+        overrides="train.local_epochs=2 diagnostics.consistency=true",
+    ),
+    Suite(
+        "recal-default", "FedHPro's default recalibration against the two candidates drawn "
+        "from class moments, on the default suite's settings, 5 seeds (sized as the anchors "
+        "suite, whose FedHPro runs it shares)",
+        DEFAULT_SETTINGS, RECAL_DEFAULTS, (0, 1, 2, 3, 4), rounds=10,
         overrides="train.local_epochs=2 diagnostics.consistency=true",
     ),
     Suite(
