@@ -6,13 +6,13 @@
 For each number of classes C, builds the FedHPro Strategy for a d = 128 model, feeds it the
 replies of `--clients` clients that each hold every class (random per-class statistics of the
 real shapes, sent through the real encoder and decoder), and times `server_step` with one
-thread: as configured (classifier recalibration from the clients' classifier gradients +
-hyper-prototype matching, the default steps), with `fedhpro.recal_source=moments`
-(recalibration from the clients' class feature moments), the same with
-`fedhpro.recal_solver=gaussian` (the classifier in closed form) and with
+thread: with the paper's recalibration (from the clients' classifier gradients, minibatch SGD)
++ hyper-prototype matching, with `fedhpro.recal_source=moments` (recalibration from the
+clients' class feature moments) and minibatch SGD, as configured (moments, full-batch steps),
+with `fedhpro.recal_solver=gaussian` (the classifier in closed form) and with
 `fedhpro.recalibration=false` (matching only). Also prints the bytes one client uploads per
 round: the model weights (a CNN whose classifier has C outputs) and the class statistics of
-each variant, and the default's in float16 (`fedhpro.float16_upload`).
+each variant, and the classifier gradients in float16 (`fedhpro.float16_upload`).
 Run it on an otherwise idle machine. With --csv the rows are also written there, where
 `fedhpro_lab.report` picks them up (next to results.csv).
 """
@@ -42,8 +42,9 @@ D = 128
 
 
 VARIANTS = {  # fedhpro keys of each measured variant
-    "gradients": {},
-    "moments": {"recal_source": "moments"},
+    "gradients": {"recal_source": "gradients", "recal_solver": "sgd"},  # the paper's
+    "moments": {"recal_source": "moments", "recal_solver": "sgd"},
+    "moments_full_batch": {},  # FedHPro as configured: moments, full-batch steps
     "moments_gaussian": {"recal_source": "moments", "recal_solver": "gaussian"},
     "no_recal": {"recalibration": False},
 }
@@ -92,7 +93,8 @@ def measure(num_classes: int, clients: int, repeats: int) -> dict[str, float]:
         row[f"server_seconds_{name}"] = server_seconds(weights, num_classes, clients, repeats,
                                                        fedhpro)
         row[f"upload_bytes_{name}"] = record_nbytes(upload_record(stats, hp_cfg))
-    half = parse_experiment({"fedhpro": {"float16_upload": True}}).section(FedHProConfig)
+    half = parse_experiment({"fedhpro": {**VARIANTS["gradients"], "float16_upload": True}}
+                            ).section(FedHProConfig)
     row["upload_bytes_gradients_fp16"] = record_nbytes(upload_record(stats, half))
     return row
 
@@ -106,10 +108,10 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     torch.set_num_threads(1)
-    print("| classes | server step (s): gradients | moments | moments, gaussian "
-          "| no recalibration | weights MB | upload / FedAvg's: gradients | float16 | moments "
-          "| no recalibration |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| classes | server step (s): gradients | moments | moments, full-batch "
+          "| moments, gaussian | no recalibration | weights MB | upload / FedAvg's: gradients "
+          "| float16 | moments | no recalibration |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for c in args.classes:
         m = measure(c, args.clients, args.repeats)
         rows.append({"classes": c, **m})

@@ -239,6 +239,8 @@ def scale_goals(ok: list[dict[str, str]], scaling: list[dict[str, str]]) -> list
         first, last = scaling[0], scaling[-1]
         classes = float(last["classes"]) / float(first["classes"])
         for key, how in SCALING_VARIANTS:
+            if key not in first:  # a CSV written before the variant existed
+                continue
             grows = _float(last, key) / _float(first, key)
             lines.append(f"| FedHPro's server step{how} grows no worse than linearly in the "
                          f"classes ({first['classes']} -> {last['classes']}) | {grows:.1f}x the "
@@ -309,7 +311,9 @@ def goals(ok: list[dict[str, str]]) -> list[str]:
 
 # server_scaling.csv's variants: column suffix, how the report names it
 SCALING_VARIANTS = (("server_seconds_gradients", " (recalibration from classifier gradients)"),
-                    ("server_seconds_moments", " (fedhpro.recal_source=moments)"),
+                    ("server_seconds_moments", " (fedhpro.recal_source=moments recal_solver=sgd)"),
+                    ("server_seconds_moments_full_batch", " (as configured: class moments, "
+                     "full-batch steps)"),
                     ("server_seconds_moments_gaussian", " (fedhpro.recal_source=moments "
                      "recal_solver=gaussian)"),
                     ("server_seconds_no_recal", " (fedhpro.recalibration=false)"))
@@ -318,12 +322,14 @@ SCALING_VARIANTS = (("server_seconds_gradients", " (recalibration from classifie
 def scaling_table(scaling: list[dict[str, str]]) -> list[str]:
     """Server step and a client's upload per number of classes, for each recalibration."""
     lines = ["| classes | server step (s): classifier gradients | class moments "
-             "| class moments, gaussian head | no recalibration | upload / FedAvg's: "
-             "classifier gradients | their float16 | class moments | no recalibration |",
-             "|" + "---|" * 9]
+             "| class moments, full-batch | class moments, gaussian head | no recalibration "
+             "| upload / FedAvg's: classifier gradients | their float16 | class moments "
+             "| no recalibration |",
+             "|" + "---|" * 10]
     for r in scaling:
         weights = _float(r, "weights_bytes")
-        steps = " | ".join(f"{_float(r, key):.3f}" for key, _ in SCALING_VARIANTS)
+        steps = " | ".join(f"{_float(r, key):.3f}" if key in r else "—"
+                           for key, _ in SCALING_VARIANTS)
         uploads = " | ".join(f"{(weights + _float(r, f'upload_bytes_{k}')) / weights:.3f}x"
                              for k in ("gradients", "gradients_fp16", "moments", "no_recal"))
         lines.append(f"| {r['classes']} | {steps} | {uploads} |")

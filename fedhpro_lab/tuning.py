@@ -47,8 +47,9 @@ LAST = 5  # rounds averaged into a score
 # As the authors' code ships each method (optimiser and the method's own keys).
 PUBLISHED: dict[str, str] = {
     # the reference code: SGD lr 0.1 without momentum, HPCL divided by the batch size again,
-    # no margin
-    "fedhpro": "train.lr=0.1 train.momentum=0.0 fedhpro.w_cl=0.015625 fedhpro.margin=false",
+    # no margin, the classifier recalibrated from matched classifier gradients by minibatch SGD
+    "fedhpro": "train.lr=0.1 train.momentum=0.0 fedhpro.w_cl=0.015625 fedhpro.margin=false "
+               "fedhpro.recal_source=gradients fedhpro.recal_solver=sgd",
     "fedavg": "train.lr=0.01 train.momentum=0.0",  # FedProx's code base, plain SGD
     "fedprox": "train.lr=0.01 train.momentum=0.0 fedprox.mu=0.01",  # as CReFF's code runs it
     "fedproto": "train.lr=0.01 train.momentum=0.5 fedproto.lam=1.0",  # its options.py

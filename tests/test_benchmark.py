@@ -34,7 +34,7 @@ from fedhpro_lab.benchmark import (
 )
 from fedhpro_lab.report import goals, scale_goals, write_report
 from fedhpro_lab.simulation import APP_DIR
-from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant
+from fedhpro_lab.suites import ALL_STRATEGIES, PAPER_RECAL, SUITES, Setting, Suite, Variant
 
 
 def read_csv(path):
@@ -142,7 +142,8 @@ def test_ablation_variants_run_fedhpro_with_their_own_keys(tmp_path):
     configs = {r.strategy: r.run_config(resume=False) for r in runs if r.seed == 0
                and r.setting.name == "mnist-lt"}
     assert {c["strategy"] for c in configs.values()} == {"fedhpro"}
-    assert configs["fedhpro"]["overrides"] == "train.local_epochs=2"
+    # measured with the paper's recalibration, the default then: pinned to it
+    assert configs["fedhpro"]["overrides"] == f"train.local_epochs=2 {PAPER_RECAL}"
     no_recal = configs["fedhpro-no-recalibration"]
     assert no_recal["overrides"] == "train.local_epochs=2 fedhpro.recalibration=false"
     assert no_recal["out-dir"].endswith("mnist-lt/fedhpro-no-recalibration/seed0")
@@ -273,20 +274,26 @@ def test_scale_goals_compare_memory_and_class_growth():
     ok = [{"suite": "scale", "setting": "mnist-100-clients", "peak_rss_mb": "1100"},
           {"suite": "default", "setting": "mnist-dir0.5", "peak_rss_mb": "1000"}]
     scaling = [{"classes": "10", "server_seconds_gradients": "0.1",
-                "server_seconds_moments": "0.05", "server_seconds_moments_gaussian": "0.01",
-                "server_seconds_no_recal": "0.02"},
+                "server_seconds_moments": "0.05", "server_seconds_moments_full_batch": "0.02",
+                "server_seconds_moments_gaussian": "0.01", "server_seconds_no_recal": "0.02"},
                {"classes": "400", "server_seconds_gradients": "5.0",
-                "server_seconds_moments": "2.1", "server_seconds_moments_gaussian": "0.2",
-                "server_seconds_no_recal": "0.3"}]
+                "server_seconds_moments": "2.1", "server_seconds_moments_full_batch": "0.7",
+                "server_seconds_moments_gaussian": "0.2", "server_seconds_no_recal": "0.3"}]
     lines = "\n".join(scale_goals(ok, scaling))
     assert "| 1100 MB vs 1000 MB (1.10x) | met |" in lines
     assert "server step (recalibration from classifier gradients) grows no worse than " \
            "linearly in the classes (10 -> 400) | 50.0x the time for 40x the classes | " \
            "**not met** |" in lines
-    assert "(fedhpro.recal_source=moments) grows no worse than linearly in the classes " \
-           "(10 -> 400) | 42.0x the time for 40x the classes | met |" in lines
+    assert "(fedhpro.recal_source=moments recal_solver=sgd) grows no worse than linearly in " \
+           "the classes (10 -> 400) | 42.0x the time for 40x the classes | met |" in lines
+    assert "(as configured: class moments, full-batch steps) grows no worse than linearly in " \
+           "the classes (10 -> 400) | 35.0x the time for 40x the classes | met |" in lines
     assert "server step (fedhpro.recalibration=false) grows no worse than linearly in the " \
            "classes (10 -> 400) | 15.0x the time for 40x the classes | met |" in lines
+    # a CSV written before the full-batch column existed: no line for it, the others as before
+    older = [{k: v for k, v in row.items() if "full_batch" not in k} for row in scaling]
+    assert "full-batch" not in "\n".join(scale_goals(ok, older))
+    assert "42.0x the time" in "\n".join(scale_goals(ok, older))
 
 
 def test_busy_time_is_the_union_of_the_client_spans_within_the_round():

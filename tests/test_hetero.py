@@ -105,9 +105,10 @@ def test_shared_payloads_have_the_same_shapes_across_architectures(name):
         for key, array in reply.content.array_records[record].items():
             trailing.setdefault(key, set()).add(tuple(array.shape[1:]))
     assert all(len(shapes) == 1 for shapes in trailing.values()), trailing
-    if name == "fedhpro":  # classifier gradients, without each class's own row
-        classes = dataset_spec(CFG).num_classes
-        assert trailing["weight_grads"] == {(classes - 1, CFG.model.feature_dim)}
+    if name == "fedhpro":  # feature gradients and the features' class moments
+        d = CFG.model.feature_dim
+        assert trailing == {"classes": {()}, "counts": {()}, "feature_grads": {(d,)},
+                            "feature_means": {(d,)}, "feature_vars": {()}}
     else:
         assert trailing["prototypes"] == {(CFG.model.feature_dim,)}
     assert strategy.aggregate_train(1, replies)[0] is not None
