@@ -44,7 +44,7 @@ def corrupt(reply: RecordDict, fault: str) -> None:
     elif fault == "wrong-shape":
         weights[first] = Array(weights[first].numpy()[:-1].copy())
     elif fault == "float64-gradients":
-        stats["bias_grads"] = Array(stats["bias_grads"].numpy().astype(np.float64))
+        stats["feature_grads"] = Array(stats["feature_grads"].numpy().astype(np.float64))
     elif fault == "unknown-class":
         classes = stats["classes"].numpy().copy()
         classes[-1] = 10  # the federation has classes 0..9
