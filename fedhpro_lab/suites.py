@@ -162,9 +162,9 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         overrides="train.local_epochs=2 diagnostics.consistency=true",
     ),
     Suite(
-        "recal-default", "FedHPro's default recalibration against the two candidates drawn "
-        "from class moments, on the default suite's settings, 5 seeds (sized as the anchors "
-        "suite, whose FedHPro runs it shares)",
+        "recal-default", "FedHPro's recalibration as the paper makes it (the default then) "
+        "against the two candidates drawn from class moments, on the default suite's settings, "
+        "5 seeds (sized as the anchors suite, whose FedHPro runs it shares)",
         DEFAULT_SETTINGS, RECAL_DEFAULTS, (0, 1, 2, 3, 4), rounds=10,
         overrides="train.local_epochs=2 diagnostics.consistency=true",
     ),
