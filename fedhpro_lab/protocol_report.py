@@ -84,13 +84,8 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
         mb_cell = f"{stats.mean([mb for _, mb in reached]):.1f}" if reached else "—"
         best = stats.mean([float(by_variant[variant][s]["best_accuracy"]) for s in own])
         client = stats.mean([float(by_variant[variant][s]["client_seconds"]) for s in own])
-        common = [s for s in own if s in last5.get(METHOD, {})]
-        if variant == METHOD or len(common) < 2:
-            diff_cell, verdict = "—", "—"
-        else:
-            diffs = [last5[METHOD][s] - last5[variant][s] for s in common]
-            diff_cell = stats.interval_text(diffs, points=True)
-            verdict = stats.VERDICT_LETTER[stats.verdict(diffs)]
+        diff_cell, verdict = (("—", "—") if variant == METHOD
+                              else stats.paired_text(last5.get(METHOD, {}), last5[variant]))
         name = f"**{variant}**" if variant == METHOD else variant
         accuracy = stats.interval_text(list(last5[variant].values()))
         lines.append(f"| {name} | {len(own)} | {accuracy} | "

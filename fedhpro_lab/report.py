@@ -124,13 +124,8 @@ def paired_table(rows: list[dict[str, str]], reference: str) -> list[str]:
     for variant, runs in sorted(last5.items(), key=lambda kv: -stats.mean(kv[1].values())):
         values = list(runs.values())
         cell = stats.interval_text(values) if len(values) > 1 else f"{values[0]:.3f}"
-        common = sorted(set(runs) & set(last5[reference]))
-        if variant == reference or len(common) < 2:
-            diff, verdict = "—", "—"
-        else:
-            diffs = [runs[s] - last5[reference][s] for s in common]
-            diff = stats.interval_text(diffs, points=True)
-            verdict = stats.VERDICT_LETTER[stats.verdict(diffs)]
+        diff, verdict = (("—", "—") if variant == reference
+                         else stats.paired_text(runs, last5[reference]))
         lines.append(f"| {variant} | {len(values)} | {cell} | {diff} | {verdict} |")
     return lines
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from scipy.stats import t as student_t
 
@@ -76,3 +76,13 @@ def interval_text(values: Sequence[float], points: bool = False) -> str:
     low, high = t_interval(values)
     return (f"{mean(values) * scale:.{digits}f} "
             f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]")
+
+
+def paired_text(a: Mapping[int, float], b: Mapping[int, float]) -> tuple[str, str]:
+    """`a` minus `b` over the seeds both ran, as a table's two cells: the difference in points
+    with its 95% interval, and its verdict letter; "—" for both under two common seeds."""
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return "—", "—"
+    diffs = paired_differences([a[s] for s in common], [b[s] for s in common])
+    return interval_text(diffs, points=True), VERDICT_LETTER[verdict(diffs)]

@@ -119,6 +119,10 @@ ANCHORS = (
     Variant("fedproto", "fedproto"),
 )
 
+# The anchors suite's keys on top of each setting; the recal-default suite uses the same, so
+# that the FedHPro runs the two have in common are one and the same run
+ANCHOR_SIZING = "train.local_epochs=2 diagnostics.consistency=true"
+
 # Candidates for FedHPro's default recalibration on the default suite's settings (issues #19,
 # #23): the paper's; drawn from the clients' class moments (upload linear in C) with the
 # reference recipe's minibatch SGD, or with one full-batch step per epoch (a tenth of the
@@ -158,15 +162,14 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite(
         "anchors", "FedHPro's hyper-prototype matching targets against fixed anchors and "
         "FedProto, with the anchors' diagnostics, on the default suite's settings, 5 seeds",
-        DEFAULT_SETTINGS, ANCHORS, (0, 1, 2, 3, 4), rounds=10,
-        overrides="train.local_epochs=2 diagnostics.consistency=true",
+        DEFAULT_SETTINGS, ANCHORS, (0, 1, 2, 3, 4), rounds=10, overrides=ANCHOR_SIZING,
     ),
     Suite(
         "recal-default", "FedHPro's recalibration as the paper makes it (the default then) "
         "against the two candidates drawn from class moments, on the default suite's settings, "
         "5 seeds (sized as the anchors suite, whose FedHPro runs it shares)",
         DEFAULT_SETTINGS, RECAL_DEFAULTS, (0, 1, 2, 3, 4), rounds=10,
-        overrides="train.local_epochs=2 diagnostics.consistency=true",
+        overrides=ANCHOR_SIZING,
     ),
     Suite(
         "diagnostics", "FedHPro's anchors and the prototype methods' global prototypes, measured "

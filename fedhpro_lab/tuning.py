@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from fedhpro_lab.benchmark import rounds_in
-from fedhpro_lab.suites import Setting, Suite, Variant, run_path
+from fedhpro_lab.suites import PAPER_RECAL, Setting, Suite, Variant, run_path
 
 LEARNING_RATES = (0.01, 0.05)
 MOMENTA = (0.0, 0.9)
@@ -49,7 +49,7 @@ PUBLISHED: dict[str, str] = {
     # the reference code: SGD lr 0.1 without momentum, HPCL divided by the batch size again,
     # no margin, the classifier recalibrated from matched classifier gradients by minibatch SGD
     "fedhpro": "train.lr=0.1 train.momentum=0.0 fedhpro.w_cl=0.015625 fedhpro.margin=false "
-               "fedhpro.recal_source=gradients fedhpro.recal_solver=sgd",
+               + PAPER_RECAL,
     "fedavg": "train.lr=0.01 train.momentum=0.0",  # FedProx's code base, plain SGD
     "fedprox": "train.lr=0.01 train.momentum=0.0 fedprox.mu=0.01",  # as CReFF's code runs it
     "fedproto": "train.lr=0.01 train.momentum=0.5 fedproto.lam=1.0",  # its options.py

@@ -101,3 +101,12 @@ def test_the_paired_table_pairs_by_seed_and_calls_wins_and_ties():
     assert table["fedhpro"][3:] == ["—", "— |"]
     assert lines[4].startswith("| fedhpro-one-seed | 1 | 0.900 |")  # highest mean first
     assert paired_table([row("fedhpro", 0, 0.5)], "fedhpro") == []
+
+
+def test_paired_text_takes_the_common_seeds_and_the_sign_of_a_minus_b():
+    a = {0: 0.72, 1: 0.83, 2: 0.775, 5: 0.1}  # seed 5 has no partner: left out
+    b = {0: 0.70, 1: 0.80, 2: 0.75, 3: 0.9}
+    assert stats.paired_text(a, b) == (stats.interval_text([0.02, 0.03, 0.025], points=True),
+                                       "W")
+    assert stats.paired_text(b, a)[1] == "L"
+    assert stats.paired_text({0: 0.5, 1: 0.6}, {1: 0.4}) == ("—", "—")  # one common seed

@@ -213,9 +213,9 @@ class FedHProStrategy(RecalibratingStrategy):
                     replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         hp_cfg = self.cfg.section(FedHProConfig)
         stats: list[ClassStatistics] = [r.extra for r in replies]
+        held = torch.stack([s.present for s in stats])
         feature_target, holders = masked_class_mean(
-            torch.stack([s.feature_grads for s in stats]), torch.stack([s.present for s in stats])
-        )
+            torch.stack([s.feature_grads for s in stats]), held)
         present = holders > 0
         diagnostics: dict[str, float] = {"classes_reported": float(present.sum())}
         w_key, b_key = "classifier.weight", "classifier.bias"
@@ -230,8 +230,7 @@ class FedHProStrategy(RecalibratingStrategy):
         weight, bias = weights[w_key].detach(), weights[b_key].detach()
         if hp_cfg.hp_target == "row-grads":
             own_rows, _ = masked_class_mean(
-                torch.stack([torch.diagonal(s.weight_grads).T for s in stats]),
-                torch.stack([s.present for s in stats]))
+                torch.stack([torch.diagonal(s.weight_grads).T for s in stats]), held)
             objective = row_matching_objective(weight, bias, own_rows, present)
         else:
             objective = matching_objective(weight, bias, feature_target, present,
