@@ -134,14 +134,18 @@ class Tuning:
         return run_path(self.out, self.setting.name, trial.name, self.seed) / "results.json"
 
     def run(self, run_suite: Any, timeout: float | None = None) -> dict[str, Any]:
-        """Every rung in turn (finished trials are not re-run); returns the record of scores
-        by rung and the winner of every method."""
+        """Every rung in turn (a trial holding a rung's rounds already is not run again);
+        returns the record of scores by rung and the winner of every method."""
         alive = [t for m in self.methods for t in trials(m)]
         record: dict[str, Any] = {"setting": self.setting.name, "seed": self.seed,
                                   "rounds": self.rounds, "rungs": []}
         for share, keep in RUNGS:
             rounds = max(round(self.rounds * share), LAST)
-            run_suite(self.suite(alive, rounds), self.out, timeout)
+            # a trial a later rung already took further is done here (run again at this
+            # rung's length, it would start afresh wherever its checkpoint is gone or stale)
+            short = [t for t in alive if len(rounds_in(self.results(t))) < rounds]
+            if short:
+                run_suite(self.suite(short, rounds), self.out, timeout)
             short = [t.name for t in alive if len(rounds_in(self.results(t))) < rounds]
             if short:  # a score over fewer rounds is not comparable: never choose on one
                 raise TuningIncomplete(

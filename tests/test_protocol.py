@@ -123,6 +123,29 @@ def test_a_rung_with_a_trial_short_of_its_rounds_stops_the_tuning(tmp_path):
         tuning.run(run_suite_failing_one)
 
 
+def test_a_resumed_tuning_runs_only_the_trials_short_of_a_rung(tmp_path):
+    """Rung 1 re-entered after rung 2 took two trials further must not run those again (they
+    would start afresh and be cut back to rung 1's rounds where no checkpoint survives)."""
+    tuning = Tuning(Setting("s", "conf/mnist-dir0.5.yaml"), ("fedavg",), 20, 7, tmp_path)
+    asked: list[tuple[int, list[str]]] = []
+
+    def run_suite(suite, out, timeout):
+        asked.append((suite.rounds, [v.name for v in suite.variants]))
+        for variant in suite.variants:
+            path = tuning.results(next(t for t in trials("fedavg") if t.name == variant.name))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            accuracy = 0.5 + int(variant.name[-1]) / 100
+            path.write_text(json.dumps({"rounds": [{"val_accuracy": accuracy}] * suite.rounds}))
+
+    first = tuning.run(run_suite)
+    assert asked == [(5, [t.name for t in trials("fedavg")]), (10, ["fedavg-t7", "fedavg-t6"])]
+    asked.clear()
+    assert tuning.run(run_suite) == first and asked == []
+    (tuning.results(trials("fedavg")[6])).unlink()  # t6 lost: only t6 runs, in rung 1 and 2
+    tuning.run(run_suite)
+    assert asked == [(5, ["fedavg-t6"]), (10, ["fedavg-t6"])]
+
+
 @pytest.mark.slow
 def test_a_real_tuning_scores_every_trial_on_validation_and_chooses_one(tmp_path):
     """FedAvg's 8 trials on 3 clients through the real harness; with 4 rounds every rung is
