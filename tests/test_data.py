@@ -97,6 +97,20 @@ def test_extraction_masks_absent_classes():
     assert stats.feature_grads[~absent].abs().sum(1).min() > 0
 
 
+
+def test_extraction_without_the_classifier_gradients_measures_the_rest_alike():
+    """A client that does not send them skips the C x C x d block; nothing else moves."""
+    cfg = ExperimentConfig(partition=PartitionConfig(alpha=0.5, num_partitions=10))
+    data = client_data(cfg, 3)
+    model = build_model(cfg.model, dataset_spec(cfg))
+    full, lean = (extract_class_statistics(model, data, 20, 2, torch.Generator().manual_seed(1),
+                                           torch.device("cpu"), classifier=c)
+                  for c in (True, False))
+    assert lean.weight_grads is None and lean.bias_grads is None
+    assert full.weight_grads is not None and full.weight_grads.shape == (10, 10, 128)
+    for name in ("present", "counts", "feature_grads", "feature_means", "feature_vars"):
+        assert torch.equal(getattr(full, name), getattr(lean, name)), name
+
 def test_long_tail_counts_follow_the_exponential_profile():
     labels = np.repeat(np.arange(5), 400)
     keep = long_tail_subset(labels, imbalance_factor=100.0, seed=0)

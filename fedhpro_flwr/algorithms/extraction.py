@@ -62,12 +62,17 @@ def extract_class_statistics(
     generator: torch.Generator,
     device: torch.device,
     head: tuple[torch.Tensor, torch.Tensor] | None = None,
-    chunk: int = 512,
+    classifier: bool = True,
+    chunk: int = 64,
 ) -> ClassStatistics:
     """Per-class mean CE gradients at the model as received, and the features' moments.
 
     `head` (weight, bias) replaces the model's classifier in the loss when given (CReFF
-    measures at its re-trained classifier).
+    measures at its re-trained classifier). `classifier=False` leaves out the gradients
+    w.r.t. the classifier (C x C x d, the only part growing as C^2) for a caller that does
+    not send them. Features are computed `chunk` samples at a time: on a CPU, batches of a
+    few dozen keep the activations in cache (64 against 512: 0.29 s against 0.35-0.43 s for a
+    client's 1,138 digits, one thread).
     """
     model.eval()
     num_classes = data.num_classes
@@ -87,13 +92,16 @@ def extract_class_statistics(
         grid = torch.zeros(num_classes, per_class, z.shape[1], device=device)
         grid[mask.to(device)] = z
         mask_d = mask.to(device)
-        grads = class_gradients(grid, weight, bias, mask_d)
+        grads = class_gradients(grid, weight, bias, mask_d, with_classifier=classifier)
         taken = mask_d.sum(dim=1).clamp(min=1)
         means = grid.sum(dim=1) / taken[:, None]
         squares = ((grid - means[:, None]) ** 2 * mask_d[..., None]).sum(dim=(1, 2))
         variances = squares / (taken * grid.shape[2])
-        parts = [grads.feature, grads.weight, grads.bias, means, variances]
+        parts = [grads.feature, means, variances]
+        if classifier:
+            parts += [grads.weight, grads.bias]
         sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
     assert sums is not None
-    feature, weight_g, bias_g, means, variances = (s.cpu() / repeats for s in sums)
+    feature, means, variances, *head_grads = (s.cpu() / repeats for s in sums)
+    weight_g, bias_g = head_grads if classifier else (None, None)
     return ClassStatistics(present, counts, feature, weight_g, bias_g, means, variances)

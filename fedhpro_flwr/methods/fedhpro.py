@@ -141,7 +141,8 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     hp = decode_hyperprototypes(required_record(task.content, HP_RECORD), data.num_classes,
                                 model.feature_dim, hp_cfg.num_hyperprototypes).to(task.device)
     stats = extract_class_statistics(
-        model, data, hp_cfg.batch_real, hp_cfg.repeat_num, task.generator, task.device
+        model, data, hp_cfg.batch_real, hp_cfg.repeat_num, task.generator, task.device,
+        classifier=sends_classifier_grads(hp_cfg),
     )
     class_anchors, class_centers = anchors(hp), centers(hp)
     head = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
@@ -168,7 +169,8 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     if hp_cfg.recalibration and hp_cfg.recal_after_training:
         # the trained extractor's features, seen through the classifier the server matches at
         after = extract_class_statistics(model, data, hp_cfg.batch_real, hp_cfg.repeat_num,
-                                         task.generator, task.device, head=head)
+                                         task.generator, task.device, head=head,
+                                         classifier=sends_classifier_grads(hp_cfg))
         stats = replace(stats, weight_grads=after.weight_grads, bias_grads=after.bias_grads,
                         feature_means=after.feature_means, feature_vars=after.feature_vars)
     if task.cfg.diagnostics.consistency:
