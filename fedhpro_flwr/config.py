@@ -126,6 +126,10 @@ class ModelConfig:
     # "cnn-8,cnn-16,resnet10-8" (name-width), all projecting to feature_dim; "" = every
     # client runs `name` and the whole model is averaged
     backbones: str = setting("")
+    # the extractor's initial weights: PyTorch's layer defaults, or He's normal for ReLU
+    # layers (`models.kaiming_init`), which the glyph sets' many-class configs need to leave
+    # chance within a CPU budget
+    init: str = setting("pytorch", choices=("pytorch", "kaiming"))
 
     def __post_init__(self) -> None:
         self.backbone_list()  # check the format once, at start

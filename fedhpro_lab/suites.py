@@ -95,14 +95,23 @@ ABLATIONS = (
     with_paper_recal("fedhpro-orthogonal-init", "fedhpro.init=orthogonal"),
 )
 
+# FedHPro's recalibration from the clients' class moments, with the reference recipe's
+# minibatch SGD or one full-batch step per epoch (the default since the recal-default suite)
+MOMENTS = Variant("fedhpro-moments", "fedhpro",
+                  "fedhpro.recal_source=moments fedhpro.recal_solver=sgd")
+MOMENTS_FULL_BATCH = Variant("fedhpro-moments-full-batch", "fedhpro",
+                             "fedhpro.recal_source=moments fedhpro.recal_solver=full-batch")
+
 # FedHPro's classifier recalibrations (issue #19): the paper's, from the clients' C x C x d
 # classifier gradients; the re-centred fix; from per-class feature moments (C x d + C), with
-# the classifier trained as the paper's or written down in closed form; none
+# the classifier trained as the paper's (by minibatch or full-batch steps) or written down in
+# closed form; none
 RECALIBRATIONS = (
     with_paper_recal("fedhpro"),
     with_paper_recal("fedhpro-recal-fix",
                      "fedhpro.recal_after_training=true fedhpro.recal_recentre=true"),
-    Variant("fedhpro-moments", "fedhpro", "fedhpro.recal_source=moments fedhpro.recal_solver=sgd"),
+    MOMENTS,
+    MOMENTS_FULL_BATCH,
     Variant("fedhpro-moments-gaussian", "fedhpro",
             "fedhpro.recal_source=moments fedhpro.recal_solver=gaussian"),
     Variant("fedhpro-no-recalibration", "fedhpro", "fedhpro.recalibration=false"),
@@ -124,15 +133,9 @@ ANCHORS = (
 ANCHOR_SIZING = "train.local_epochs=2 diagnostics.consistency=true"
 
 # Candidates for FedHPro's default recalibration on the default suite's settings (issues #19,
-# #23): the paper's; drawn from the clients' class moments (upload linear in C) with the
-# reference recipe's minibatch SGD, or with one full-batch step per epoch (a tenth of the
-# server's dependent steps; the default since this suite)
-RECAL_DEFAULTS = (
-    with_paper_recal("fedhpro"),
-    Variant("fedhpro-moments", "fedhpro", "fedhpro.recal_source=moments fedhpro.recal_solver=sgd"),
-    Variant("fedhpro-moments-full-batch", "fedhpro",
-            "fedhpro.recal_source=moments fedhpro.recal_solver=full-batch"),
-)
+# #23): the paper's; drawn from the clients' class moments (upload linear in C) by minibatch
+# or full-batch steps (a tenth of the server's dependent steps)
+RECAL_DEFAULTS = (with_paper_recal("fedhpro"), MOMENTS, MOMENTS_FULL_BATCH)
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite(

@@ -4,6 +4,7 @@ import torch
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.config import ConfigError, ModelConfig
 from fedhpro_flwr.data.federated import DataSpec
+from fedhpro_flwr.methods import parse_experiment
 
 SEVEN = tuple("abcdefg")
 
@@ -43,3 +44,25 @@ def test_text_features_ignore_padding():
 def test_a_model_that_does_not_fit_the_data_is_a_config_error(name, spec):
     with pytest.raises(ConfigError, match="does not fit the dataset"):
         build_model(ModelConfig(name=name), spec)
+
+
+def test_kaiming_init_keeps_the_small_cnns_features_at_the_inputs_scale():
+    """PyTorch's default init shrinks the signal layer by layer (the glyph sets' plateau at
+    chance); He's init keeps the features' second moment near the input's; the classifier is
+    PyTorch's in both, drawn from the same seed."""
+    spec = DataSpec((3, 32, 32), tuple(map(str, range(100))))
+    x = torch.randn(256, *spec.input_shape)
+    scale, heads = {}, {}
+    for init in ("pytorch", "kaiming"):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name="cnn", init=init), spec)
+        with torch.no_grad():
+            scale[init] = model.features(x).pow(2).mean().item()
+        heads[init] = model.classifier.weight
+    assert scale["pytorch"] < 0.01 and 1 < scale["kaiming"] < 20
+    assert torch.equal(heads["pytorch"], heads["kaiming"])
+
+
+def test_an_unknown_init_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"model\.init"):
+        parse_experiment({"model": {"init": "xavier"}})
