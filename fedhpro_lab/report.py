@@ -331,6 +331,43 @@ def scaling_table(scaling: list[dict[str, str]]) -> list[str]:
     return lines
 
 
+def plot_scaling(out: Path, scaling: list[dict[str, str]]) -> Path:
+    """Server step and a client's upload against the classes, log-log, with a line of slope
+    one through each curve's first point: a curve steeper than it grows faster than C."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = [int(r["classes"]) for r in scaling]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in SCALING_VARIANTS:
+        if all(key in r and r[key] for r in scaling):
+            seconds = [_float(r, key) for r in scaling]
+            line, = left.plot(classes, seconds, "o-", label=label.strip(" ()"))
+            left.plot(classes, [seconds[0] * c / classes[0] for c in classes], ":",
+                      color=line.get_color(), lw=1)
+    for key, label in (("gradients", "classifier gradients"),
+                       ("gradients_fp16", "classifier gradients, float16"),
+                       ("moments", "class moments"), ("no_recal", "no recalibration")):
+        ratio = [(_float(r, "weights_bytes") + _float(r, f"upload_bytes_{key}"))
+                 / _float(r, "weights_bytes") for r in scaling]
+        right.plot(classes, ratio, "o-", label=label)
+    left.set(xscale="log", yscale="log", xlabel="classes",
+             ylabel="server step (s, one thread)",
+             title="FedHPro's server step (dotted: linear in C)")
+    right.set(xscale="log", yscale="log", xlabel="classes", ylabel="upload / FedAvg's",
+              title="a client's upload per round")
+    for ax in (left, right):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "plots" / "server-scaling.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(csv_path: Path, command: str) -> Path:
     """RESULTS.md (and plots/) next to results.csv."""
     out = csv_path.parent
@@ -381,7 +418,8 @@ def write_report(csv_path: Path, command: str) -> Path:
         lines += ["## Server step and upload against the number of classes", "",
                   f"`python benchmarks/server_scaling.py --csv {scaling_path.name}` (one thread, "
                   "10 clients holding every class, d = 128); a client's upload against FedAvg's "
-                  "(its weights alone):", "", *scaling_table(scaling), ""]
+                  "(its weights alone):", "", *scaling_table(scaling), "",
+                  f"![server-scaling](plots/{plot_scaling(out, scaling).name})", ""]
     lines += diagnostics_section(out, ok)
     lines += ["## Goals", "", *goals(ok), *scale_goals(ok, scaling), ""]
     if failed:

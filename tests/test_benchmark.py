@@ -32,7 +32,7 @@ from fedhpro_lab.benchmark import (
     summarize,
     tree_rss_mb,
 )
-from fedhpro_lab.report import goals, scale_goals, write_report
+from fedhpro_lab.report import goals, plot_scaling, scale_goals, write_report
 from fedhpro_lab.simulation import APP_DIR
 from fedhpro_lab.suites import ALL_STRATEGIES, PAPER_RECAL, SUITES, Setting, Suite, Variant
 
@@ -295,6 +295,16 @@ def test_scale_goals_compare_memory_and_class_growth():
     assert "full-batch" not in "\n".join(scale_goals(ok, older))
     assert "42.0x the time" in "\n".join(scale_goals(ok, older))
 
+
+
+def test_the_scaling_plot_draws_every_complete_variant(tmp_path):
+    rows = [{"classes": str(c), "weights_bytes": "1000", "server_seconds_gradients": str(c),
+             "server_seconds_no_recal": str(c / 10), "server_seconds_moments": "",
+             **{f"upload_bytes_{k}": str(c) for k in ("gradients", "gradients_fp16",
+                                                      "moments", "no_recal")}}
+            for c in (10, 100, 400)]
+    path = plot_scaling(tmp_path, rows)
+    assert path == tmp_path / "plots" / "server-scaling.png" and path.stat().st_size > 10_000
 
 def test_busy_time_is_the_union_of_the_client_spans_within_the_round():
     spans = [(1.0, 4.0), (2.0, 3.0), (3.5, 6.0), (8.0, 9.0), (-5.0, 0.5), (9.5, 20.0)]
