@@ -175,6 +175,22 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         overrides=ANCHOR_SIZING,
     ),
     Suite(
+        "many-class", "every strategy on 100 generated glyph classes, under a long tail "
+        "(imbalance 100, then Dirichlet 0.5: CIFAR-100-LT's protocol) and under Dirichlet 0.1, "
+        "5 seeds",
+        (Setting("glyphs100-lt", "conf/glyphs100-lt.yaml"),
+         Setting("glyphs100-dir0.1", "conf/glyphs100-dir0.1.yaml")),
+        ALL_STRATEGIES, (0, 1, 2, 3, 4), rounds=20, overrides="train.local_epochs=2",
+    ),
+    Suite(
+        "many-class-400", "the many-class suite at 400 glyph classes, long tail; without CReFF, "
+        "whose server step (features matched to C x C x d classifier gradients) takes 204 s a "
+        "round at 400 classes (benchmarks/server_scaling.csv)",
+        (Setting("glyphs400-lt", "conf/glyphs400-lt.yaml"),),
+        tuple(m for m in ALL_STRATEGIES if m != "creff"), (0, 1, 2, 3, 4), rounds=20,
+        overrides="train.local_epochs=2",
+    ),
+    Suite(
         "diagnostics", "FedHPro's anchors and the prototype methods' global prototypes, measured "
         "the same way (consistency with client prototypes, separation, movement, 2-D pictures), "
         "under strong label skew (mnist-dir0.1), 3 seeds; about 10 minutes on 2 CPU cores",

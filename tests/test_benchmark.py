@@ -133,6 +133,18 @@ def test_every_suite_plans_every_strategy_setting_and_seed(tmp_path):
     assert first["seed"] == 0 and first["overrides"] == "train.local_epochs=2"
 
 
+
+def test_the_many_class_suites_run_the_glyph_configs_as_they_are(tmp_path):
+    runs = plan(SUITES["many-class"], tmp_path) + plan(SUITES["many-class-400"], tmp_path)
+    assert {r.setting.name for r in runs} == {"glyphs100-lt", "glyphs100-dir0.1", "glyphs400-lt"}
+    assert {r.strategy for r in runs if r.setting.name == "glyphs400-lt"} \
+        == set(ALL_STRATEGIES) - {"creff"}
+    for run in runs:
+        if run.seed == 0:
+            config = run.run_config(resume=False)
+            cfg = load_experiment(APP_DIR / config["config"], parse_overrides(config["overrides"]))
+            assert cfg.model.init == "kaiming" and cfg.train.local_epochs == 2
+
 def test_ablation_variants_run_fedhpro_with_their_own_keys(tmp_path):
     ablation = SUITES["ablation"]
     runs = plan(ablation, tmp_path)
