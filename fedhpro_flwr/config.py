@@ -234,13 +234,7 @@ class ExperimentConfig:
 
     def to_flat(self) -> dict[str, Scalar]:
         """``{"section.key": value}``: what a Flower ConfigRecord can carry."""
-        flat: dict[str, Scalar] = {}
-        for name, value in self.to_dict().items():
-            if isinstance(value, dict):
-                flat |= {f"{name}.{key}": sub for key, sub in value.items()}
-            else:
-                flat[name] = value
-        return flat
+        return flatten(self.to_dict())
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any],
@@ -274,6 +268,18 @@ class ExperimentConfig:
         """A short hash of everything that shapes the run's state (rounds excluded)."""
         items = {k: v for k, v in self.to_flat().items() if k not in ignore}
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten(nested: Mapping[str, Any]) -> dict[str, Any]:
+    """A nested config mapping (`ExperimentConfig.to_dict`, a results.json's "config") as
+    ``{"section.key": value}``."""
+    flat: dict[str, Any] = {}
+    for name, value in nested.items():
+        if isinstance(value, dict):
+            flat |= {f"{name}.{key}": sub for key, sub in value.items()}
+        else:
+            flat[name] = value
+    return flat
 
 
 def _plain(value: Any) -> Any:

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from fedhpro_flwr.app.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from fedhpro_flwr.config import ConfigError, parse_overrides, resolve_run_config
-from fedhpro_flwr.methods import SECTIONS, load_experiment
+from fedhpro_flwr.config import ConfigError, flatten, parse_overrides, resolve_run_config
+from fedhpro_flwr.methods import SECTIONS, load_experiment, parse_experiment
 from fedhpro_lab import proctree
 from fedhpro_lab.simulation import APP_DIR
 from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant, run_path
@@ -204,7 +204,42 @@ def rounds_in(path: Path) -> list[dict[str, Any]]:
         return []
 
 
+# keys whose default has changed since they were added: the value a run recorded before the
+# key existed was made with (a key missing from an older results.json counts at its default)
+FIRST_DEFAULTS = {"fedhpro.recal_source": "gradients", "fedhpro.recal_solver": "sgd"}
+# keys that say where the run computes, not what: left out of the comparison
+NOT_SETUP = {"federation.rounds", "federation.server_threads"}
+
+
+def same_setup(run: Run, results: dict[str, Any]) -> bool:
+    """Whether a results.json was written under this run's experiment, rounds aside.
+
+    Only the keys that reach the run are compared: the common ones and its own method's
+    section (a FedAvg run does not change when FedHPro's defaults do). A key the code has
+    gained since the run counts at the default it was added with: the run was made with
+    that behaviour.
+    """
+    current = resolve_run_config(run.run_config(resume=False), APP_DIR,
+                                 SECTIONS).experiment.to_flat()
+    defaults = parse_experiment({}).to_flat() | FIRST_DEFAULTS
+    recorded = flatten(results.get("config", {}))
+    foreign = set(SECTIONS) - {run.variant.strategy}
+    return all(recorded.get(key, defaults.get(key)) == value
+               for key, value in current.items()
+               if key not in NOT_SETUP and key.split(".")[0] not in foreign)
+
+
+def finished_here(run: Run) -> bool:
+    """Whether the run's results.json holds its rounds (or more), made under its setup."""
+    try:
+        results = json.loads((run.out_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return len(results.get("rounds", [])) >= run.rounds and same_setup(run, results)
+
+
 STALE_CHECKPOINT = "checkpoint.stale.pt"
+STALE_RESULTS = "results.stale.json"
 
 
 def resumable(run: Run) -> bool:
@@ -232,7 +267,12 @@ def execute(group: list[Run], first: int, progress: Progress,
     configs = []
     for run in group:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        configs.append(run.run_config(resume=resumable(run)))
+        resume = resumable(run)
+        if not resume and (run.out_dir / "results.json").is_file():
+            # an earlier attempt's rounds: neither progress nor, should this one fail before
+            # its first round, a finished run
+            (run.out_dir / "results.json").replace(run.out_dir / STALE_RESULTS)
+        configs.append(run.run_config(resume=resume))
     seen = [len(rounds_in(r.out_dir / "results.json")) if c["resume"] else 0
             for r, c in zip(group, configs, strict=True)]
     command = [sys.executable, "-m", "fedhpro_lab.simulation",
@@ -296,7 +336,8 @@ def run_suite(suite: Suite, out: Path, timeout: float | None = None,
     csv_path = out / "results.csv"
     rows = read_rows(csv_path)
     recovered = [run for run in runs if not is_done(rows.get(run.key, {}), run.rounds)
-                 and len(rounds_in(run.out_dir / "results.json")) == run.rounds]
+                 and len(rounds_in(run.out_dir / "results.json")) == run.rounds
+                 and finished_here(run)]
     for run in recovered:  # finished, but its group was cut off before its row was written
         results = json.loads((run.out_dir / "results.json").read_text())
         rows[run.key] = {**summarize(run, results, float("nan")), "peak_rss_mb": float("nan")}

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from fedhpro_lab.benchmark import rounds_in
+from fedhpro_lab.benchmark import finished_here, plan, rounds_in
 from fedhpro_lab.suites import PAPER_RECAL, Setting, Suite, Variant, run_path
 
 LEARNING_RATES = (0.01, 0.05)
@@ -142,8 +142,11 @@ class Tuning:
         for share, keep in RUNGS:
             rounds = max(round(self.rounds * share), LAST)
             # a trial a later rung already took further is done here (run again at this
-            # rung's length, it would start afresh wherever its checkpoint is gone or stale)
-            short = [t for t in alive if len(rounds_in(self.results(t))) < rounds]
+            # rung's length, it would start afresh wherever its checkpoint is gone or stale);
+            # one made under another setup (a default changed since) is not
+            finished = {r.strategy for r in plan(self.suite(alive, rounds), self.out)
+                        if finished_here(r)}
+            short = [t for t in alive if t.name not in finished]
             if short:
                 run_suite(self.suite(short, rounds), self.out, timeout)
             short = [t.name for t in alive if len(rounds_in(self.results(t))) < rounds]

@@ -29,6 +29,7 @@ from fedhpro_lab.benchmark import (
     read_rows,
     resumable,
     run_suite,
+    same_setup,
     summarize,
     tree_rss_mb,
 )
@@ -84,9 +85,15 @@ def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path):
                            "partition.num_partitions=3 partition.min_size=5000"),
                    Setting("good", "conf/mnist-dir0.5.yaml", "partition.num_partitions=3")),
                   ("fedavg",), (0,), rounds=1, overrides="train.local_epochs=1")
+    # an earlier attempt's rounds, no checkpoint to go on from: they are not this run's
+    earlier = tmp_path / "runs" / "broken" / "fedavg" / "seed0"
+    earlier.mkdir(parents=True)
+    (earlier / "results.json").write_text(json.dumps({"rounds": [{"round": 1,
+                                                                  "accuracy": 0.5}]}))
     rows = read_rows(run_suite(suite, tmp_path))
     broken, good = rows[("broken", "fedavg", "0")], rows[("good", "fedavg", "0")]
     assert broken["status"] == "failed" and "cannot give 3 partitions" in broken["reason"]
+    assert (earlier / "results.stale.json").is_file()
     assert good["status"] == "ok" and 0.0 < float(good["final_accuracy"]) <= 1.0
     write_report(tmp_path / "results.csv", "test")
     assert "## Failed runs" in (tmp_path / "RESULTS.md").read_text()
@@ -144,6 +151,35 @@ def test_the_many_class_suites_run_the_glyph_configs_as_they_are(tmp_path):
             config = run.run_config(resume=False)
             cfg = load_experiment(APP_DIR / config["config"], parse_overrides(config["overrides"]))
             assert cfg.model.init == "kaiming" and cfg.train.local_epochs == 2
+
+
+def test_same_setup_compares_what_reaches_the_run(tmp_path):
+    suite = Suite("s", "", (Setting("m", "conf/mnist-dir0.5.yaml"),),
+                  ("fedavg", Variant("paper", "fedhpro", PAPER_RECAL)), (0,), rounds=3)
+    fedavg, paper = plan(suite, tmp_path)
+
+    def recorded(run, **changes):
+        config = resolve_run_config(run.run_config(resume=False), APP_DIR, SECTIONS)
+        nested = config.experiment.to_dict()
+        for key, value in changes.items():
+            section, name = key.split("__")
+            if value is None:
+                del nested[section][name]
+            else:
+                nested[section][name] = value
+        return {"config": nested}
+
+    assert same_setup(fedavg, recorded(fedavg))
+    assert same_setup(fedavg, recorded(fedavg, federation__rounds=99))  # rounds aside
+    assert same_setup(fedavg, recorded(fedavg, fedhpro__w_cl=0.5))  # not FedAvg's section
+    assert not same_setup(fedavg, recorded(fedavg, train__lr=0.3))
+    assert not same_setup(paper, recorded(paper, fedhpro__w_cl=0.5))
+    # a run from before model.init existed was made with PyTorch's init: it is this setup;
+    # one from before recal_source existed was made with the paper's recalibration
+    assert same_setup(fedavg, recorded(fedavg, model__init=None))
+    assert same_setup(paper, recorded(paper, fedhpro__recal_source=None,
+                                      fedhpro__recal_solver=None))
+    assert not same_setup(paper, recorded(paper, fedhpro__recal_source="moments"))
 
 def test_ablation_variants_run_fedhpro_with_their_own_keys(tmp_path):
     ablation = SUITES["ablation"]

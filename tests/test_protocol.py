@@ -7,10 +7,11 @@ import json
 import pytest
 import yaml
 
-from fedhpro_flwr.config import parse_overrides
-from fedhpro_flwr.methods import METHODS
-from fedhpro_lab.benchmark import COLUMNS, run_suite
+from fedhpro_flwr.config import parse_overrides, resolve_run_config
+from fedhpro_flwr.methods import METHODS, SECTIONS
+from fedhpro_lab.benchmark import COLUMNS, plan, run_suite
 from fedhpro_lab.protocol_report import moving_change, setting_section, to_target
+from fedhpro_lab.simulation import APP_DIR
 from fedhpro_lab.suites import Setting
 from fedhpro_lab.tuning import (
     PUBLISHED,
@@ -131,11 +132,13 @@ def test_a_resumed_tuning_runs_only_the_trials_short_of_a_rung(tmp_path):
 
     def run_suite(suite, out, timeout):
         asked.append((suite.rounds, [v.name for v in suite.variants]))
-        for variant in suite.variants:
-            path = tuning.results(next(t for t in trials("fedavg") if t.name == variant.name))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            accuracy = 0.5 + int(variant.name[-1]) / 100
-            path.write_text(json.dumps({"rounds": [{"val_accuracy": accuracy}] * suite.rounds}))
+        for run in plan(suite, out):
+            run.out_dir.mkdir(parents=True, exist_ok=True)
+            config = resolve_run_config(run.run_config(resume=False), APP_DIR, SECTIONS)
+            accuracy = 0.5 + int(run.strategy[-1]) / 100
+            (run.out_dir / "results.json").write_text(json.dumps(
+                {"config": config.experiment.to_dict(),
+                 "rounds": [{"val_accuracy": accuracy}] * suite.rounds}))
 
     first = tuning.run(run_suite)
     assert asked == [(5, [t.name for t in trials("fedavg")]), (10, ["fedavg-t7", "fedavg-t6"])]
@@ -144,6 +147,14 @@ def test_a_resumed_tuning_runs_only_the_trials_short_of_a_rung(tmp_path):
     (tuning.results(trials("fedavg")[6])).unlink()  # t6 lost: only t6 runs, in rung 1 and 2
     tuning.run(run_suite)
     assert asked == [(5, ["fedavg-t6"]), (10, ["fedavg-t6"])]
+    # t3 made under another learning rate (say, the grid changed since): run again
+    path = tuning.results(trials("fedavg")[3])
+    results = json.loads(path.read_text())
+    results["config"]["train"]["lr"] = 0.3
+    path.write_text(json.dumps(results))
+    asked.clear()
+    tuning.run(run_suite)
+    assert asked == [(5, ["fedavg-t3"])]
 
 
 @pytest.mark.slow
