@@ -314,6 +314,18 @@ SCALING_VARIANTS = (("server_seconds_gradients", " (recalibration from classifie
                     ("server_seconds_no_recal", " (fedhpro.recalibration=false)"))
 
 
+# server_scaling.csv's uploads: column suffix, how the plot names it
+SCALING_UPLOADS = (("gradients", "classifier gradients"),
+                   ("gradients_fp16", "classifier gradients, float16"),
+                   ("moments", "class moments"), ("no_recal", "no recalibration"))
+
+
+def upload_ratio(row: dict[str, str], key: str) -> float:
+    """A client's upload (weights and the variant's statistics) against FedAvg's (weights)."""
+    weights = _float(row, "weights_bytes")
+    return (weights + _float(row, f"upload_bytes_{key}")) / weights
+
+
 def scaling_table(scaling: list[dict[str, str]]) -> list[str]:
     """Server step and a client's upload per number of classes, for each recalibration."""
     lines = ["| classes | server step (s): classifier gradients | class moments "
@@ -322,11 +334,9 @@ def scaling_table(scaling: list[dict[str, str]]) -> list[str]:
              "| no recalibration |",
              "|" + "---|" * 10]
     for r in scaling:
-        weights = _float(r, "weights_bytes")
         steps = " | ".join(f"{_float(r, key):.3f}" if key in r else "—"
                            for key, _ in SCALING_VARIANTS)
-        uploads = " | ".join(f"{(weights + _float(r, f'upload_bytes_{k}')) / weights:.3f}x"
-                             for k in ("gradients", "gradients_fp16", "moments", "no_recal"))
+        uploads = " | ".join(f"{upload_ratio(r, key):.3f}x" for key, _ in SCALING_UPLOADS)
         lines.append(f"| {r['classes']} | {steps} | {uploads} |")
     return lines
 
@@ -347,12 +357,8 @@ def plot_scaling(out: Path, scaling: list[dict[str, str]]) -> Path:
             line, = left.plot(classes, seconds, "o-", label=label.strip(" ()"))
             left.plot(classes, [seconds[0] * c / classes[0] for c in classes], ":",
                       color=line.get_color(), lw=1)
-    for key, label in (("gradients", "classifier gradients"),
-                       ("gradients_fp16", "classifier gradients, float16"),
-                       ("moments", "class moments"), ("no_recal", "no recalibration")):
-        ratio = [(_float(r, "weights_bytes") + _float(r, f"upload_bytes_{key}"))
-                 / _float(r, "weights_bytes") for r in scaling]
-        right.plot(classes, ratio, "o-", label=label)
+    for key, label in SCALING_UPLOADS:
+        right.plot(classes, [upload_ratio(r, key) for r in scaling], "o-", label=label)
     left.set(xscale="log", yscale="log", xlabel="classes",
              ylabel="server step (s, one thread)",
              title="FedHPro's server step (dotted: linear in C)")
