@@ -200,6 +200,12 @@ class DiagnosticsConfig:
         return rounds
 
 
+# keys whose default has changed since they were added, at the default they were added with:
+# a run recorded (or checkpointed) before the key existed was made with that value
+FIRST_DEFAULTS: dict[str, Scalar] = {"fedhpro.recal_source": "gradients",
+                                     "fedhpro.recal_solver": "sgd"}
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment: the YAML file's content after overrides."""
@@ -264,9 +270,21 @@ class ExperimentConfig:
                    for name, kind in sections.items()}
         return dataclasses.replace(base, methods=methods)
 
+    def first_defaults(self) -> dict[str, Scalar]:
+        """Every key of this config (its method sections' too) at the value it was added
+        with: the behaviour of a run recorded before the key existed."""
+        defaults = dataclasses.replace(
+            type(self)(), methods={name: type(value)() for name, value in self.methods.items()})
+        return defaults.to_flat() | FIRST_DEFAULTS
+
     def fingerprint(self, ignore: tuple[str, ...] = ("federation.rounds",)) -> str:
-        """A short hash of everything that shapes the run's state (rounds excluded)."""
-        items = {k: v for k, v in self.to_flat().items() if k not in ignore}
+        """A short hash of everything that shapes the run's state (rounds excluded).
+
+        Keys at the value they were added with are left out, so that a key the code gains
+        (at the behaviour it had before) leaves the checkpoints written before it valid."""
+        first = self.first_defaults()
+        items = {k: v for k, v in self.to_flat().items()
+                 if k not in ignore and (k not in first or first[k] != v)}
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
 
 

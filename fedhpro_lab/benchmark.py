@@ -204,9 +204,6 @@ def rounds_in(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-# keys whose default has changed since they were added: the value a run recorded before the
-# key existed was made with (a key missing from an older results.json counts at its default)
-FIRST_DEFAULTS = {"fedhpro.recal_source": "gradients", "fedhpro.recal_solver": "sgd"}
 # keys that say where the run computes, not what: left out of the comparison
 NOT_SETUP = {"federation.rounds", "federation.server_threads"}
 
@@ -221,7 +218,7 @@ def same_setup(run: Run, results: dict[str, Any]) -> bool:
     """
     current = resolve_run_config(run.run_config(resume=False), APP_DIR,
                                  SECTIONS).experiment.to_flat()
-    defaults = parse_experiment({}).to_flat() | FIRST_DEFAULTS
+    defaults = parse_experiment({}).first_defaults()
     recorded = flatten(results.get("config", {}))
     foreign = set(SECTIONS) - {run.variant.strategy}
     return all(recorded.get(key, defaults.get(key)) == value

@@ -102,6 +102,12 @@ MOMENTS = Variant("fedhpro-moments", "fedhpro",
 MOMENTS_FULL_BATCH = Variant("fedhpro-moments-full-batch", "fedhpro",
                              "fedhpro.recal_source=moments fedhpro.recal_solver=full-batch")
 
+# FedHPro as configured with a server step linear in the classes: the classifier trained on
+# groups of 32 classes, the hyper-prototypes matched over their 32 nearest classes (with 10
+# classes, the default itself)
+CLASS_GROUPS = Variant("fedhpro-class-groups", "fedhpro",
+                       "fedhpro.recal_classes_per_step=32 fedhpro.hp_softmax_classes=32")
+
 # FedHPro's classifier recalibrations (issue #19): the paper's, from the clients' C x C x d
 # classifier gradients; the re-centred fix; from per-class feature moments (C x d + C), with
 # the classifier trained as the paper's (by minibatch or full-batch steps) or written down in
@@ -114,6 +120,7 @@ RECALIBRATIONS = (
     MOMENTS_FULL_BATCH,
     Variant("fedhpro-moments-gaussian", "fedhpro",
             "fedhpro.recal_source=moments fedhpro.recal_solver=gaussian"),
+    CLASS_GROUPS,
     Variant("fedhpro-no-recalibration", "fedhpro", "fedhpro.recalibration=false"),
 )
 

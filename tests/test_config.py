@@ -1,9 +1,16 @@
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
-from fedhpro_flwr.config import ConfigError, ExperimentConfig, parse_overrides, resolve_run_config
+from fedhpro_flwr.config import (
+    FIRST_DEFAULTS,
+    ConfigError,
+    ExperimentConfig,
+    parse_overrides,
+    resolve_run_config,
+)
 from fedhpro_flwr.methods import SECTIONS, load_experiment, parse_experiment
 from fedhpro_flwr.methods.fedhpro import FedHProConfig
 
@@ -43,6 +50,13 @@ def test_default_yaml_loads_and_round_trips_through_flat_form():
          "'fedhpro.hp_target' = row-grads matches the clients' classifier gradients"),
         ({"fedhpro.hp_target": "row-grads", "fedhpro.recal_source": "moments"},
          "'fedhpro.hp_target' = row-grads matches the clients' classifier gradients"),
+        ({"fedhpro.recal_classes_per_step": 16, "fedhpro.recal_solver": "sgd"},
+         "'fedhpro.recal_classes_per_step' = 16: groups of classes need "
+         "'fedhpro.recal_solver' = full-batch (it is 'sgd')"),
+        ({"fedhpro.recal_classes_per_step": 1}, "at least 2 classes per group"),
+        ({"fedhpro.hp_softmax_classes": 8, "fedhpro.distance": "scalar"},
+         "'fedhpro.hp_softmax_classes' = 8: matching over the nearest classes needs"),
+        ({"fedhpro.hp_softmax_classes": 1}, "at least 2 of them"),
     ],
 )
 def test_bad_values_name_key_value_and_rule(overrides, message):
@@ -92,3 +106,23 @@ def test_fingerprint_ignores_rounds_only():
                                              SECTIONS)
     other_tau = ExperimentConfig.from_flat({**cfg.to_flat(), "fedhpro.tau": 0.2}, SECTIONS)
     assert cfg.fingerprint() == more_rounds.fingerprint() != other_tau.fingerprint()
+
+
+def test_fingerprint_survives_a_key_added_at_the_behaviour_before_it():
+    # a checkpoint written before the code gained a key still resumes at the key's first value
+    @dataclasses.dataclass(frozen=True)
+    class Grown(FedHProConfig):
+        new_knob: int = 3
+
+    cfg = parse_experiment({"fedhpro": {"tau": 0.1}})
+
+    def grown(**knob):
+        return dataclasses.replace(cfg, methods={**cfg.methods, "fedhpro": Grown(tau=0.1, **knob)})
+
+    assert grown().fingerprint() == cfg.fingerprint() != grown(new_knob=4).fingerprint()
+    # a key whose default changed counts at the value it was added with
+    source = FIRST_DEFAULTS["fedhpro.recal_source"]
+    with_first = dataclasses.replace(
+        cfg, methods={**cfg.methods, "fedhpro": FedHProConfig(tau=0.1, recal_source=source)})
+    assert with_first.fingerprint() != cfg.fingerprint()
+    assert with_first.first_defaults()["fedhpro.recal_source"] == source

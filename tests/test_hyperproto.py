@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedhpro_flwr.algorithms.gradmatch import class_gradients, with_autograd
+from fedhpro_flwr.algorithms.gradmatch import class_gradients, vector_distance, with_autograd
 from fedhpro_flwr.algorithms.hyperproto import (
     anchors,
     centers,
@@ -11,6 +11,7 @@ from fedhpro_flwr.algorithms.hyperproto import (
     match_hyperprototypes,
     matching_loss,
     matching_objective,
+    nearest_classes,
     own_row_gradients,
     row_matching_objective,
 )
@@ -128,6 +129,42 @@ def test_closed_form_matching_gradient_equals_autograd(distance):
     assert loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
     assert torch.allclose(grad, want_grad, atol=1e-12)
     assert torch.equal(grad[1], torch.zeros(4, 7, dtype=torch.double))
+
+
+@pytest.mark.parametrize("distance", ["cosine", "mse"])
+def test_matching_over_nearest_classes(distance):
+    g = torch.Generator().manual_seed(4)
+    hp = torch.randn(12, 3, 6, generator=g, dtype=torch.double)
+    weight = torch.randn(12, 6, generator=g, dtype=torch.double)
+    bias = torch.randn(12, generator=g, dtype=torch.double)
+    target = torch.randn(12, 6, generator=g, dtype=torch.double)
+    present = torch.ones(12, dtype=torch.bool)
+    present[5] = False
+    # every class as a neighbour, in another order: the full softmax's loss and gradient
+    everyone = nearest_classes(hp, weight, bias, 12)
+    assert torch.equal(everyone[:, 0], torch.arange(12))
+    assert torch.equal(everyone.sort(dim=1).values, torch.arange(12).expand(12, 12))
+    full = matching_objective(weight, bias, target, present, distance)(hp)
+    reordered = matching_objective(weight, bias, target, present, distance, everyone)(hp)
+    assert reordered[0].item() == pytest.approx(full[0].item(), rel=1e-12)
+    assert torch.allclose(reordered[1], full[1], atol=1e-12)
+    # four neighbours: the gradient of the loss whose softmax sees only those classes
+    near = nearest_classes(hp, weight, bias, 4)
+    logits = hp.mean(dim=1) @ weight.T + bias
+    assert torch.equal(logits.gather(1, near[:, 1:]),
+                       logits.masked_fill(torch.eye(12, dtype=torch.bool), -torch.inf)
+                       .topk(3, dim=1).values)
+
+    def truncated(p):
+        mask = torch.full((12, 12), -torch.inf, dtype=p.dtype).scatter_(1, near, 0.0)
+        probs = torch.softmax(p @ weight.T + bias + mask[:, None, :], dim=-1)
+        grads = (probs - torch.eye(12, dtype=p.dtype)[:, None, :]).mean(dim=1) @ weight
+        return vector_distance(grads[present], target[present], distance).sum()
+
+    loss, grad = matching_objective(weight, bias, target, present, distance, near)(hp)
+    want_loss, want_grad = with_autograd(truncated)(hp)
+    assert loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
+    assert torch.allclose(grad, want_grad, atol=1e-12)
 
 
 def test_own_row_gradients_are_the_diagonal_of_the_classifier_gradients():

@@ -144,6 +144,38 @@ def test_fedhpro_with_moments_uploads_class_moments_and_recalibrates_on_them():
     assert "recal_match_loss_before" not in strategy.report.row()
 
 
+def test_fedhpro_server_step_over_groups_and_nearest_classes():
+    """The options that make the server step linear in the classes: a round with fewer
+    classes per group / softmax than there are classes, and one with as many, which is the
+    default round exactly."""
+    cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {"recal_source": "moments"}})
+    model = build_model(cfg.model, dataset_spec(cfg))
+    replies = client_replies("fedhpro", get_method("fedhpro").make_strategy(
+        cfg, model.state_dict(), 10, model.feature_dim), model, cfg)
+
+    def round_with(per_step: int):
+        options = {"recal_source": "moments", "recal_classes_per_step": per_step,
+                   "hp_softmax_classes": per_step}
+        run_cfg = parse_experiment({**CFG.to_dict(), "fedhpro": options})
+        strategy = get_method("fedhpro").make_strategy(run_cfg, model.state_dict(), 10,
+                                                       model.feature_dim)
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert arrays is not None
+        return arrays.to_torch_state_dict(), strategy
+
+    default, default_strategy = round_with(0)
+    same, same_strategy = round_with(10)
+    assert all(torch.equal(default[k], same[k]) for k in default)
+    assert torch.equal(default_strategy.hyperprototypes, same_strategy.hyperprototypes)
+    grouped, strategy = round_with(4)
+    assert not torch.equal(grouped["classifier.weight"], default["classifier.weight"])
+    assert not torch.equal(strategy.hyperprototypes, default_strategy.hyperprototypes)
+    row = strategy.report.row()
+    assert 0 < row["hp_neighbour_mass"] <= 1 and "hp_neighbour_mass" not in (
+        default_strategy.report.row())
+    assert row["hp_match_loss_after"] < row["hp_match_loss_before"]
+
+
 def test_a_closed_form_head_keeps_the_clients_scale():
     # the Bayes scale of a nearest-class-mean head (one over the feature variance) made the
     # clients' losses overflow in round 2 of mnist-lt; at the round's own scale they train on

@@ -15,6 +15,7 @@ from fedhpro_flwr.algorithms.recalibration import (
     recalibrate,
     recentred,
     train_linear,
+    train_linear_class_groups,
     train_linear_full_batch,
 )
 
@@ -204,6 +205,58 @@ def test_full_batch_solver_recalibrates_like_minibatch_sgd():
     assert accuracy(full.weight, full.bias, x_test, y_test) == pytest.approx(
         accuracy(sgd.weight, sgd.bias, x_test, y_test), abs=0.01)
     assert (full.weight - sgd.weight).norm() < 0.05 * sgd.weight.norm()
+
+
+def test_class_groups_step_on_each_group_with_the_sampled_softmax_correction():
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(7, 4, 3, generator=g, dtype=torch.double)
+    classes = torch.tensor([True, True, False, True, True, True, True])
+    weight, bias = train_linear_class_groups(features, classes, 2, 0.1, 3,
+                                             torch.Generator().manual_seed(8), 4)
+
+    ref_g = torch.Generator().manual_seed(8)
+    w, b = (t.double() for t in fresh_linear(7, 3, ref_g))
+    trained = torch.tensor([0, 1, 3, 4, 5, 6])
+    for _ in range(2):  # 6 classes in 2 groups of 3 per epoch
+        for group in trained[torch.randperm(6, generator=ref_g)].tensor_split(2):
+            x = features[group].flatten(0, 1)
+            labels = torch.arange(3).repeat_interleave(4)
+            gw = w[group].clone().requires_grad_(True)
+            gb = b[group].clone().requires_grad_(True)
+            # every other class's logit raised by log((C - 1) / (S - 1)) = log(5 / 2)
+            raised = torch.log(torch.tensor(2.5, dtype=torch.double)) * (
+                1 - F.one_hot(labels, 3))
+            loss = F.cross_entropy(x @ gw.T + gb + raised, labels, reduction="sum")
+            dw, db = torch.autograd.grad(loss, (gw, gb))
+            step = 0.1 * 4 / 12  # lr x ceil(12 / 3) steps' worth, per sample
+            w[group], b[group] = gw.detach() - step * dw, gb.detach() - step * db
+    assert torch.allclose(weight, w, atol=1e-12) and torch.allclose(bias, b, atol=1e-12)
+    assert torch.equal(weight[2], fresh_linear(7, 3, torch.Generator().manual_seed(8))[0][2]
+                       .double())  # an untrained class keeps its fresh row
+
+
+def test_class_groups_train_the_classifier_full_batch_steps_train():
+    g = torch.Generator().manual_seed(2)
+    means = torch.randn(40, 16, generator=g).relu() * 1.5
+    features = means[:, None] + torch.randn(40, 30, 16, generator=g)
+    test = means[:, None] + torch.randn(40, 50, 16, generator=g)
+    classes = torch.ones(40, dtype=torch.bool)
+    reference = torch.zeros(40, 16)
+
+    def trained(per_step):
+        return classifier_on(features, classes, "full-batch", 60, 0.05, 30,
+                             torch.Generator().manual_seed(0), reference, per_step)
+
+    def accuracy_of(weight, bias):
+        return ((test @ weight.T + bias).argmax(dim=-1) == torch.arange(40)[:, None]).float().mean()
+
+    full, grouped = trained(0), trained(8)
+    assert accuracy_of(*full) > 0.6  # a problem the classifier learns
+    assert accuracy_of(*grouped) == pytest.approx(accuracy_of(*full).item(), abs=0.01)
+    # the correction keeps the rows as far apart as the full softmax does (without: 23% shorter)
+    assert grouped[0].norm() == pytest.approx(full[0].norm().item(), rel=0.1)
+    # as many classes per step as there are classes: the full-batch solver itself
+    assert all(torch.equal(a, b) for a, b in zip(trained(40), full, strict=True))
 
 
 def moment_statistics(samples: dict[int, torch.Tensor], num_classes: int) -> ClassStatistics:

@@ -94,12 +94,32 @@ def matching_loss(
     return vector_distance(grads[present], target[present], distance).sum()
 
 
+def nearest_classes(hyperprototypes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    count: int) -> torch.Tensor:
+    """(C, count) class indices: for each class, itself first, then the classes the
+    classifier scores highest on its mean hyper-prototype (one C x C product)."""
+    logits = hyperprototypes.mean(dim=1) @ weight.T + bias
+    own = torch.arange(len(logits))
+    logits[own, own] = torch.inf
+    return logits.topk(count, dim=1).indices
+
+
+def neighbour_mass(hyperprototypes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   neighbours: torch.Tensor) -> float:
+    """The mean probability that the full softmax gives each hyper-prototype's `neighbours`
+    (C, K): how much of it a matching restricted to them sees."""
+    probs = torch.softmax(hyperprototypes @ weight.T + bias, dim=-1)  # (C, L, C)
+    index = neighbours[:, None, :].expand(-1, probs.shape[1], -1)
+    return probs.gather(2, index).sum(dim=2).mean().item()
+
+
 def matching_objective(
     weight: torch.Tensor,
     bias: torch.Tensor,
     target: torch.Tensor,
     present: torch.Tensor,
     distance: Distance,
+    neighbours: torch.Tensor | None = None,
 ) -> LossAndGrad:
     """`matching_loss` and its gradient w.r.t. the (C, L, d) hyper-prototypes.
 
@@ -108,24 +128,42 @@ def matching_objective(
     back through the softmax to ``dL/dP_cl = dlogits_cl W``: a dozen small tensor operations
     per step where autograd's graph costs several times more on the server's small problems.
     "scalar" has no useful gradient (sign agreement) and keeps autograd.
+
+    `neighbours` (C, K) (`nearest_classes`) restricts class c's softmax to the classes in its
+    row, those holding nearly all its probability: a step costs ``C L K d`` instead of
+    ``C L C d``, linear in the classes for a fixed K.
     """
     if distance == "scalar":
+        if neighbours is not None:
+            raise ValueError("the scalar distance matches over every class; no neighbours")
         return with_autograd(lambda p: matching_loss(p, weight, bias, target, present, distance))
     prepared = prepared_target(target, present, distance)
     constant = cosine_rows(target, present) if distance == "cosine" else 0
-    eye = torch.eye(weight.shape[0], dtype=weight.dtype)[:, :, None]
-    bias_column = bias[:, None]
+    if neighbours is None:  # every class: one classifier for all, broadcast
+        rows, bias_column = weight, bias[:, None]
+        own = torch.eye(weight.shape[0], dtype=weight.dtype)[:, :, None]
+    else:  # each class its own rows, (C, K, d)
+        rows, bias_column = weight[neighbours], bias[neighbours][:, :, None]
+        own = (neighbours == torch.arange(len(neighbours))[:, None]).to(weight.dtype)[:, :, None]
 
     def loss_and_grad(hyperprototypes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # logits laid out (class, output, hyper-prototype): the softmax runs over the middle
         # axis, several times faster on the CPU than over a short last one
-        probs = torch.matmul(weight, hyperprototypes.transpose(1, 2)).add_(bias_column)
-        probs = probs.softmax(dim=1)  # (C, C, L)
-        mean_residual = (probs - eye).mean(dim=2)  # (C, C)
-        loss, d_grads = distance_and_grad(mean_residual @ weight, prepared, present, distance)
-        d_residual = (d_grads @ weight.T).div_(hyperprototypes.shape[1])[:, :, None]
+        probs = torch.matmul(rows, hyperprototypes.transpose(1, 2)).add_(bias_column)
+        probs = probs.softmax(dim=1)  # (C, C or K, L)
+        mean_residual = (probs - own).mean(dim=2)
+        if neighbours is None:
+            grads = mean_residual @ weight
+        else:
+            grads = torch.matmul(mean_residual[:, None, :], rows).squeeze(1)
+        loss, d_grads = distance_and_grad(grads, prepared, present, distance)
+        if neighbours is None:
+            d_residual = d_grads @ weight.T
+        else:
+            d_residual = torch.matmul(rows, d_grads[:, :, None]).squeeze(2)
+        d_residual = d_residual.div_(hyperprototypes.shape[1])[:, :, None]
         d_logits = probs * (d_residual - (d_residual * probs).sum(dim=1, keepdim=True))
-        return loss + constant, torch.matmul(d_logits.transpose(1, 2), weight)
+        return loss + constant, torch.matmul(d_logits.transpose(1, 2), rows)
 
     return loss_and_grad
 

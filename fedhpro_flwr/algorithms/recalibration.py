@@ -186,6 +186,45 @@ def train_linear_full_batch(
     return weight, bias
 
 
+def train_linear_class_groups(
+    features: torch.Tensor,
+    classes: torch.Tensor,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+    classes_per_step: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`train_linear_full_batch` with each epoch's step split over random groups of at most
+    `classes_per_step` of the `classes` (C,) bool: a step trains the group's rows on the
+    group's (C, M, d) `features`, its softmax over the group's classes alone.
+
+    A step costs ``S M S d`` for groups of S classes, an epoch ``C M S d``: linear in the
+    classes where the full softmax is quadratic. A sample meets only its group's classes, so
+    each other class's logit is raised by ``log((C - 1) / (S - 1))``, one over the chance
+    that it shares the group (sampled softmax's correction): the group's normaliser then
+    estimates the full softmax's, and the rows are pushed apart as strongly as by the full
+    softmax on average. With every class in one group this is `train_linear_full_batch`.
+    """
+    num_classes, per_class, dim = features.shape
+    weight, bias = fresh_linear(num_classes, dim, generator, features.dtype)
+    trained = classes.nonzero().squeeze(1)
+    groups = math.ceil(len(trained) / classes_per_step)
+    for _ in range(epochs):
+        for group in trained[torch.randperm(len(trained), generator=generator)].tensor_split(
+                groups):
+            size = len(group)
+            x = features[group].flatten(0, 1)  # (size * M, d), M rows per class
+            own = torch.eye(size, dtype=x.dtype).repeat_interleave(per_class, dim=1)
+            raised = math.log((len(trained) - 1) / max(size - 1, 1))
+            logits = torch.addmm(bias[group, None], weight[group], x.T)
+            residual = logits.add_(own, alpha=-raised).softmax(dim=0).sub_(own)
+            step = lr * math.ceil(len(x) / batch_size) / len(x)
+            weight[group] = weight[group].addmm_(residual, x, alpha=-step)
+            bias[group] = bias[group].sub_(residual.sum(dim=1), alpha=step)
+    return weight, bias
+
+
 def recalibrate(
     features: torch.Tensor,
     weight: torch.Tensor,
@@ -202,6 +241,7 @@ def recalibrate(
     distance: Distance = "cosine",
     train_classes: torch.Tensor | None = None,
     solver: Solver = "sgd",
+    classes_per_step: int = 0,
 ) -> RecalibrationResult:
     """Match the federated features to the target gradients, then retrain the classifier.
 
@@ -214,6 +254,7 @@ def recalibrate(
             (default: `present`).
         solver: `train_linear` ("sgd"), `train_linear_full_batch` ("full-batch") or
             `gaussian_head` ("gaussian").
+        classes_per_step: see `classifier_on`.
     """
     weight, bias = weight.detach(), bias.detach()
     matched, before, after = descend(
@@ -223,7 +264,7 @@ def recalibrate(
 
     classes = present if train_classes is None else train_classes
     new_weight, new_bias = classifier_on(matched, classes, solver, epochs, lr, batch_size,
-                                         generator, weight)
+                                         generator, weight, classes_per_step)
     return RecalibrationResult(matched, new_weight, new_bias, before, after)
 
 
@@ -250,11 +291,17 @@ def gaussian_head(features: torch.Tensor, classes: torch.Tensor, reference: torc
 
 def classifier_on(features: torch.Tensor, classes: torch.Tensor, solver: Solver, epochs: int,
                   lr: float, batch_size: int, generator: torch.Generator,
-                  reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  reference: torch.Tensor, classes_per_step: int = 0,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh linear layer made from the (C, M, d) features of the `classes` (C,) bool
-    (`reference`: the classifier weight it replaces, whose scale `gaussian_head` keeps)."""
+    (`reference`: the classifier weight it replaces, whose scale `gaussian_head` keeps;
+    `classes_per_step`: with "full-batch", train on groups of that many classes at a time,
+    `train_linear_class_groups`, where more are trained; 0: all in every step)."""
     if solver == "gaussian":
         return gaussian_head(features, classes, reference, generator)
+    if solver == "full-batch" and 0 < classes_per_step < int(classes.sum()):
+        return train_linear_class_groups(features, classes, epochs, lr, batch_size, generator,
+                                         classes_per_step)
     num_classes, per_class, _ = features.shape
     labels = torch.arange(num_classes).repeat_interleave(per_class).view(num_classes, per_class)
     train = train_linear if solver == "sgd" else train_linear_full_batch
@@ -339,6 +386,7 @@ class RecalibrationSettings:
     recentre: bool = False  # put each class's features at its mean feature first
     solver: Solver = "sgd"
     source: Source = "gradients"
+    classes_per_step: int = 0  # see `classifier_on`
 
 
 class FederatedFeatures:
@@ -384,7 +432,7 @@ class FederatedFeatures:
             match_steps=settings.match_steps, feature_lr=settings.feature_lr,
             epochs=settings.epochs, lr=settings.lr, batch_size=settings.batch_size,
             generator=generator, distance=settings.distance, train_classes=self.seen,
-            solver=settings.solver,
+            solver=settings.solver, classes_per_step=settings.classes_per_step,
         )
         self.features = result.features
         return result
@@ -399,7 +447,7 @@ class FederatedFeatures:
         self.seen |= present
         new_weight, new_bias = classifier_on(self.features, self.seen, settings.solver,
                                              settings.epochs, settings.lr, settings.batch_size,
-                                             generator, weight)
+                                             generator, weight, settings.classes_per_step)
         return RecalibrationResult(self.features, new_weight, new_bias, None, None)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

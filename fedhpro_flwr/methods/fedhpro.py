@@ -22,6 +22,8 @@ from fedhpro_flwr.algorithms.hyperproto import (
     init_hyperprototypes,
     match_hyperprototypes,
     matching_objective,
+    nearest_classes,
+    neighbour_mass,
     row_matching_objective,
 )
 from fedhpro_flwr.algorithms.losses import RunningClassMeans, hpal, hpcl
@@ -63,6 +65,10 @@ class FedHProConfig:
     # the gradients matched: w.r.t. the features (the paper's) or w.r.t. each class's own
     # classifier row (centred directions; see hyperproto.row_matching_objective)
     hp_target: Target = setting("feature-grads")
+    # the classes each class's hyper-prototypes are matched over: itself and the classifier's
+    # hp_softmax_classes - 1 highest-scoring others (a step costs C L K d instead of C L C d,
+    # linear in the classes); 0: all classes, the paper's
+    hp_softmax_classes: int = setting(0, ge=0)
     # matching distance; "scalar" (the reference code's loop) applies to the hyper-prototypes
     # only, the recalibration then matches whole rows by cosine as that code does
     distance: Distance = setting("cosine")
@@ -78,6 +84,10 @@ class FedHProConfig:
     # SGD), or "full-batch", the same schedule as one full-batch step per epoch (10x fewer
     # steps; the default: a tie with "sgd" in every default setting, benchmarks/recal-default)
     recal_solver: Solver = setting("full-batch")
+    # with "full-batch": train on groups of this many classes at a time (a softmax over the
+    # group, corrected as sampled softmax is), so that the cost grows linearly in the
+    # classes; 0: every class in every step
+    recal_classes_per_step: int = setting(0, ge=0)
     # measure the classifier gradients after local training (at the trained extractor, with
     # the received classifier) instead of before it, as the paper and CReFF do
     recal_after_training: bool = setting(False)
@@ -91,6 +101,21 @@ class FedHProConfig:
     recal_source: Source = setting("moments")
 
     def __post_init__(self) -> None:
+        if self.recal_classes_per_step and (self.recal_solver != "full-batch"
+                                            or self.recal_classes_per_step < 2):
+            raise ConfigError(
+                f"config key 'fedhpro.recal_classes_per_step' = {self.recal_classes_per_step}: "
+                f"groups of classes need 'fedhpro.recal_solver' = full-batch (it is "
+                f"{self.recal_solver!r}) and at least 2 classes per group; 0 trains every "
+                f"class in every step")
+        if self.hp_softmax_classes and (self.hp_softmax_classes < 2
+                                        or self.hp_target != "feature-grads"
+                                        or self.distance == "scalar"):
+            raise ConfigError(
+                f"config key 'fedhpro.hp_softmax_classes' = {self.hp_softmax_classes}: "
+                f"matching over the nearest classes needs at least 2 of them, "
+                f"'fedhpro.hp_target' = feature-grads and a distance other than scalar; "
+                f"0 matches over every class")
         if self.recal_recentre and self.recal_source == "moments":
             raise ConfigError(
                 "config key 'fedhpro.recal_recentre' = true re-centres the features matched to "
@@ -196,7 +221,7 @@ class FedHProStrategy(RecalibratingStrategy):
             hp_cfg.recal_lr, hp_cfg.recal_batch_size,
             "cosine" if hp_cfg.distance == "scalar" else hp_cfg.distance,
             recentre=hp_cfg.recal_recentre, solver=hp_cfg.recal_solver,
-            source=hp_cfg.recal_source,
+            source=hp_cfg.recal_source, classes_per_step=hp_cfg.recal_classes_per_step,
         )
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
                          settings, generator, classifier_gradients=sends_classifier_grads(hp_cfg),
@@ -235,8 +260,14 @@ class FedHProStrategy(RecalibratingStrategy):
                 torch.stack([torch.diagonal(s.weight_grads).T for s in stats]), held)
             objective = row_matching_objective(weight, bias, own_rows, present)
         else:
+            neighbours = None
+            if 0 < hp_cfg.hp_softmax_classes < self.num_classes:
+                neighbours = nearest_classes(self.hyperprototypes, weight, bias,
+                                             hp_cfg.hp_softmax_classes)
+                diagnostics["hp_neighbour_mass"] = neighbour_mass(self.hyperprototypes, weight,
+                                                                  bias, neighbours)
             objective = matching_objective(weight, bias, feature_target, present,
-                                           hp_cfg.distance)
+                                           hp_cfg.distance, neighbours)
         match = match_hyperprototypes(self.hyperprototypes, objective, hp_cfg.rounds_of_hp,
                                       hp_cfg.lr_hp, hp_cfg.hp_step)
         self.hyperprototypes = match.hyperprototypes
