@@ -226,13 +226,20 @@ def same_setup(run: Run, results: dict[str, Any]) -> bool:
                if key not in NOT_SETUP and key.split(".")[0] not in foreign)
 
 
-def finished_here(run: Run) -> bool:
-    """Whether the run's results.json holds its rounds (or more), made under its setup."""
+def finished_results(run: Run) -> dict[str, Any] | None:
+    """The run's results.json if it holds its rounds (or more), made under its setup."""
     try:
         results = json.loads((run.out_dir / "results.json").read_text())
     except (OSError, ValueError):
-        return False
-    return len(results.get("rounds", [])) >= run.rounds and same_setup(run, results)
+        return None
+    if len(results.get("rounds", [])) >= run.rounds and same_setup(run, results):
+        return results
+    return None
+
+
+def finished_here(run: Run) -> bool:
+    """Whether the run's results.json holds its rounds (or more), made under its setup."""
+    return finished_results(run) is not None
 
 
 STALE_CHECKPOINT = "checkpoint.stale.pt"
@@ -332,12 +339,12 @@ def run_suite(suite: Suite, out: Path, timeout: float | None = None,
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
     rows = read_rows(csv_path)
-    recovered = [run for run in runs if not is_done(rows.get(run.key, {}), run.rounds)
-                 and len(rounds_in(run.out_dir / "results.json")) == run.rounds
-                 and finished_here(run)]
-    for run in recovered:  # finished, but its group was cut off before its row was written
-        results = json.loads((run.out_dir / "results.json").read_text())
-        rows[run.key] = {**summarize(run, results, float("nan")), "peak_rss_mb": float("nan")}
+    recovered = False
+    for run in runs:  # finished, but its group was cut off before its row was written
+        results = None if is_done(rows.get(run.key, {}), run.rounds) else finished_results(run)
+        if results is not None and len(results["rounds"]) == run.rounds:
+            rows[run.key] = {**summarize(run, results, float("nan")), "peak_rss_mb": float("nan")}
+            recovered = True
     if recovered:
         write_rows(csv_path, rows)
     finished = [r for r in runs if is_done(rows.get(r.key, {}), r.rounds)]

@@ -126,12 +126,14 @@ RECALIBRATIONS = (
 
 # Anchors that learn (issue #20): the paper's matching, fixed random anchors, matching on the
 # clients' own-row classifier gradients (where each class lies in feature space; normalized
-# steps: plain ones move the hyper-prototypes by 1% a round), and FedProto's averaged prototypes
+# steps: plain ones move the hyper-prototypes by 1% a round), the same with the class means
+# then moved onto the nearest orthogonal directions, and FedProto's averaged prototypes
+ROW_ANCHORS = "fedhpro.hp_target=row-grads fedhpro.hp_step=normalized fedhpro.lr_hp=0.01"
 ANCHORS = (
     with_paper_recal("fedhpro"),
     with_paper_recal("fedhpro-fixed-anchors", "fedhpro.rounds_of_hp=0"),
-    with_paper_recal("fedhpro-row-anchors",
-                     "fedhpro.hp_target=row-grads fedhpro.hp_step=normalized fedhpro.lr_hp=0.01"),
+    with_paper_recal("fedhpro-row-anchors", ROW_ANCHORS),
+    with_paper_recal("fedhpro-separated-row-anchors", ROW_ANCHORS + " fedhpro.hp_separate=true"),
     Variant("fedproto", "fedproto"),
 )
 

@@ -14,6 +14,7 @@ from fedhpro_flwr.algorithms.hyperproto import (
     nearest_classes,
     own_row_gradients,
     row_matching_objective,
+    separated,
 )
 
 
@@ -214,3 +215,26 @@ def test_row_matching_moves_the_anchors_towards_where_the_classes_lie():
     paper_target = class_gradients(real, weight, bias, with_classifier=False).feature
     paper = matched(hp, weight, bias, paper_target, present, 30, 0.05, step="normalized")
     assert agreement(paper.hyperprototypes) < 0.5
+
+
+def test_separated_means_are_orthogonal_and_move_least():
+    g = torch.Generator().manual_seed(9)
+    shared = torch.randn(8, generator=g)
+    hp = shared + 0.5 * torch.randn(5, 3, 8, generator=g)  # class means close to each other
+    present = torch.tensor([True, True, False, True, True])
+    moved = separated(hp, present)
+    means, new_means = hp.mean(dim=1), moved.mean(dim=1)
+    unit = F.normalize(new_means[present], dim=1)
+    assert torch.allclose(unit @ unit.T, torch.eye(4), atol=1e-5)
+    assert torch.allclose(new_means.norm(dim=1), means.norm(dim=1), atol=1e-5)
+    assert torch.allclose(moved - new_means[:, None], hp - means[:, None], atol=1e-5)
+    assert torch.equal(moved[2], hp[2])  # an absent class stays
+    # nearer the learned directions than Gram-Schmidt's orthonormal set
+    before = F.normalize(means[present], dim=1)
+    basis, _ = torch.linalg.qr(before.T)
+    gram_schmidt = basis.T * torch.sign((basis.T * before).sum(dim=1, keepdim=True))
+    assert (unit - before).norm() < (gram_schmidt - before).norm()
+    # already orthogonal: nothing moves
+    assert torch.allclose(separated(moved, present), moved, atol=1e-5)
+    with pytest.raises(ValueError, match="classes <= feature dim"):
+        separated(torch.randn(9, 2, 8), torch.ones(9, dtype=torch.bool))

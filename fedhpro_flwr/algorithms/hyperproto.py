@@ -60,6 +60,29 @@ def init_hyperprototypes(
     return draws + (target - means)[:, None, :]
 
 
+def separated(hyperprototypes: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The (C, L, d) hyper-prototypes with the mean of each `present` class moved onto the
+    nearest set of mutually orthogonal directions, each mean keeping its length and each
+    class the spread of its L vectors (C <= d).
+
+    Nearest: the orthonormal rows closest to the unit mean directions in the least-squares
+    sense, ``U V^T`` of their SVD, which moves every class as little as orthogonality allows
+    and favours none (Gram-Schmidt would keep the first class and bend the others). Learned
+    anchors point where the classes lie, so close classes get close anchors; this keeps where
+    they point as far as it can while separating them as far as the dimension allows.
+    """
+    chosen = present.nonzero().squeeze(1)
+    if len(chosen) > hyperprototypes.shape[2]:
+        raise ValueError(f"orthogonal class means need classes <= feature dim "
+                         f"({len(chosen)} > {hyperprototypes.shape[2]})")
+    means = hyperprototypes[chosen].mean(dim=1)  # (P, d)
+    left, _, right = torch.linalg.svd(F.normalize(means, dim=1), full_matrices=False)
+    goal = (left @ right) * means.norm(dim=1, keepdim=True)
+    moved = hyperprototypes.clone()
+    moved[chosen] += (goal - means)[:, None, :]
+    return moved
+
+
 def anchors(hyperprototypes: torch.Tensor) -> torch.Tensor:
     """HPCL's anchors: the mean of each class's normalised hyper-prototypes, (C, d)."""
     return F.normalize(hyperprototypes, dim=-1).mean(dim=1)

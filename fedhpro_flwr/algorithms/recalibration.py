@@ -217,11 +217,12 @@ def train_linear_class_groups(
             x = features[group].flatten(0, 1)  # (size * M, d), M rows per class
             own = torch.eye(size, dtype=x.dtype).repeat_interleave(per_class, dim=1)
             raised = math.log((len(trained) - 1) / max(size - 1, 1))
-            logits = torch.addmm(bias[group, None], weight[group], x.T)
+            rows, offsets = weight[group], bias[group]  # copies, written back below
+            logits = torch.addmm(offsets[:, None], rows, x.T)
             residual = logits.add_(own, alpha=-raised).softmax(dim=0).sub_(own)
             step = lr * math.ceil(len(x) / batch_size) / len(x)
-            weight[group] = weight[group].addmm_(residual, x, alpha=-step)
-            bias[group] = bias[group].sub_(residual.sum(dim=1), alpha=step)
+            weight[group] = rows.addmm_(residual, x, alpha=-step)
+            bias[group] = offsets.sub_(residual.sum(dim=1), alpha=step)
     return weight, bias
 
 

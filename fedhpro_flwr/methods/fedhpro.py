@@ -25,6 +25,7 @@ from fedhpro_flwr.algorithms.hyperproto import (
     nearest_classes,
     neighbour_mass,
     row_matching_objective,
+    separated,
 )
 from fedhpro_flwr.algorithms.losses import RunningClassMeans, hpal, hpcl
 from fedhpro_flwr.algorithms.models import Backbone
@@ -62,6 +63,9 @@ class FedHProConfig:
     rounds_of_hp: int = setting(30, ge=0)  # matching steps per round; 0 = fixed anchors
     lr_hp: float = setting(0.1, gt=0.0)
     hp_step: Step = setting("sgd")  # see gradmatch.descend
+    # after matching, move the class means of the hyper-prototypes onto the nearest mutually
+    # orthogonal directions (hyperproto.separated; needs classes <= feature dim)
+    hp_separate: bool = setting(False)
     # the gradients matched: w.r.t. the features (the paper's) or w.r.t. each class's own
     # classifier row (centred directions; see hyperproto.row_matching_objective)
     hp_target: Target = setting("feature-grads")
@@ -211,6 +215,9 @@ class FedHProStrategy(RecalibratingStrategy):
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int):
         hp_cfg = cfg.section(FedHProConfig)
+        if hp_cfg.hp_separate and num_classes > feature_dim:
+            raise ConfigError(f"config key 'fedhpro.hp_separate' = true needs classes <= "
+                              f"feature dim: {num_classes} classes, {feature_dim} dims")
         generator = torch.Generator().manual_seed(cfg.seed)
         hyperprototypes = init_hyperprototypes(
             num_classes, hp_cfg.num_hyperprototypes, feature_dim, generator,
@@ -271,6 +278,8 @@ class FedHProStrategy(RecalibratingStrategy):
         match = match_hyperprototypes(self.hyperprototypes, objective, hp_cfg.rounds_of_hp,
                                       hp_cfg.lr_hp, hp_cfg.hp_step)
         self.hyperprototypes = match.hyperprototypes
+        if hp_cfg.hp_separate:
+            self.hyperprototypes = separated(self.hyperprototypes, present)
         self.head = {"weight": weights[w_key].clone(), "bias": weights[b_key].clone()}
         diagnostics |= {"hp_match_loss_before": match.loss_before,
                         "hp_match_loss_after": match.loss_after,
