@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -217,18 +219,20 @@ def test_class_groups_step_on_each_group_with_the_sampled_softmax_correction():
     ref_g = torch.Generator().manual_seed(8)
     w, b = (t.double() for t in fresh_linear(7, 3, ref_g))
     trained = torch.tensor([0, 1, 3, 4, 5, 6])
-    for _ in range(2):  # 6 classes in 2 groups of 3 per epoch
-        for group in trained[torch.randperm(6, generator=ref_g)].tensor_split(2):
+    for _ in range(2):  # 6 classes in a group of 4 and one of 2 per epoch
+        order = trained[torch.randperm(6, generator=ref_g)]
+        for group in (order[:4], order[4:]):
+            size = len(group)
             x = features[group].flatten(0, 1)
-            labels = torch.arange(3).repeat_interleave(4)
+            labels = torch.arange(size).repeat_interleave(4)
             gw = w[group].clone().requires_grad_(True)
             gb = b[group].clone().requires_grad_(True)
-            # every other class's logit raised by log((C - 1) / (S - 1)) = log(5 / 2)
-            raised = torch.log(torch.tensor(2.5, dtype=torch.double)) * (
-                1 - F.one_hot(labels, 3))
+            # every other class's logit raised by log((C - 1) / (S - 1)), C = 6 classes
+            raised = torch.log(torch.tensor(5 / (size - 1), dtype=torch.double)) * (
+                1 - F.one_hot(labels, size))
             loss = F.cross_entropy(x @ gw.T + gb + raised, labels, reduction="sum")
             dw, db = torch.autograd.grad(loss, (gw, gb))
-            step = 0.1 * 4 / 12  # lr x ceil(12 / 3) steps' worth, per sample
+            step = 0.1 * math.ceil(4 * size / 3) / (4 * size)  # lr x batches' worth, per sample
             w[group], b[group] = gw.detach() - step * dw, gb.detach() - step * db
     assert torch.allclose(weight, w, atol=1e-12) and torch.allclose(bias, b, atol=1e-12)
     assert torch.equal(weight[2], fresh_linear(7, 3, torch.Generator().manual_seed(8))[0][2]

@@ -195,9 +195,10 @@ def train_linear_class_groups(
     generator: torch.Generator,
     classes_per_step: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`train_linear_full_batch` with each epoch's step split over random groups of at most
-    `classes_per_step` of the `classes` (C,) bool: a step trains the group's rows on the
-    group's (C, M, d) `features`, its softmax over the group's classes alone.
+    """`train_linear_full_batch` with each epoch's step split over random groups of
+    `classes_per_step` of the `classes` (C,) bool (the last group holds the rest): a step
+    trains the group's rows on the group's (C, M, d) `features`, its softmax over the group's
+    classes alone.
 
     A step costs ``S M S d`` for groups of S classes, an epoch ``C M S d``: linear in the
     classes where the full softmax is quadratic. A sample meets only its group's classes, so
@@ -209,10 +210,9 @@ def train_linear_class_groups(
     num_classes, per_class, dim = features.shape
     weight, bias = fresh_linear(num_classes, dim, generator, features.dtype)
     trained = classes.nonzero().squeeze(1)
-    groups = math.ceil(len(trained) / classes_per_step)
     for _ in range(epochs):
-        for group in trained[torch.randperm(len(trained), generator=generator)].tensor_split(
-                groups):
+        for group in trained[torch.randperm(len(trained), generator=generator)].split(
+                classes_per_step):
             size = len(group)
             x = features[group].flatten(0, 1)  # (size * M, d), M rows per class
             own = torch.eye(size, dtype=x.dtype).repeat_interleave(per_class, dim=1)
