@@ -116,13 +116,18 @@ def test_the_reference_codes_per_scalar_distance_never_moves_the_hyperprototypes
     assert result.loss_before == result.loss_after > 0
 
 
+def random_problem(seed, num_classes, per_class, dim):
+    """Hyper-prototypes, a classifier and a target, all standard normal, in double."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(num_classes, per_class, dim, generator=g, dtype=torch.double),
+            torch.randn(num_classes, dim, generator=g, dtype=torch.double),
+            torch.randn(num_classes, generator=g, dtype=torch.double),
+            torch.randn(num_classes, dim, generator=g, dtype=torch.double))
+
+
 @pytest.mark.parametrize("distance", ["cosine", "mse", "scalar"])
 def test_closed_form_matching_gradient_equals_autograd(distance):
-    g = torch.Generator().manual_seed(3)
-    hp = torch.randn(5, 4, 7, generator=g, dtype=torch.double)
-    weight = torch.randn(5, 7, generator=g, dtype=torch.double)
-    bias = torch.randn(5, generator=g, dtype=torch.double)
-    target = torch.randn(5, 7, generator=g, dtype=torch.double)
+    hp, weight, bias, target = random_problem(3, 5, 4, 7)
     present = torch.tensor([True, False, True, True, True])
     loss, grad = matching_objective(weight, bias, target, present, distance)(hp)
     want_loss, want_grad = with_autograd(
@@ -134,11 +139,7 @@ def test_closed_form_matching_gradient_equals_autograd(distance):
 
 @pytest.mark.parametrize("distance", ["cosine", "mse"])
 def test_matching_over_nearest_classes(distance):
-    g = torch.Generator().manual_seed(4)
-    hp = torch.randn(12, 3, 6, generator=g, dtype=torch.double)
-    weight = torch.randn(12, 6, generator=g, dtype=torch.double)
-    bias = torch.randn(12, generator=g, dtype=torch.double)
-    target = torch.randn(12, 6, generator=g, dtype=torch.double)
+    hp, weight, bias, target = random_problem(4, 12, 3, 6)
     present = torch.ones(12, dtype=torch.bool)
     present[5] = False
     # every class as a neighbour, in another order: the full softmax's loss and gradient
