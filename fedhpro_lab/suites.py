@@ -127,13 +127,16 @@ RECALIBRATIONS = (
 # Anchors that learn (issue #20): the paper's matching, fixed random anchors, matching on the
 # clients' own-row classifier gradients (where each class lies in feature space; normalized
 # steps: plain ones move the hyper-prototypes by 1% a round), the same with the class means
-# then moved onto the nearest orthogonal directions, and FedProto's averaged prototypes
+# then moved onto the nearest orthogonal directions, matching on the whole classifier gradients
+# of each class (CReFF's target for its features; same steps), and FedProto's prototypes
 ROW_ANCHORS = "fedhpro.hp_target=row-grads fedhpro.hp_step=normalized fedhpro.lr_hp=0.01"
 ANCHORS = (
     with_paper_recal("fedhpro"),
     with_paper_recal("fedhpro-fixed-anchors", "fedhpro.rounds_of_hp=0"),
     with_paper_recal("fedhpro-row-anchors", ROW_ANCHORS),
     with_paper_recal("fedhpro-separated-row-anchors", ROW_ANCHORS + " fedhpro.hp_separate=true"),
+    with_paper_recal("fedhpro-block-anchors", "fedhpro.hp_target=classifier-grads "
+                     "fedhpro.hp_step=normalized fedhpro.lr_hp=0.01"),
     Variant("fedproto", "fedproto"),
 )
 

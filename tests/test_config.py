@@ -54,6 +54,10 @@ def test_default_yaml_loads_and_round_trips_through_flat_form():
          "'fedhpro.recal_classes_per_step' = 16: groups of classes need "
          "'fedhpro.recal_solver' = full-batch (it is 'sgd')"),
         ({"fedhpro.recal_classes_per_step": 1}, "at least 2 classes per group"),
+        ({"fedhpro.hp_target": "classifier-grads"},
+         "'fedhpro.hp_target' = classifier-grads matches the clients' classifier gradients"),
+        ({"fedhpro.hp_target": "classifier-grads", "fedhpro.recal_source": "gradients",
+          "fedhpro.distance": "scalar"}, "matches by cosine or mse"),
         ({"fedhpro.hp_softmax_classes": 8, "fedhpro.distance": "scalar"},
          "'fedhpro.hp_softmax_classes' = 8: matching over the nearest classes needs"),
         ({"fedhpro.hp_softmax_classes": 1}, "at least 2 of them"),

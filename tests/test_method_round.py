@@ -176,6 +176,21 @@ def test_fedhpro_server_step_over_groups_and_nearest_classes():
     assert row["hp_match_loss_after"] < row["hp_match_loss_before"]
 
 
+def test_hyperprototypes_matched_to_the_whole_classifier_gradients():
+    paper_recal = {"recal_source": "gradients", "recal_solver": "sgd", "recal_epochs": 20}
+    cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {**paper_recal,
+                                                         "hp_target": "classifier-grads"}})
+    model = build_model(cfg.model, dataset_spec(cfg))
+    strategy = get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10,
+                                                   model.feature_dim)
+    start = strategy.hyperprototypes.clone()
+    arrays, _ = strategy.aggregate_train(1, client_replies("fedhpro", strategy, model, cfg))
+    assert arrays is not None
+    row = strategy.report.row()
+    assert row["hp_match_loss_after"] < row["hp_match_loss_before"]
+    assert not torch.equal(strategy.hyperprototypes, start)
+
+
 def test_a_closed_form_head_keeps_the_clients_scale():
     # the Bayes scale of a nearest-class-mean head (one over the feature variance) made the
     # clients' losses overflow in round 2 of mnist-lt; at the round's own scale they train on

@@ -30,8 +30,9 @@ from fedhpro_flwr.algorithms.gradmatch import (
 
 Init = Literal["normal", "orthogonal"]
 # what the hyper-prototypes' induced gradients are matched to: the clients' mean CE gradient
-# w.r.t. a class's features (the paper's), or w.r.t. the class's own classifier row
-Target = Literal["feature-grads", "row-grads"]
+# w.r.t. a class's features (the paper's), w.r.t. the class's own classifier row, or w.r.t.
+# the whole classifier (weight and bias, as CReFF matches its federated features)
+Target = Literal["feature-grads", "row-grads", "classifier-grads"]
 
 
 def init_hyperprototypes(

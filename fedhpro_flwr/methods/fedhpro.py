@@ -13,7 +13,13 @@ from flwr.app import ArrayRecord
 
 from fedhpro_flwr.algorithms.diagnostics import consistency_metric
 from fedhpro_flwr.algorithms.extraction import ClassStatistics, extract_class_statistics
-from fedhpro_flwr.algorithms.gradmatch import Distance, Step, masked_class_mean
+from fedhpro_flwr.algorithms.gradmatch import (
+    ClassGradients,
+    Distance,
+    LossAndGrad,
+    Step,
+    masked_class_mean,
+)
 from fedhpro_flwr.algorithms.hyperproto import (
     Init,
     Target,
@@ -31,6 +37,9 @@ from fedhpro_flwr.algorithms.losses import RunningClassMeans, hpal, hpcl
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.prototypes import local_prototypes
 from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings, Solver, Source
+from fedhpro_flwr.algorithms.recalibration import (
+    matching_objective as classifier_gradient_objective,
+)
 from fedhpro_flwr.algorithms.training import evaluate, train_epochs
 from fedhpro_flwr.config import ConfigError, ExperimentConfig, setting
 from fedhpro_flwr.data.federated import TensorData
@@ -126,11 +135,15 @@ class FedHProConfig:
                 "classifier gradients; with 'fedhpro.recal_source' = moments the features are "
                 "drawn around the class means already and no classifier gradients travel: set "
                 "one of the two")
-        if self.hp_target == "row-grads" and not sends_classifier_grads(self):
+        if self.hp_target != "feature-grads" and not sends_classifier_grads(self):
             raise ConfigError(
-                "config key 'fedhpro.hp_target' = row-grads matches the clients' classifier "
-                "gradients, which travel only with 'fedhpro.recalibration' = true and "
-                "'fedhpro.recal_source' = gradients")
+                f"config key 'fedhpro.hp_target' = {self.hp_target} matches the clients' "
+                f"classifier gradients, which travel only with 'fedhpro.recalibration' = true "
+                f"and 'fedhpro.recal_source' = gradients")
+        if self.hp_target == "classifier-grads" and self.distance == "scalar":
+            raise ConfigError("config key 'fedhpro.hp_target' = classifier-grads matches by "
+                              "cosine or mse; 'fedhpro.distance' = scalar applies to the "
+                              "feature gradients only")
 
 
 def decode_hyperprototypes(record: ArrayRecord, num_classes: int, feature_dim: int,
@@ -247,10 +260,7 @@ class FedHProStrategy(RecalibratingStrategy):
                     replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         hp_cfg = self.cfg.section(FedHProConfig)
         stats: list[ClassStatistics] = [r.extra for r in replies]
-        held = torch.stack([s.present for s in stats])
-        feature_target, holders = masked_class_mean(
-            torch.stack([s.feature_grads for s in stats]), held)
-        present = holders > 0
+        present = torch.stack([s.present for s in stats]).any(dim=0)
         diagnostics: dict[str, float] = {"classes_reported": float(present.sum())}
         w_key, b_key = "classifier.weight", "classifier.bias"
 
@@ -262,19 +272,7 @@ class FedHProStrategy(RecalibratingStrategy):
             diagnostics |= result.diagnostics()
 
         weight, bias = weights[w_key].detach(), weights[b_key].detach()
-        if hp_cfg.hp_target == "row-grads":
-            own_rows, _ = masked_class_mean(
-                torch.stack([torch.diagonal(s.weight_grads).T for s in stats]), held)
-            objective = row_matching_objective(weight, bias, own_rows, present)
-        else:
-            neighbours = None
-            if 0 < hp_cfg.hp_softmax_classes < self.num_classes:
-                neighbours = nearest_classes(self.hyperprototypes, weight, bias,
-                                             hp_cfg.hp_softmax_classes)
-                diagnostics["hp_neighbour_mass"] = neighbour_mass(self.hyperprototypes, weight,
-                                                                  bias, neighbours)
-            objective = matching_objective(weight, bias, feature_target, present,
-                                           hp_cfg.distance, neighbours)
+        objective = self.matching_objective(hp_cfg, stats, weight, bias, diagnostics)
         match = match_hyperprototypes(self.hyperprototypes, objective, hp_cfg.rounds_of_hp,
                                       hp_cfg.lr_hp, hp_cfg.hp_step)
         self.hyperprototypes = match.hyperprototypes
@@ -286,6 +284,35 @@ class FedHProStrategy(RecalibratingStrategy):
                         "hp_movement": match.movement,
                         "margin": mean_metric(replies, "margin")}
         return weights, diagnostics
+
+    def matching_objective(self, hp_cfg: FedHProConfig, stats: list[ClassStatistics],
+                           weight: torch.Tensor, bias: torch.Tensor,
+                           diagnostics: dict[str, float]) -> LossAndGrad:
+        """What the hyper-prototypes descend this round (`fedhpro.hp_target`): the distance
+        of the gradients they induce at the new classifier to the clients' mean ones."""
+        held = torch.stack([s.present for s in stats])
+
+        def mean_of(values: list[torch.Tensor]) -> torch.Tensor:
+            return masked_class_mean(torch.stack(values), held)[0]
+
+        present = held.any(dim=0)
+        if hp_cfg.hp_target == "row-grads":
+            own_rows = mean_of([torch.diagonal(s.weight_grads).T for s in stats])
+            return row_matching_objective(weight, bias, own_rows, present)
+        feature_target = mean_of([s.feature_grads for s in stats])
+        if hp_cfg.hp_target == "classifier-grads":
+            target = ClassGradients(feature_target, mean_of([s.weight_grads for s in stats]),
+                                    mean_of([s.bias_grads for s in stats]))
+            return classifier_gradient_objective(weight, bias, target, present,
+                                                 hp_cfg.distance)
+        neighbours = None
+        if 0 < hp_cfg.hp_softmax_classes < self.num_classes:
+            neighbours = nearest_classes(self.hyperprototypes, weight, bias,
+                                         hp_cfg.hp_softmax_classes)
+            diagnostics["hp_neighbour_mass"] = neighbour_mass(self.hyperprototypes, weight,
+                                                              bias, neighbours)
+        return matching_objective(weight, bias, feature_target, present, hp_cfg.distance,
+                                  neighbours)
 
     def evaluate_model(self, model: Backbone, data: TensorData,
                        device: torch.device) -> dict[str, float]:
