@@ -12,6 +12,7 @@ from fedhpro_flwr.algorithms.hyperproto import (
     matching_loss,
     matching_objective,
     nearest_classes,
+    neighbour_agreement,
     own_row_gradients,
     row_matching_objective,
     separated,
@@ -165,6 +166,14 @@ def test_matching_over_nearest_classes(distance):
 
     loss, grad = matching_objective(weight, bias, target, present, distance, near)(hp)
     want_loss, want_grad = with_autograd(truncated)(hp)
+    # how far the restricted softmax's gradient is from the full one's
+    mask = torch.full((12, 12), -torch.inf, dtype=hp.dtype).scatter_(1, near, 0.0)
+    eye = torch.eye(12, dtype=hp.dtype)[:, None, :]
+    restricted = (torch.softmax(hp @ weight.T + bias + mask[:, None, :], -1) - eye).mean(1)
+    full_grad = class_gradients(hp, weight, bias, with_classifier=False).feature
+    assert neighbour_agreement(hp, weight, bias, near) == pytest.approx(
+        F.cosine_similarity(restricted @ weight, full_grad, dim=1).mean().item(), rel=1e-9)
+    assert neighbour_agreement(hp, weight, bias, everyone) == pytest.approx(1.0, rel=1e-9)
     assert loss.item() == pytest.approx(want_loss.item(), rel=1e-12)
     assert torch.allclose(grad, want_grad, atol=1e-12)
 

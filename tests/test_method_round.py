@@ -171,7 +171,7 @@ def test_fedhpro_server_step_over_groups_and_nearest_classes():
     assert not torch.equal(grouped["classifier.weight"], default["classifier.weight"])
     assert not torch.equal(strategy.hyperprototypes, default_strategy.hyperprototypes)
     row = strategy.report.row()
-    assert 0 < row["hp_neighbour_mass"] <= 1 and "hp_neighbour_mass" not in (
+    assert 0 < row["hp_neighbour_cosine"] <= 1 and "hp_neighbour_cosine" not in (
         default_strategy.report.row())
     assert row["hp_match_loss_after"] < row["hp_match_loss_before"]
 

@@ -128,13 +128,23 @@ def nearest_classes(hyperprototypes: torch.Tensor, weight: torch.Tensor, bias: t
     return logits.topk(count, dim=1).indices
 
 
-def neighbour_mass(hyperprototypes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   neighbours: torch.Tensor) -> float:
-    """The mean probability that the full softmax gives each hyper-prototype's `neighbours`
-    (C, K): how much of it a matching restricted to them sees."""
-    probs = torch.softmax(hyperprototypes @ weight.T + bias, dim=-1)  # (C, L, C)
-    index = neighbours[:, None, :].expand(-1, probs.shape[1], -1)
-    return probs.gather(2, index).sum(dim=2).mean().item()
+def neighbour_agreement(hyperprototypes: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor, neighbours: torch.Tensor) -> float:
+    """Mean over classes of the cosine between the feature gradient the hyper-prototypes
+    induce with their softmax restricted to `neighbours` (C, K) and with the full softmax:
+    how close what the restricted matching matches is to the paper's quantity (one C x L x C
+    product, once a round)."""
+    num_classes = len(neighbours)
+    logits = hyperprototypes @ weight.T + bias  # (C, L, C)
+    outside = torch.full((num_classes, num_classes), -torch.inf, dtype=logits.dtype)
+    outside.scatter_(1, neighbours, 0.0)
+    own = torch.eye(num_classes, dtype=logits.dtype)[:, None, :]
+
+    def induced(scores: torch.Tensor) -> torch.Tensor:
+        return (scores.softmax(dim=-1) - own).mean(dim=1) @ weight
+
+    return F.cosine_similarity(induced(logits + outside[:, None, :]), induced(logits),
+                               dim=1).mean().item()
 
 
 def matching_objective(

@@ -29,7 +29,7 @@ from fedhpro_flwr.algorithms.hyperproto import (
     match_hyperprototypes,
     matching_objective,
     nearest_classes,
-    neighbour_mass,
+    neighbour_agreement,
     row_matching_objective,
     separated,
 )
@@ -309,8 +309,8 @@ class FedHProStrategy(RecalibratingStrategy):
         if 0 < hp_cfg.hp_softmax_classes < self.num_classes:
             neighbours = nearest_classes(self.hyperprototypes, weight, bias,
                                          hp_cfg.hp_softmax_classes)
-            diagnostics["hp_neighbour_mass"] = neighbour_mass(self.hyperprototypes, weight,
-                                                              bias, neighbours)
+            diagnostics["hp_neighbour_cosine"] = neighbour_agreement(
+                self.hyperprototypes, weight, bias, neighbours)
         return matching_objective(weight, bias, feature_target, present, hp_cfg.distance,
                                   neighbours)
 
