@@ -200,6 +200,18 @@ class DiagnosticsConfig:
         return rounds
 
 
+# keys that cap how many classes one server step involves (0: no cap); a cap at or above the
+# dataset's classes leaves every step as it is without one
+CLASS_CAPS = frozenset({"fedhpro.recal_classes_per_step", "fedhpro.hp_softmax_classes"})
+
+
+def without_idle_caps(flat: Mapping[str, Scalar], num_classes: int) -> dict[str, Scalar]:
+    """`flat` with each class cap that `num_classes` classes do not reach written as 0: the
+    same run, spelled one way."""
+    return {key: 0 if key in CLASS_CAPS and int(value) >= num_classes else value
+            for key, value in flat.items()}
+
+
 # keys whose default has changed since they were added, at the default they were added with:
 # a run recorded (or checkpointed) before the key existed was made with that value
 FIRST_DEFAULTS: dict[str, Scalar] = {"fedhpro.recal_source": "gradients",

@@ -34,7 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from fedhpro_flwr.app.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from fedhpro_flwr.config import ConfigError, flatten, parse_overrides, resolve_run_config
+from fedhpro_flwr.config import (
+    ConfigError,
+    flatten,
+    parse_overrides,
+    resolve_run_config,
+    without_idle_caps,
+)
 from fedhpro_flwr.methods import SECTIONS, load_experiment, parse_experiment
 from fedhpro_lab import proctree
 from fedhpro_lab.simulation import APP_DIR
@@ -221,9 +227,12 @@ def same_setup(run: Run, results: dict[str, Any]) -> bool:
     defaults = parse_experiment({}).first_defaults()
     recorded = flatten(results.get("config", {}))
     foreign = set(SECTIONS) - {run.variant.strategy}
-    return all(recorded.get(key, defaults.get(key)) == value
-               for key, value in current.items()
-               if key not in NOT_SETUP and key.split(".")[0] not in foreign)
+    now = {key: value for key, value in current.items()
+           if key not in NOT_SETUP and key.split(".")[0] not in foreign}
+    then = {key: recorded.get(key, defaults.get(key)) for key in now}
+    if "num_classes" in results:
+        now, then = (without_idle_caps(flat, results["num_classes"]) for flat in (now, then))
+    return now == then
 
 
 def finished_results(run: Run) -> dict[str, Any] | None:

@@ -180,6 +180,10 @@ def test_same_setup_compares_what_reaches_the_run(tmp_path):
     assert same_setup(paper, recorded(paper, fedhpro__recal_source=None,
                                       fedhpro__recal_solver=None))
     assert not same_setup(paper, recorded(paper, fedhpro__recal_source="moments"))
+    # a cap on the classes a step involves that the dataset's classes do not reach: no cap
+    capped = recorded(paper, fedhpro__hp_softmax_classes=32)
+    assert same_setup(paper, {**capped, "num_classes": 10})
+    assert not same_setup(paper, {**capped, "num_classes": 100})
 
 def test_ablation_variants_run_fedhpro_with_their_own_keys(tmp_path):
     ablation = SUITES["ablation"]
