@@ -8,11 +8,11 @@ replies of `--clients` clients that each hold every class (random per-class stat
 real shapes, sent through the real encoder and decoder), and times `server_step` with one
 thread: with the paper's recalibration (from the clients' classifier gradients, minibatch SGD)
 + hyper-prototype matching, with `fedhpro.recal_source=moments` (recalibration from the
-clients' class feature moments) and minibatch SGD, as configured (moments, full-batch steps),
-with `fedhpro.recal_solver=gaussian` (the classifier in closed form), with the classifier trained
-on groups of 32 classes and the hyper-prototypes matched over their 32 nearest classes
-(`fedhpro.recal_classes_per_step=32 fedhpro.hp_softmax_classes=32`) and with
-`fedhpro.recalibration=false` (matching only). Also prints the bytes one client uploads per
+clients' class feature moments) and minibatch SGD, with full-batch steps over every class
+(the default until 2026-11-30), with `fedhpro.recal_solver=gaussian` (the classifier in closed
+form), as configured (moments, full-batch steps on groups of 32 classes, the hyper-prototypes
+matched over their 32 nearest classes) and with `fedhpro.recalibration=false` (matching
+only); all but the configured one over every class in every step. Also prints the bytes one client uploads per
 round: the model weights (a CNN whose classifier has C outputs) and the class statistics of
 each variant, and the classifier gradients in float16 (`fedhpro.float16_upload`).
 Run it on an otherwise idle machine. With --csv the rows are also written there, where
@@ -43,15 +43,16 @@ from fedhpro_flwr.methods.strategy import ClientReply
 D = 128
 
 
+FULL = {"recal_classes_per_step": 0, "hp_softmax_classes": 0}  # every class in every step
 VARIANTS = {  # fedhpro keys of each measured variant
-    "gradients": {"recal_source": "gradients", "recal_solver": "sgd"},  # the paper's
-    "moments": {"recal_source": "moments", "recal_solver": "sgd"},
-    "moments_full_batch": {},  # FedHPro as configured: moments, full-batch steps
-    "moments_gaussian": {"recal_source": "moments", "recal_solver": "gaussian"},
-    # as configured, with the classifier trained on groups of 32 classes and the
-    # hyper-prototypes matched over their 32 nearest classes: linear in C
-    "class_groups": {"recal_classes_per_step": 32, "hp_softmax_classes": 32},
-    "no_recal": {"recalibration": False},
+    "gradients": {"recal_source": "gradients", "recal_solver": "sgd", **FULL},  # the paper's
+    "moments": {"recal_source": "moments", "recal_solver": "sgd", **FULL},
+    "full_softmax": FULL,  # as configured but over every class: the default until 2026-11-30
+    "moments_gaussian": {"recal_source": "moments", "recal_solver": "gaussian", **FULL},
+    # as configured: moments, full-batch steps on groups of 32 classes, the hyper-prototypes
+    # matched over their 32 nearest classes
+    "moments_full_batch": {},
+    "no_recal": {"recalibration": False, **FULL},
 }
 
 

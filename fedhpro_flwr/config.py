@@ -215,7 +215,9 @@ def without_idle_caps(flat: Mapping[str, Scalar], num_classes: int) -> dict[str,
 # keys whose default has changed since they were added, at the default they were added with:
 # a run recorded (or checkpointed) before the key existed was made with that value
 FIRST_DEFAULTS: dict[str, Scalar] = {"fedhpro.recal_source": "gradients",
-                                     "fedhpro.recal_solver": "sgd"}
+                                     "fedhpro.recal_solver": "sgd",
+                                     "fedhpro.recal_classes_per_step": 0,
+                                     "fedhpro.hp_softmax_classes": 0}
 
 
 @dataclass(frozen=True)

@@ -310,12 +310,12 @@ def goals(ok: list[dict[str, str]]) -> list[str]:
 # server_scaling.csv's variants: column suffix, how the report names it
 SCALING_VARIANTS = (("server_seconds_gradients", " (recalibration from classifier gradients)"),
                     ("server_seconds_moments", " (fedhpro.recal_source=moments recal_solver=sgd)"),
-                    ("server_seconds_moments_full_batch", " (as configured: class moments, "
-                     "full-batch steps)"),
+                    ("server_seconds_full_softmax", " (fedhpro.recal_classes_per_step=0 "
+                     "hp_softmax_classes=0: every class in every step)"),
                     ("server_seconds_moments_gaussian", " (fedhpro.recal_source=moments "
                      "recal_solver=gaussian)"),
-                    ("server_seconds_class_groups", " (fedhpro.recal_classes_per_step=32 "
-                     "hp_softmax_classes=32)"),
+                    ("server_seconds_moments_full_batch", " (as configured: class moments, "
+                     "full-batch steps on groups of 32 classes, matching over 32 nearest)"),
                     ("server_seconds_no_recal", " (fedhpro.recalibration=false)"))
 
 
@@ -334,8 +334,8 @@ def upload_ratio(row: dict[str, str], key: str) -> float:
 def scaling_table(scaling: list[dict[str, str]]) -> list[str]:
     """Server step and a client's upload per number of classes, for each recalibration."""
     lines = ["| classes | server step (s): classifier gradients | class moments "
-             "| class moments, full-batch | class moments, gaussian head "
-             "| groups of 32 classes | no recalibration "
+             "| class moments, full-batch, every class | class moments, gaussian head "
+             "| as configured (groups of 32 classes) | no recalibration "
              "| upload / FedAvg's: classifier gradients | their float16 | class moments "
              "| no recalibration |",
              "|" + "---|" * 11]

@@ -56,10 +56,14 @@ class Suite:
         return tuple(s if isinstance(s, Variant) else Variant(s, s) for s in self.strategies)
 
 
+# Every class in every step of FedHPro's server (the paper's; the default before 2026-11-30
+# capped the classes a step involves at 32): pins the variants measured at more classes before
+FULL_SOFTMAX = "fedhpro.recal_classes_per_step=0 fedhpro.hp_softmax_classes=0"
+
 # FedHPro's recalibration as the paper (and the reference code) make it: features matched to the
 # clients' classifier gradients, the classifier trained by minibatch SGD; FedHPro's default
 # before 2026-11-30 (benchmarks/recal-default), so the rows measured before then name it
-PAPER_RECAL = "fedhpro.recal_source=gradients fedhpro.recal_solver=sgd"
+PAPER_RECAL = f"fedhpro.recal_source=gradients fedhpro.recal_solver=sgd {FULL_SOFTMAX}"
 
 # FedHPro as configured but sending its per-class statistics as float16: the upload option
 FLOAT16 = Variant("fedhpro-float16", "fedhpro", "fedhpro.float16_upload=true")
@@ -98,13 +102,14 @@ ABLATIONS = (
 # FedHPro's recalibration from the clients' class moments, with the reference recipe's
 # minibatch SGD or one full-batch step per epoch (the default since the recal-default suite)
 MOMENTS = Variant("fedhpro-moments", "fedhpro",
-                  "fedhpro.recal_source=moments fedhpro.recal_solver=sgd")
-MOMENTS_FULL_BATCH = Variant("fedhpro-moments-full-batch", "fedhpro",
-                             "fedhpro.recal_source=moments fedhpro.recal_solver=full-batch")
+                  f"fedhpro.recal_source=moments fedhpro.recal_solver=sgd {FULL_SOFTMAX}")
+MOMENTS_FULL_BATCH = Variant(
+    "fedhpro-moments-full-batch", "fedhpro",
+    f"fedhpro.recal_source=moments fedhpro.recal_solver=full-batch {FULL_SOFTMAX}")
 
-# FedHPro as configured with a server step linear in the classes: the classifier trained on
-# groups of 32 classes, the hyper-prototypes matched over their 32 nearest classes (with 10
-# classes, the default itself)
+# FedHPro as configured (since 2026-11-30), a server step linear in the classes: the classifier
+# trained on groups of 32 classes, the hyper-prototypes matched over their 32 nearest classes
+# (with 10 classes, every class in every step)
 CLASS_GROUPS = Variant("fedhpro-class-groups", "fedhpro",
                        "fedhpro.recal_classes_per_step=32 fedhpro.hp_softmax_classes=32")
 
@@ -119,9 +124,10 @@ RECALIBRATIONS = (
     MOMENTS,
     MOMENTS_FULL_BATCH,
     Variant("fedhpro-moments-gaussian", "fedhpro",
-            "fedhpro.recal_source=moments fedhpro.recal_solver=gaussian"),
+            f"fedhpro.recal_source=moments fedhpro.recal_solver=gaussian {FULL_SOFTMAX}"),
     CLASS_GROUPS,
-    Variant("fedhpro-no-recalibration", "fedhpro", "fedhpro.recalibration=false"),
+    Variant("fedhpro-no-recalibration", "fedhpro",
+            f"fedhpro.recalibration=false {FULL_SOFTMAX}"),
 )
 
 # Anchors that learn (issue #20): the paper's matching, fixed random anchors, matching on the

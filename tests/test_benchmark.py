@@ -342,7 +342,7 @@ def test_scale_goals_compare_memory_and_class_growth():
            "**not met** |" in lines
     assert "(fedhpro.recal_source=moments recal_solver=sgd) grows no worse than linearly in " \
            "the classes (100 -> 400) | 3.5x the time for 4x the classes | met |" in lines
-    assert "(as configured: class moments, full-batch steps) grows no worse than linearly in " \
+    assert "matching over 32 nearest) grows no worse than linearly in " \
            "the classes (100 -> 400) | 7.0x the time for 4x the classes | **not met** |" in lines
     assert "server step (fedhpro.recalibration=false) grows no worse than linearly in the " \
            "classes (100 -> 400) | 3.0x the time for 4x the classes | met |" in lines

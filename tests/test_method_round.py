@@ -145,34 +145,36 @@ def test_fedhpro_with_moments_uploads_class_moments_and_recalibrates_on_them():
 
 
 def test_fedhpro_server_step_over_groups_and_nearest_classes():
-    """The options that make the server step linear in the classes: a round with fewer
-    classes per group / softmax than there are classes, and one with as many, which is the
-    default round exactly."""
+    """The caps that make the server step linear in the classes: a round with caps below the
+    10 classes; one with caps of 10, one with the defaults (32) and one with none, which are
+    the same round exactly."""
     cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {"recal_source": "moments"}})
     model = build_model(cfg.model, dataset_spec(cfg))
     replies = client_replies("fedhpro", get_method("fedhpro").make_strategy(
         cfg, model.state_dict(), 10, model.feature_dim), model, cfg)
 
-    def round_with(per_step: int):
-        options = {"recal_source": "moments", "recal_classes_per_step": per_step,
-                   "hp_softmax_classes": per_step}
-        run_cfg = parse_experiment({**CFG.to_dict(), "fedhpro": options})
+    def round_with(**caps):
+        run_cfg = parse_experiment({**CFG.to_dict(),
+                                    "fedhpro": {"recal_source": "moments", **caps}})
         strategy = get_method("fedhpro").make_strategy(run_cfg, model.state_dict(), 10,
                                                        model.feature_dim)
         arrays, _ = strategy.aggregate_train(1, replies)
         assert arrays is not None
         return arrays.to_torch_state_dict(), strategy
 
-    default, default_strategy = round_with(0)
-    same, same_strategy = round_with(10)
-    assert all(torch.equal(default[k], same[k]) for k in default)
-    assert torch.equal(default_strategy.hyperprototypes, same_strategy.hyperprototypes)
-    grouped, strategy = round_with(4)
-    assert not torch.equal(grouped["classifier.weight"], default["classifier.weight"])
-    assert not torch.equal(strategy.hyperprototypes, default_strategy.hyperprototypes)
+    def capped(cap):
+        return round_with(recal_classes_per_step=cap, hp_softmax_classes=cap)
+
+    full, full_strategy = capped(0)
+    for weights, strategy in (capped(10), round_with()):
+        assert all(torch.equal(full[k], weights[k]) for k in full)
+        assert torch.equal(full_strategy.hyperprototypes, strategy.hyperprototypes)
+    grouped, strategy = capped(4)
+    assert not torch.equal(grouped["classifier.weight"], full["classifier.weight"])
+    assert not torch.equal(strategy.hyperprototypes, full_strategy.hyperprototypes)
     row = strategy.report.row()
     assert 0 < row["hp_neighbour_cosine"] <= 1 and "hp_neighbour_cosine" not in (
-        default_strategy.report.row())
+        full_strategy.report.row())
     assert row["hp_match_loss_after"] < row["hp_match_loss_before"]
 
 

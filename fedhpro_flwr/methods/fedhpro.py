@@ -78,10 +78,11 @@ class FedHProConfig:
     # the gradients matched: w.r.t. the features (the paper's) or w.r.t. each class's own
     # classifier row (centred directions; see hyperproto.row_matching_objective)
     hp_target: Target = setting("feature-grads")
-    # the classes each class's hyper-prototypes are matched over: itself and the classifier's
-    # hp_softmax_classes - 1 highest-scoring others (a step costs C L K d instead of C L C d,
-    # linear in the classes); 0: all classes, the paper's
-    hp_softmax_classes: int = setting(0, ge=0)
+    # the classes each class's hyper-prototypes are matched over (with the feature-grads
+    # target and a distance other than scalar): itself and the classifier's
+    # hp_softmax_classes - 1 highest-scoring others, so that a step costs C L K d instead of
+    # C L C d, linear in the classes; 0: all classes, the paper's (so is any K >= C)
+    hp_softmax_classes: int = setting(32, ge=0)
     # matching distance; "scalar" (the reference code's loop) applies to the hyper-prototypes
     # only, the recalibration then matches whole rows by cosine as that code does
     distance: Distance = setting("cosine")
@@ -99,8 +100,8 @@ class FedHProConfig:
     recal_solver: Solver = setting("full-batch")
     # with "full-batch": train on groups of this many classes at a time (a softmax over the
     # group, corrected as sampled softmax is), so that the cost grows linearly in the
-    # classes; 0: every class in every step
-    recal_classes_per_step: int = setting(0, ge=0)
+    # classes; 0: every class in every step (so is any number >= the classes)
+    recal_classes_per_step: int = setting(32, ge=0)
     # measure the classifier gradients after local training (at the trained extractor, with
     # the received classifier) instead of before it, as the paper and CReFF do
     recal_after_training: bool = setting(False)
@@ -114,21 +115,10 @@ class FedHProConfig:
     recal_source: Source = setting("moments")
 
     def __post_init__(self) -> None:
-        if self.recal_classes_per_step and (self.recal_solver != "full-batch"
-                                            or self.recal_classes_per_step < 2):
-            raise ConfigError(
-                f"config key 'fedhpro.recal_classes_per_step' = {self.recal_classes_per_step}: "
-                f"groups of classes need 'fedhpro.recal_solver' = full-batch (it is "
-                f"{self.recal_solver!r}) and at least 2 classes per group; 0 trains every "
-                f"class in every step")
-        if self.hp_softmax_classes and (self.hp_softmax_classes < 2
-                                        or self.hp_target != "feature-grads"
-                                        or self.distance == "scalar"):
-            raise ConfigError(
-                f"config key 'fedhpro.hp_softmax_classes' = {self.hp_softmax_classes}: "
-                f"matching over the nearest classes needs at least 2 of them, "
-                f"'fedhpro.hp_target' = feature-grads and a distance other than scalar; "
-                f"0 matches over every class")
+        for key in ("recal_classes_per_step", "hp_softmax_classes"):
+            if getattr(self, key) == 1:
+                raise ConfigError(f"config key 'fedhpro.{key}' = 1: a softmax needs at least 2 "
+                                  f"classes; 0 takes every class")
         if self.recal_recentre and self.recal_source == "moments":
             raise ConfigError(
                 "config key 'fedhpro.recal_recentre' = true re-centres the features matched to "
@@ -306,7 +296,7 @@ class FedHProStrategy(RecalibratingStrategy):
             return classifier_gradient_objective(weight, bias, target, present,
                                                  hp_cfg.distance)
         neighbours = None
-        if 0 < hp_cfg.hp_softmax_classes < self.num_classes:
+        if 0 < hp_cfg.hp_softmax_classes < self.num_classes and hp_cfg.distance != "scalar":
             neighbours = nearest_classes(self.hyperprototypes, weight, bias,
                                          hp_cfg.hp_softmax_classes)
             diagnostics["hp_neighbour_cosine"] = neighbour_agreement(
