@@ -12,9 +12,10 @@ clients' class feature moments) and minibatch SGD, with full-batch steps over ev
 (the default until 2026-11-30), with `fedhpro.recal_solver=gaussian` (the classifier in closed
 form), as configured (moments, full-batch steps on groups of 32 classes, the hyper-prototypes
 matched over their 32 nearest classes) and with `fedhpro.recalibration=false` (matching
-only); all but the configured one over every class in every step. Also prints the bytes one client uploads per
-round: the model weights (a CNN whose classifier has C outputs) and the class statistics of
-each variant, and the classifier gradients in float16 (`fedhpro.float16_upload`).
+only); all but the configured one over every class in every step. Also prints the bytes one
+client uploads per round: the model weights (a CNN whose classifier has C outputs) and the
+class statistics of each variant, and the classifier gradients in float16
+(`fedhpro.float16_upload`).
 Run it on an otherwise idle machine. With --csv the rows are also written there, where
 `fedhpro_lab.report` picks them up (next to results.csv).
 """

@@ -370,12 +370,12 @@ def plot_scaling(out: Path, scaling: list[dict[str, str]]) -> Path:
              title="FedHPro's server step (dotted: linear in C)")
     right.set(xscale="log", yscale="log", xlabel="classes", ylabel="upload / FedAvg's",
               title="a client's upload per round")
-    for ax in (left, right):
-        ax.legend(fontsize=7)
+    for ax in (left, right):  # below the axes: the curves fill them
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))
     fig.tight_layout()
     path = out / "plots" / "server-scaling.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
