@@ -310,6 +310,21 @@ def classifier_on(features: torch.Tensor, classes: torch.Tensor, solver: Solver,
                  epochs, lr, batch_size, generator)
 
 
+def mean_class_gradients(stats: list[ClassStatistics]) -> tuple[ClassGradients, torch.Tensor]:
+    """The clients' per-class CE gradients (feature, classifier weight and bias), each class
+    averaged over the clients holding it, and which classes any client holds (C,)."""
+    if any(s.weight_grads is None or s.bias_grads is None for s in stats):
+        raise ValueError("recalibration needs the classifier gradients of every reply")
+    held = torch.stack([s.present for s in stats])
+    feature, holders = masked_class_mean(torch.stack([s.feature_grads for s in stats]), held)
+    target = ClassGradients(
+        feature,
+        masked_class_mean(torch.stack([s.weight_grads for s in stats]), held)[0],
+        masked_class_mean(torch.stack([s.bias_grads for s in stats]), held)[0],
+    )
+    return target, holders > 0
+
+
 def pooled_moments(stats: list[ClassStatistics]) -> tuple[torch.Tensor, torch.Tensor,
                                                           torch.Tensor]:
     """Each class's feature mean and variance over all clients holding it: (C, d), (C,)
@@ -413,16 +428,7 @@ class FederatedFeatures:
         `RecalibrationSettings.source`); the features keep the result."""
         if settings.source == "moments":
             return self.from_moments(weight, stats, settings, generator)
-        if any(s.weight_grads is None or s.bias_grads is None for s in stats):
-            raise ValueError("recalibration needs the classifier gradients of every reply")
-        held = torch.stack([s.present for s in stats])
-        feature, holders = masked_class_mean(torch.stack([s.feature_grads for s in stats]), held)
-        target = ClassGradients(
-            feature,
-            masked_class_mean(torch.stack([s.weight_grads for s in stats]), held)[0],
-            masked_class_mean(torch.stack([s.bias_grads for s in stats]), held)[0],
-        )
-        present = holders > 0
+        target, present = mean_class_gradients(stats)
         if settings.recentre:
             means, valid = class_means_from_gradients(target)
             self.features = recentred(self.features, means, valid & present, ~self.seen,

@@ -14,7 +14,6 @@ from flwr.app import ArrayRecord
 from fedhpro_flwr.algorithms.diagnostics import consistency_metric
 from fedhpro_flwr.algorithms.extraction import ClassStatistics, extract_class_statistics
 from fedhpro_flwr.algorithms.gradmatch import (
-    ClassGradients,
     Distance,
     LossAndGrad,
     Step,
@@ -36,7 +35,12 @@ from fedhpro_flwr.algorithms.hyperproto import (
 from fedhpro_flwr.algorithms.losses import RunningClassMeans, hpal, hpcl
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.prototypes import local_prototypes
-from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings, Solver, Source
+from fedhpro_flwr.algorithms.recalibration import (
+    RecalibrationSettings,
+    Solver,
+    Source,
+    mean_class_gradients,
+)
 from fedhpro_flwr.algorithms.recalibration import (
     matching_objective as classifier_gradient_objective,
 )
@@ -280,6 +284,10 @@ class FedHProStrategy(RecalibratingStrategy):
                            diagnostics: dict[str, float]) -> LossAndGrad:
         """What the hyper-prototypes descend this round (`fedhpro.hp_target`): the distance
         of the gradients they induce at the new classifier to the clients' mean ones."""
+        if hp_cfg.hp_target == "classifier-grads":
+            target, present = mean_class_gradients(stats)
+            return classifier_gradient_objective(weight, bias, target, present,
+                                                 hp_cfg.distance)
         held = torch.stack([s.present for s in stats])
 
         def mean_of(values: list[torch.Tensor]) -> torch.Tensor:
@@ -290,11 +298,6 @@ class FedHProStrategy(RecalibratingStrategy):
             own_rows = mean_of([torch.diagonal(s.weight_grads).T for s in stats])
             return row_matching_objective(weight, bias, own_rows, present)
         feature_target = mean_of([s.feature_grads for s in stats])
-        if hp_cfg.hp_target == "classifier-grads":
-            target = ClassGradients(feature_target, mean_of([s.weight_grads for s in stats]),
-                                    mean_of([s.bias_grads for s in stats]))
-            return classifier_gradient_objective(weight, bias, target, present,
-                                                 hp_cfg.distance)
         neighbours = None
         if 0 < hp_cfg.hp_softmax_classes < self.num_classes and hp_cfg.distance != "scalar":
             neighbours = nearest_classes(self.hyperprototypes, weight, bias,
