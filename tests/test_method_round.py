@@ -14,7 +14,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.app.client import handle_train
 from fedhpro_flwr.app.sharing import sharing_for
-from fedhpro_flwr.config import EXPERIMENT_ID_KEY, STRATEGY_KEY, ExperimentConfig
+from fedhpro_flwr.config import (
+    EXPERIMENT_ID_KEY,
+    STRATEGY_KEY,
+    ConfigError,
+    ExperimentConfig,
+)
 from fedhpro_flwr.data.federated import dataset_spec, held_out, held_out_data, validation_data
 from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.fedprox import MU_KEY
@@ -176,6 +181,14 @@ def test_fedhpro_server_step_over_groups_and_nearest_classes():
     assert 0 < row["hp_neighbour_cosine"] <= 1 and "hp_neighbour_cosine" not in (
         full_strategy.report.row())
     assert row["hp_match_loss_after"] < row["hp_match_loss_before"]
+
+
+def test_separated_anchors_need_no_more_classes_than_dimensions():
+    cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {"hp_separate": True}})
+    model = build_model(cfg.model, dataset_spec(cfg))
+    with pytest.raises(ConfigError, match=r"'fedhpro\.hp_separate' = true needs classes <= "
+                                          r"feature dim: 10 classes, 8 dims"):
+        get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10, 8)
 
 
 def test_hyperprototypes_matched_to_the_whole_classifier_gradients():
