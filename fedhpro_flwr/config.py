@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -353,6 +354,9 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     return cls(**values)
 
 
+SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _check_value(key: str, value: Any, kind: Any, spec: Mapping[str, Any]) -> Scalar:
     shown = f"config key '{key}' = {value!r}"
     if get_origin(kind) is Literal:  # the allowed values are the type's own
@@ -365,6 +369,8 @@ def _check_value(key: str, value: Any, kind: Any, spec: Mapping[str, Any]) -> Sc
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{shown}: expected an integer")
     elif kind is float:
+        if isinstance(value, str) and SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot, no sign) as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{shown}: expected a number")
         value = float(value)

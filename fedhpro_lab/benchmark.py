@@ -25,6 +25,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,8 @@ COLUMNS = ("suite", "setting", "strategy", "seed", "status", "reason", "final_ac
            "framework_seconds", "workers", "bytes_up_per_round", "bytes_down_per_round",
            "peak_rss_mb")
 KEY = ("setting", "strategy", "seed")
+SCORED = ("ok", "diverged")  # the statuses of a row that is a result (see scored_rounds)
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the colours of Flower's log lines
 
 
 @dataclass(frozen=True)
@@ -111,15 +114,31 @@ def workers(suite: Suite, clients: int) -> int:
     return min(slots, clients)
 
 
-def summarize(run: Run, results: dict[str, Any], run_seconds: float) -> dict[str, Any]:
-    """One results.csv row from a finished run's results.json. Times are means per round over
-    rounds 2 and later when there are any: round 1 also pays the engine's start-up (client
-    actors, imports), which is in `run_seconds` but is not the cost of a round."""
+def scored_rounds(results: dict[str, Any], rounds: int) -> list[dict[str, Any]]:
+    """The run's rounds; those of a run whose training diverged completed to `rounds` with
+    the accuracies it ended with (marked `carried`, moving no bytes). Such a run cannot go
+    on: every later round would train from the same model. Scored this way it stays in its
+    method's mean over seeds, which would otherwise be the mean of the stable seeds alone."""
     rows = results["rounds"]
-    timed = rows[1:] or rows
+    last = rows[-1] if rows else results.get("initial", {})
+    kept = {key: value for key, value in last.items() if "accuracy" in key}
+    if "diverged_round" not in results or len(rows) >= rounds or "accuracy" not in kept:
+        return rows
+    return rows + [{"round": r, **kept, "bytes_up": 0.0, "bytes_down": 0.0, "carried": True}
+                   for r in range(len(rows) + 1, rounds + 1)]
+
+
+def summarize(run: Run, results: dict[str, Any], run_seconds: float) -> dict[str, Any]:
+    """One results.csv row from a finished (or diverged) run's results.json. Times are means
+    per round over rounds 2 and later when there are any: round 1 also pays the engine's
+    start-up (client actors, imports), which is in `run_seconds` but is not the cost of a
+    round. Accuracies are those of `scored_rounds`."""
+    rows = scored_rounds(results, run.rounds)
+    ran = results["rounds"]
+    timed = ran[1:] or ran
 
     def mean(key: str) -> float:
-        return sum(r[key] for r in timed) / len(timed)
+        return sum(r[key] for r in timed) / len(timed) if timed else float("nan")
 
     parallel = workers(run.suite, run.supernodes)
     wall, server = mean("wall_seconds"), mean("server_seconds")
@@ -127,9 +146,12 @@ def summarize(run: Run, results: dict[str, Any], run_seconds: float) -> dict[str
         busy = mean("client_busy_seconds")
     else:  # a run recorded before clients stamped their start: clients perfectly balanced
         busy = mean("client_seconds") / parallel
+    diverged = len(rows) > len(ran)
     row: dict[str, Any] = {
         "suite": run.suite.name, "setting": run.setting.name, "strategy": run.strategy,
-        "seed": run.seed, "status": "ok", "reason": "",
+        "seed": run.seed, "status": "diverged" if diverged else "ok",
+        "reason": (f"training diverged in round {results['diverged_round']}; rounds "
+                   f"{len(ran) + 1}-{len(rows)} scored at its last accuracy" if diverged else ""),
         "final_accuracy": rows[-1]["accuracy"],
         "best_accuracy": max(r["accuracy"] for r in rows),
         "mean_last5_accuracy": sum(r["accuracy"] for r in rows[-5:]) / len(rows[-5:]),
@@ -159,7 +181,7 @@ def failure_reason(log: Path, returncode: int, out_dir: Path) -> str:
     lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
     errors = [line for line in lines if "ERROR" in line]
     own = [line for line in errors if str(out_dir) in line]
-    text = (own or errors or lines or [""])[-1].strip()
+    text = ANSI_ESCAPE.sub("", (own or errors or lines or [""])[-1]).strip()
     return f"exit code {returncode}: {text}"[:300]
 
 
@@ -203,11 +225,24 @@ class Progress:
                 f"round {round_}/{run.rounds}{acc} | suite ETA {eta}")
 
 
-def rounds_in(path: Path) -> list[dict[str, Any]]:
+def read_results(path: Path) -> dict[str, Any] | None:
+    """A results.json, or None if there is none (or it is cut short)."""
     try:
-        return json.loads(path.read_text())["rounds"]
-    except (OSError, ValueError, KeyError):
-        return []
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and "rounds" in results else None
+
+
+def rounds_in(path: Path) -> list[dict[str, Any]]:
+    results = read_results(path)
+    return results["rounds"] if results else []
+
+
+def held_rounds(path: Path, rounds: int) -> int:
+    """How many of `rounds` a results.json holds as scored (a diverged run holds them all)."""
+    results = read_results(path)
+    return len(scored_rounds(results, rounds)) if results else 0
 
 
 # keys that say where the run computes, not what: left out of the comparison
@@ -236,12 +271,11 @@ def same_setup(run: Run, results: dict[str, Any]) -> bool:
 
 
 def finished_results(run: Run) -> dict[str, Any] | None:
-    """The run's results.json if it holds its rounds (or more), made under its setup."""
-    try:
-        results = json.loads((run.out_dir / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if len(results.get("rounds", [])) >= run.rounds and same_setup(run, results):
+    """The run's results.json if it holds its rounds (or more, or diverged before them),
+    made under its setup."""
+    results = read_results(run.out_dir / "results.json")
+    if (results is not None and len(scored_rounds(results, run.rounds)) >= run.rounds
+            and same_setup(run, results)):
         return results
     return None
 
@@ -320,16 +354,17 @@ def execute(group: list[Run], first: int, progress: Progress,
     seconds = time.perf_counter() - start
     rows_out = []
     for run in group:
-        results_path = run.out_dir / "results.json"
-        rows = rounds_in(results_path)
+        results = read_results(run.out_dir / "results.json")
         share = seconds / len(group)  # the group's time, shared out
-        if len(rows) >= run.rounds:  # (a run may hold more: it went on to a later rung)
-            row = summarize(run, json.loads(results_path.read_text()), share)
+        # (a run may hold more rounds: it went on to a later rung)
+        if results is not None and len(scored_rounds(results, run.rounds)) >= run.rounds:
+            row = summarize(run, results, share)
             rows_out.append({**row, "peak_rss_mb": peak})  # the group's peak
         else:
             rows_out.append({"suite": run.suite.name, "setting": run.setting.name,
                              "strategy": run.strategy, "seed": run.seed, "status": "failed",
-                             "rounds": len(rows), "run_seconds": share,
+                             "rounds": len(results["rounds"]) if results else 0,
+                             "run_seconds": share,
                              "reason": failure_reason(log, child.returncode, run.out_dir)})
     return rows_out
 
@@ -337,7 +372,7 @@ def execute(group: list[Run], first: int, progress: Progress,
 def is_done(row: dict[str, Any], rounds: int) -> bool:
     """Whether a results.csv row is the run finished at `rounds` (a run asked for more rounds
     than its row holds continues from its checkpoint)."""
-    return row.get("status") == "ok" and int(float(row.get("rounds") or 0)) == rounds
+    return row.get("status") in SCORED and int(float(row.get("rounds") or 0)) == rounds
 
 
 def run_suite(suite: Suite, out: Path, timeout: float | None = None,
@@ -351,7 +386,7 @@ def run_suite(suite: Suite, out: Path, timeout: float | None = None,
     recovered = False
     for run in runs:  # finished, but its group was cut off before its row was written
         results = None if is_done(rows.get(run.key, {}), run.rounds) else finished_results(run)
-        if results is not None and len(results["rounds"]) == run.rounds:
+        if results is not None and len(scored_rounds(results, run.rounds)) == run.rounds:
             rows[run.key] = {**summarize(run, results, float("nan")), "peak_rss_mb": float("nan")}
             recovered = True
     if recovered:
@@ -370,12 +405,13 @@ def run_suite(suite: Suite, out: Path, timeout: float | None = None,
         for run, row in zip(group, execute(group, index, progress, timeout), strict=True):
             rows[run.key] = row
             if row["status"] != "ok":
-                print(f"  {run.setting.name} {run.strategy} seed {run.seed} failed, recorded, "
-                      f"going on: {row['reason']}", flush=True)
+                print(f"  {run.setting.name} {run.strategy} seed {run.seed} {row['status']}, "
+                      f"recorded, going on: {row['reason']}", flush=True)
         write_rows(csv_path, rows)
         index += len(group)
-    failed = sum(1 for r in rows.values() if r.get("status") != "ok")
-    print(f"fedhpro-bench: {len(runs) - failed} of {len(runs)} runs ok -> {csv_path}", flush=True)
+    statuses = [rows.get(r.key, {}).get("status") for r in runs]
+    print(f"fedhpro-bench: {statuses.count('ok')} of {len(runs)} runs ok, "
+          f"{statuses.count('diverged')} diverged -> {csv_path}", flush=True)
     return csv_path
 
 

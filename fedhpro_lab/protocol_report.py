@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedhpro_lab import stats
+from fedhpro_lab.benchmark import SCORED, scored_rounds
 from fedhpro_lab.report import machine
 from fedhpro_lab.suites import run_path
 from fedhpro_lab.tuning import PUBLISHED, read_chosen, trials
@@ -74,7 +75,7 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
     tuned = [m for m in methods if m in last5]
     variants = tuned + [f"{m}-published" for m in methods if f"{m}-published" in last5]
     loaded = {v: load_runs(out, setting, v, seeds[v]) for v in variants}
-    curves = {v: [run["rounds"] for run in loaded[v]] for v in variants}
+    curves = {v: [scored_rounds(run, rounds) for run in loaded[v]] for v in variants}
     for variant in variants:
         own = seeds[variant]
         runs = curves[variant]
@@ -92,7 +93,7 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
                      f"{best:.3f} | {rounds_cell} | {mb_cell} | {client:.2f} | {diff_cell} | "
                      f"{verdict} |")
     lines += ["", *convergence({m: curves[m] for m in tuned}),
-              *collapses({v: seeds[v] for v in variants}, by_variant,
+              *collapses({v: seeds[v] for v in variants}, by_variant, loaded,
                          loaded[variants[0]][0]["num_classes"]),
               f"![{setting}](plots/{setting}-seeds.png)", ""]
     plot_seeds(out, setting, {m: curves[m] for m in tuned})
@@ -117,16 +118,23 @@ def convergence(curves: dict[str, list[list[dict[str, Any]]]]) -> list[str]:
 
 
 def collapses(seeds: dict[str, list[int]], by_variant: dict[str, dict[int, dict[str, str]]],
-              num_classes: int) -> list[str]:
-    """Runs that ended near chance (under twice 1 / classes): named with their seed, not
-    averaged away."""
+              loaded: dict[str, list[dict[str, Any]]], num_classes: int) -> list[str]:
+    """Runs that ended near chance (under twice 1 / classes) or whose training diverged:
+    named with their seed, not averaged away."""
     floor = 2 / num_classes
-    found = [f"{variant} seed {seed} ({value:.3f})" for variant, own in seeds.items()
-             for seed in own
-             if (value := float(by_variant[variant][seed]["mean_last5_accuracy"])) < floor]
+    found = []
+    for variant, own in seeds.items():
+        for seed, results in zip(own, loaded[variant], strict=True):
+            value = float(by_variant[variant][seed]["mean_last5_accuracy"])
+            diverged = results.get("diverged_round")
+            if value < floor or diverged:
+                how = f", training diverged in round {diverged}" if diverged else ""
+                found.append(f"{variant} seed {seed} ({value:.3f}{how})")
     if not found:
         return []
-    return [f"Collapsed runs (last-5 accuracy under {floor:.2f}, twice chance): "
+    return [f"Collapsed runs (last-5 accuracy under {floor:.2f}, twice chance) and diverged "
+            f"ones (every client's training turned NaN; the run stops there and its last "
+            f"accuracy stands for the rounds left, so it stays in its row's mean): "
             f"{', '.join(found)}; their curves are in the plot.", ""]
 
 
@@ -176,7 +184,7 @@ def trials_table(records: dict[str, Any]) -> list[str]:
 
 def write_protocol_report(out: Path, command: str) -> Path:
     with open(out / "results.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+        rows = [r for r in csv.DictReader(f) if r["status"] in SCORED]
     records = json.loads((out / "tuning" / "trials.json").read_text())
     (out / "tuning" / "TRIALS.md").write_text("\n".join(trials_table(records)))
     chosen = read_chosen(out / "tuning" / "chosen.yaml")

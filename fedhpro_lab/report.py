@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from fedhpro_lab import stats
+from fedhpro_lab.benchmark import SCORED
 from fedhpro_lab.diagreport import diagnostics_section, series
 from fedhpro_lab.suites import ALL_STRATEGIES, FLOAT16
 
@@ -385,17 +386,19 @@ def write_report(csv_path: Path, command: str) -> Path:
     out = csv_path.parent
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] in SCORED]  # with the diverged runs, listed below
     for r in ok:
         if not r.get("client_busy_seconds"):
             r["client_busy_seconds"] = str(balanced_client_seconds(r))
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = [r for r in rows if r["status"] not in SCORED]
+    diverged = [r for r in rows if r["status"] == "diverged"]
     suites = sorted({r["suite"] for r in rows})
     lines = [f"# Benchmark results: suite {', '.join(suites)}", "",
              f"- command: `{command}`",
              f"- machine: {machine()}",
              f"- date: {datetime.date.today().isoformat()}",
-             f"- runs: {len(ok)} ok, {len(failed)} failed", "",
+             f"- runs: {len(ok) - len(diverged)} ok, {len(diverged)} diverged, "
+             f"{len(failed)} failed", "",
              "Accuracy is the global model's on the server's test set (with heterogeneous clients: "
              "each client's own model on its own test split, averaged); times are means per round "
              "from round 2 on (round 1 also starts the engine; client = the sum over the round's "
@@ -434,12 +437,14 @@ def write_report(csv_path: Path, command: str) -> Path:
                   f"![server-scaling](plots/{plot_scaling(out, scaling).name})", ""]
     lines += diagnostics_section(out, ok)
     lines += ["## Goals", "", *goals(ok), *scale_goals(ok, scaling), ""]
-    if failed:
-        lines += ["## Failed runs", "", "| setting | strategy | seed | reason |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['setting']} | {r['strategy']} | {r['seed']} | {r['reason']} |"
-                  for r in failed]
-        lines.append("")
+    for title, listed in (("Diverged runs (in the tables, scored at their last accuracy)",
+                            diverged), ("Failed runs", failed)):
+        if listed:
+            lines += [f"## {title}", "", "| setting | strategy | seed | reason |",
+                      "|---|---|---|---|"]
+            lines += [f"| {r['setting']} | {r['strategy']} | {r['seed']} | {r['reason']} |"
+                      for r in listed]
+            lines.append("")
     findings = out / FINDINGS_NAME
     if findings.is_file():  # written by hand from these numbers; kept across regenerations
         lines += [findings.read_text().strip(), ""]

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from fedhpro_lab.benchmark import finished_here, plan, rounds_in
+from fedhpro_lab.benchmark import finished_here, held_rounds, plan, read_results, scored_rounds
 from fedhpro_lab.suites import PAPER_RECAL, Setting, Suite, Variant, run_path
 
 LEARNING_RATES = (0.01, 0.05)
@@ -93,8 +93,10 @@ def trials(method: str) -> list[Trial]:
 
 def score(results_json: Path, rounds: int) -> float:
     """Mean validation accuracy over the last `LAST` of the run's first `rounds` rounds (NaN
-    if none recorded): a rung's score, also when the run has since gone on to a later rung."""
-    rows = rounds_in(results_json)[:rounds]
+    if none recorded; a diverged trial's as `scored_rounds` completes them): a rung's score,
+    also when the run has since gone on to a later rung."""
+    results = read_results(results_json)
+    rows = scored_rounds(results, rounds)[:rounds] if results else []
     values = [r["val_accuracy"] for r in rows[-LAST:] if "val_accuracy" in r]
     return sum(values) / len(values) if values else float("nan")
 
@@ -149,7 +151,7 @@ class Tuning:
             short = [t for t in alive if t.name not in finished]
             if short:
                 run_suite(self.suite(short, rounds), self.out, timeout)
-            short = [t.name for t in alive if len(rounds_in(self.results(t))) < rounds]
+            short = [t.name for t in alive if held_rounds(self.results(t), rounds) < rounds]
             if short:  # a score over fewer rounds is not comparable: never choose on one
                 raise TuningIncomplete(
                     f"tuning on {self.setting.name}: {', '.join(short)} did not reach {rounds} "

@@ -23,6 +23,7 @@ from fedhpro_lab.benchmark import (
     Run,
     config_suite,
     failure_reason,
+    is_done,
     main,
     parse_seeds,
     plan,
@@ -30,6 +31,7 @@ from fedhpro_lab.benchmark import (
     resumable,
     run_suite,
     same_setup,
+    scored_rounds,
     summarize,
     tree_rss_mb,
 )
@@ -97,6 +99,29 @@ def test_a_failing_run_is_recorded_and_the_suite_goes_on(tmp_path):
     assert good["status"] == "ok" and 0.0 < float(good["final_accuracy"]) <= 1.0
     write_report(tmp_path / "results.csv", "test")
     assert "## Failed runs" in (tmp_path / "RESULTS.md").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_whose_training_diverges_is_scored_once_and_not_run_again(tmp_path, capsys):
+    suite = Suite("tiny", "a learning rate no model survives", (Setting(
+        "mnist", "conf/mnist-dir0.5.yaml", "partition.num_partitions=3 train.lr=1e30"),),
+        ("fedavg",), (0,), rounds=3, overrides="train.local_epochs=1")
+    rows = read_rows(run_suite(suite, tmp_path))
+    row = rows[("mnist", "fedavg", "0")]
+    results_path = tmp_path / "runs" / "mnist" / "fedavg" / "seed0" / "results.json"
+    results = json.loads(results_path.read_text())
+    assert results["diverged_round"] == 1 and results["stopped"].startswith(
+        "training diverged: every reply is non-finite; round 1: 0 usable replies of 3")
+    assert row["status"] == "diverged" and row["rounds"] == "3"
+    assert float(row["final_accuracy"]) == results["initial"]["accuracy"]
+    stamp = results_path.stat().st_mtime_ns
+    capsys.readouterr()
+    run_suite(suite, tmp_path)
+    assert "1 of 1 runs already done" in capsys.readouterr().out
+    assert results_path.stat().st_mtime_ns == stamp
+    report = write_report(tmp_path / "results.csv", "test").read_text()
+    assert "- runs: 0 ok, 1 diverged, 0 failed" in report
+    assert "## Diverged runs" in report and "training diverged in round 1" in report
 
 
 @pytest.mark.slow
@@ -257,6 +282,37 @@ def test_summary_leaves_round_1_out_of_the_times(tmp_path):
     assert row["framework_seconds"] == pytest.approx(7.0 - 0.5 - 5.5)
 
 
+def timed_rows(accuracies):
+    return [{"round": i, "accuracy": a, "wall_seconds": 2.0, "server_seconds": 0.5,
+             "client_seconds": 4.0, "client_seconds_max": 1.0, "client_busy_seconds": 1.0,
+             "bytes_up": 10.0, "bytes_down": 20.0} for i, a in enumerate(accuracies, start=1)]
+
+
+def test_a_diverged_run_is_scored_at_its_last_accuracy_for_the_rounds_it_lost(tmp_path):
+    """A run stopped because every client's training turned NaN is a result of its recipe:
+    dropped, its method's mean would be the mean of its stable seeds."""
+    run = fake_run(tmp_path, rounds=10)
+    results = {"initial": {"accuracy": 0.1}, "rounds": timed_rows([0.5, 0.8, 0.3]),
+               "diverged_round": 4, "stopped": "training diverged: ..."}
+    row = summarize(run, results, 9.0)
+    assert row["status"] == "diverged" and row["rounds"] == 10
+    assert row["reason"] == ("training diverged in round 4; rounds 4-10 scored at its last "
+                             "accuracy")
+    assert (row["final_accuracy"], row["best_accuracy"]) == (0.3, 0.8)
+    assert row["mean_last5_accuracy"] == pytest.approx(0.3)
+    assert row["wall_seconds"] == 2.0 and row["bytes_up_per_round"] == 10.0  # rounds it ran
+    assert is_done(row, 10) and not is_done(row, 20)  # asked for more: resumed, diverges again
+    curve = scored_rounds(results, 10)
+    assert [r["round"] for r in curve] == list(range(1, 11))
+    assert all(r["carried"] and r["bytes_up"] == 0 for r in curve[3:])
+    # diverged in its first round: the initial model's accuracy stands; no round to time
+    first = summarize(run, {**results, "rounds": [], "diverged_round": 1}, 9.0)
+    assert first["mean_last5_accuracy"] == 0.1 and first["wall_seconds"] != first["wall_seconds"]
+    # a run that stopped for another cause (nodes lost) is not scored
+    assert scored_rounds({k: v for k, v in results.items() if k != "diverged_round"}, 10) == \
+        results["rounds"]
+
+
 def test_failure_reason_prefers_the_runs_own_error_line(tmp_path):
     log = tmp_path / "group.log"
     log.write_text(f"INFO start\nERROR fedhpro-flwr: run {tmp_path / 'a'} failed: bad key\n"
@@ -264,6 +320,9 @@ def test_failure_reason_prefers_the_runs_own_error_line(tmp_path):
     assert failure_reason(log, 0, tmp_path / "a").endswith("failed: bad key")
     assert failure_reason(log, -9, tmp_path / "c").endswith("failed: other")  # the group's last
     assert failure_reason(tmp_path / "none.log", -9, tmp_path / "a") == "exit code -9: "
+    log.write_text("\x1b[91mERROR \x1b[0m:     fedhpro-flwr: bad key\n")  # Flower's colours
+    assert failure_reason(log, 1, tmp_path / "a") == (
+        "exit code 1: ERROR :     fedhpro-flwr: bad key")
 
 
 def test_progress_eta_comes_from_the_rounds_finished_so_far(tmp_path):

@@ -101,6 +101,19 @@ def test_parse_overrides_reads_yaml_scalars():
         "a.b": 1, "c": 0.5, "d": True, "e": "cosine"}
 
 
+def test_a_number_in_e_notation_is_a_number_in_a_file_and_an_override(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; a float key takes it as the number."""
+    assert parse_overrides("train.lr=1e-3")["train.lr"] == "1e-3"
+    cfg = load_experiment(ROOT / "conf" / "default.yaml", parse_overrides(
+        "train.lr=1e-3 fedhpro.lr_hp=2E+1 train.weight_decay=.5e-4"))
+    assert (cfg.train.lr, cfg.section(FedHProConfig).lr_hp, cfg.train.weight_decay) == (
+        1e-3, 20.0, 5e-5)
+    (tmp_path / "e.yaml").write_text("train:\n  lr: 1e-2\n")
+    assert load_experiment(tmp_path / "e.yaml").train.lr == 0.01
+    with pytest.raises(ConfigError, match=r"'train\.lr' = '1e-3x': expected a number"):
+        load_experiment(ROOT / "conf" / "default.yaml", {"train.lr": "1e-3x"})
+
+
 def test_fingerprint_ignores_rounds_only():
     cfg = parse_experiment({})
     more_rounds = ExperimentConfig.from_flat({**cfg.to_flat(), "federation.rounds": 99},

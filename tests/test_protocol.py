@@ -72,12 +72,14 @@ def test_target_and_convergence_arithmetic():
     assert moving_change(curve) == pytest.approx(0.1)  # the 5-round mean 10 rounds ago: 0.5
 
 
-def write_run(out, setting, variant, seed, accuracies):
+def write_run(out, setting, variant, seed, accuracies, diverged_round=None):
     folder = out / "runs" / setting / variant / f"seed{seed}"
     folder.mkdir(parents=True)
     rounds = [{"round": i + 1, "accuracy": a, "bytes_up": 1e6, "bytes_down": 1e6}
               for i, a in enumerate(accuracies)]
-    (folder / "results.json").write_text(json.dumps({"num_classes": 10, "rounds": rounds}))
+    diverged = {} if diverged_round is None else {"diverged_round": diverged_round}
+    (folder / "results.json").write_text(json.dumps({"num_classes": 10, "rounds": rounds,
+                                                     **diverged}))
     return {"suite": "protocol", "setting": setting, "strategy": variant, "seed": seed,
             "status": "ok", "rounds": len(accuracies), "final_accuracy": accuracies[-1],
             "best_accuracy": max(accuracies),
@@ -106,6 +108,30 @@ def test_the_setting_table_pairs_seeds_and_calls_wins_and_collapses(tmp_path):
     assert lines.count("| T |") == 2  # fpl: no paired difference; published: one seed off
     assert "fpl-published seed 0 (0.100)" in lines  # named, not averaged away
     assert "(converged:" in lines and (tmp_path / "plots" / "s-seeds.png").stat().st_size
+
+
+def test_a_diverged_seed_stays_in_its_row_at_the_accuracy_it_ended_with(tmp_path):
+    rows = [write_run(tmp_path, "s", m, seed, [0.8] * 20) for m in ("fedhpro", "fedavg")
+            for seed in range(3)]
+    fedavg_seed2 = next(r for r in rows if r["strategy"] == "fedavg" and r["seed"] == 2)
+    (tmp_path / "runs" / "s" / "fedavg" / "seed2").rename(tmp_path / "lost")
+    fedavg_seed2.update(write_run(tmp_path, "s", "fedavg", 2, [0.8] * 11 + [0.1], 13),
+                        status="diverged", rounds=20, mean_last5_accuracy=0.1)
+    lines = "\n".join(setting_section(tmp_path, "s", [{k: str(v) for k, v in r.items()}
+                                                      for r in rows], ["fedhpro", "fedavg"]))
+    assert "| fedavg | 3 | 0.567 [" in lines  # (0.8 + 0.8 + 0.1) / 3: the seed counts
+    assert "fedavg seed 2 (0.100, training diverged in round 13)" in lines
+    # the mean curve runs over 20 rounds: the diverged seed's last accuracy carried
+    assert "FedAvg's 5-round mean moved -23.33 points" in lines
+
+
+def test_a_diverged_trial_is_scored_at_its_last_validation_accuracy(tmp_path):
+    path = tmp_path / "results.json"
+    rows = [{"round": r, "val_accuracy": 0.5, "accuracy": 0.4} for r in range(1, 7)]
+    last = {"round": 7, "val_accuracy": 0.2, "accuracy": 0.1}
+    path.write_text(json.dumps({"rounds": [*rows, last], "diverged_round": 8}))
+    assert score(path, 10) == pytest.approx((0.5 + 0.2 * 4) / 5)  # rounds 8-10 carried
+    assert score(path, 8) == pytest.approx((0.5 * 3 + 0.2 * 2) / 5)
 
 
 def test_a_rung_with_a_trial_short_of_its_rounds_stops_the_tuning(tmp_path):

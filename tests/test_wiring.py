@@ -22,6 +22,7 @@ from fedhpro_flwr.methods.fedprox import MU_KEY
 from fedhpro_flwr.methods.fpl import CLUSTER_RECORD
 from fedhpro_flwr.methods.payload import encode_class_rows, tensors_to_record
 from fedhpro_flwr.methods.prototype import GLOBAL_RECORD
+from fedhpro_flwr.methods.strategy import TooFewReplies, TrainingDiverged
 
 SAMPLES = 48  # one batch: one SGD step per local epoch, so the update is one gradient
 SEED = 11
@@ -194,9 +195,9 @@ def reply_content(weights: dict[str, torch.Tensor], partition: int) -> RecordDic
     return RecordDict({"arrays": tensors_to_record(weights), "metrics": metrics})
 
 
-def fedavg_round(break_first=None):
-    """One FedAvg aggregation of three replies whose weights are all p + 1 (client p), the
-    first reply changed by `break_first`: (strategy, aggregated weights, metrics)."""
+def fedavg_round(*changes):
+    """One FedAvg aggregation of three replies whose weights are all p + 1 (client p), reply
+    i changed by `changes[i]` (None: left as it is): (strategy, aggregated weights, metrics)."""
     model = initial_model(CFG)
     strategy = get_method("fedavg").make_strategy(CFG, model.state_dict(), 10, model.feature_dim)
     messages = [training_message("fedavg", strategy, tensors_to_record(model.state_dict()),
@@ -205,8 +206,9 @@ def fedavg_round(break_first=None):
     contents = [reply_content({k: torch.full_like(v, p + 1) if v.is_floating_point() else v
                                for k, v in model.state_dict().items()}, p)
                 for p in range(NUM_CLIENTS)]
-    if break_first is not None:
-        break_first(contents[0])
+    for content, change in zip(contents, changes, strict=False):
+        if change is not None:
+            change(content)
     replies = [Message(c, reply_to=m) for c, m in zip(contents, messages, strict=True)]
     arrays, metrics = strategy.aggregate_train(1, replies)
     return strategy, arrays.to_torch_state_dict(), metrics
@@ -271,3 +273,24 @@ def test_a_bad_reply_is_left_out_with_its_reason_and_the_rest_averaged(case):
     assert [entry["node"] for entry in report.left_out] == [100]
     assert report.left_out[0]["reason"].startswith(f"invalid reply, rejected: {reason}")
     assert_all_weights(weights, (2 * 2 + 3 * 7) / 9)  # clients 1 and 2 only
+
+
+def nan_weights(content: RecordDict) -> None:
+    weights = content.array_records["arrays"].to_torch_state_dict()
+    weights["classifier.bias"][0] = float("nan")
+    content["arrays"] = tensors_to_record(weights)
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_a_round_in_which_every_reply_is_non_finite_has_diverged():
+    nan_loss = set_metric("train_loss", float("nan"))
+    for changes in ([nan_loss] * NUM_CLIENTS, [nan_weights, nan_loss, nan_weights]):
+        with pytest.raises(TrainingDiverged, match="training diverged: every reply is non-"
+                           "finite; round 1: 0 usable replies") as stopped:
+            fedavg_round(*changes)
+        assert stopped.value.round == 1
+    # a reply missing, malformed or late is a fault of the federation, not a divergence
+    for odd in (drop("metrics", "train_loss"), misshape):
+        with pytest.raises(TooFewReplies, match="round 1: 0 usable") as stopped:
+            fedavg_round(nan_loss, odd, nan_loss)
+        assert not isinstance(stopped.value, TrainingDiverged)

@@ -40,7 +40,12 @@ from fedhpro_flwr.config import (
 from fedhpro_flwr.data.federated import TensorData, dataset_spec, held_out
 from fedhpro_flwr.methods import SECTIONS, get_method
 from fedhpro_flwr.methods.payload import check_state_dict, tensors_to_record
-from fedhpro_flwr.methods.strategy import ExperimentStrategy, RoundReport, TooFewReplies
+from fedhpro_flwr.methods.strategy import (
+    ExperimentStrategy,
+    RoundReport,
+    TooFewReplies,
+    TrainingDiverged,
+)
 
 # Errors whose message says everything a user needs (logged without a traceback): a bad
 # setting or missing data, an unusable checkpoint, a round with too few usable replies.
@@ -153,6 +158,8 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
             )
         except TooFewReplies as exc:  # the rounds before it stand, and so does the checkpoint
             results.data["stopped"] = str(exc)
+            if isinstance(exc, TrainingDiverged):  # an outcome a benchmark scores, see there
+                results.data["diverged_round"] = exc.round
             results.write()
             raise
     else:

@@ -27,6 +27,10 @@ class PayloadError(ValueError):
     """A message carries missing, malformed or non-finite arrays."""
 
 
+class NonFinite(PayloadError):
+    """A message carries NaN or Inf: what a client sends once its training has diverged."""
+
+
 # the error codes of a reply whose node ran the ClientApp and saw it fail
 CLIENT_FAILURES = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.CLIENT_APP_CRASHED,
                    ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
@@ -101,7 +105,7 @@ def record_to_tensors(
             raise PayloadError(f"{what}: array '{name}' has shape {array.shape}, "
                                f"expected {shown}")
         if kind != "int" and not np.isfinite(array).all():
-            raise PayloadError(f"{what}: array '{name}' contains NaN or Inf")
+            raise NonFinite(f"{what}: array '{name}' contains NaN or Inf")
         out[name] = torch.from_numpy(array.astype(np.float32) if kind == "real"
                                      else array.copy())
     return out

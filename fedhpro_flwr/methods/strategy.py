@@ -36,6 +36,7 @@ from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods.payload import (
     EXPERIMENT_RECORD,
+    NonFinite,
     PayloadError,
     check_state_dict,
     error_reason,
@@ -66,6 +67,16 @@ class ClientReply:
 
 class TooFewReplies(RuntimeError):
     """A round ended with fewer usable replies than `federation.min_replies`."""
+
+    def __init__(self, round_: int, message: str):
+        super().__init__(message)
+        self.round = round_
+
+
+class TrainingDiverged(TooFewReplies):
+    """Every sampled node replied and every reply held NaN or Inf: training from the global
+    model has diverged, and a later round would start from the same model. The run's outcome,
+    not a fault of the federation."""
 
 
 def weighted_average(
@@ -305,11 +316,14 @@ class ExperimentStrategy(FedAvg):
         round_ = self.absolute_round(server_round)
         start, replied = time.perf_counter(), time.time()
         replies = list(replies)
-        valid, left_out = self._validate(round_, replies)
+        valid, left_out, non_finite = self._validate(round_, replies)
         needed = self.cfg.federation.min_replies
         if len(valid) < needed:
-            raise TooFewReplies(
-                f"round {round_}: {len(valid)} usable replies of {len(self._sent)} sampled "
+            diverged = not valid and bool(left_out) and non_finite == set(left_out)
+            raise (TrainingDiverged if diverged else TooFewReplies)(
+                round_,
+                ("training diverged: every reply is non-finite; " if diverged else "")
+                + f"round {round_}: {len(valid)} usable replies of {len(self._sent)} sampled "
                 f"nodes, federation.min_replies is {needed}; left out: "
                 + "; ".join(f"node {node}: {reason}" for node, reason in left_out.items())
             )
@@ -364,8 +378,9 @@ class ExperimentStrategy(FedAvg):
 
     # ---- reply validation ---------------------------------------------------------------
     def _validate(self, round_: int, replies: list[Message]
-                  ) -> tuple[list[ClientReply], dict[int, str]]:
-        """The usable replies, and why each other sampled node is left out of the round.
+                  ) -> tuple[list[ClientReply], dict[int, str], set[int]]:
+        """The usable replies, why each other sampled node is left out of the round, and
+        which of those sent NaN or Inf.
 
         A reply belongs to the node its message was sent to: the SuperLink answers for a
         node that stopped sending heartbeats with an error reply of its own (sender id 1).
@@ -374,6 +389,7 @@ class ExperimentStrategy(FedAvg):
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         valid: list[ClientReply] = []
         left_out: dict[int, str] = {}
+        non_finite: set[int] = set()
         for message in replies:
             meta = message.metadata
             node = sent.get(meta.reply_to_message_id, meta.src_node_id)
@@ -386,6 +402,8 @@ class ExperimentStrategy(FedAvg):
                     valid.append(self._decode(node, message))
                 except PayloadError as exc:
                     left_out[node] = f"invalid reply, rejected: {exc}"
+                    if isinstance(exc, NonFinite):
+                        non_finite.add(node)
         replied = {r.node_id for r in valid} | set(left_out)
         for node in sent.values():
             if node not in replied:
@@ -394,7 +412,7 @@ class ExperimentStrategy(FedAvg):
         for node, reason in left_out.items():
             log(WARNING, "round %d: node %d left out: %s", round_, node, reason)
         log(INFO, "round %d: %d replies used, %d left out", round_, len(valid), len(left_out))
-        return valid, left_out
+        return valid, left_out, non_finite
 
     def _decode(self, node: int, message: Message) -> ClientReply:
         content = message.content
@@ -404,7 +422,8 @@ class ExperimentStrategy(FedAvg):
         for key in REQUIRED_METRICS:
             value = metrics.get(key)
             if not isinstance(value, int | float) or not math.isfinite(value):
-                raise PayloadError(f"metric '{key}' is missing or not a finite number: {value!r}")
+                error = NonFinite if isinstance(value, int | float) else PayloadError
+                raise error(f"metric '{key}' is missing or not a finite number: {value!r}")
         if metrics["num-examples"] <= 0:
             raise PayloadError(f"num-examples must be positive, got {metrics['num-examples']}")
         weights = check_state_dict(content.array_records["arrays"], self.reference_state,
