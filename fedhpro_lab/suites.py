@@ -155,6 +155,19 @@ ANCHOR_SIZING = "train.local_epochs=2 diagnostics.consistency=true"
 # or full-batch steps (a tenth of the server's dependent steps)
 RECAL_DEFAULTS = (with_paper_recal("fedhpro"), MOMENTS, MOMENTS_FULL_BATCH)
 
+# FedHPro's first rounds on digits-offline at the protocol's tuned recipe (lr 0.05, momentum 0.9,
+# w_cl = 1, the validation share held out), each client term switched off in turn, beside FedAvg
+# at the same step: what holds the global model at chance in rounds 1-3 (benchmarks/first-rounds)
+FIRST_ROUNDS = (
+    Variant("fedhpro", "fedhpro"),
+    Variant("fedhpro-no-hpcl", "fedhpro", "fedhpro.w_cl=0"),
+    Variant("fedhpro-no-hpal", "fedhpro", "fedhpro.w_al=0"),
+    Variant("fedhpro-no-margin", "fedhpro", "fedhpro.margin=false"),
+    Variant("fedhpro-ce-only", "fedhpro", "fedhpro.w_cl=0 fedhpro.w_al=0"),
+    Variant("fedhpro-no-recalibration", "fedhpro", "fedhpro.recalibration=false"),
+    Variant("fedavg", "fedavg"),
+)
+
 SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite(
         "smoke", "two strategies, one seed, two rounds on 3 clients of the MNIST subset (CI)",
@@ -191,6 +204,14 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         "5 seeds (sized as the anchors suite, whose FedHPro runs it shares)",
         DEFAULT_SETTINGS, RECAL_DEFAULTS, (0, 1, 2, 3, 4), rounds=10,
         overrides=ANCHOR_SIZING,
+    ),
+    Suite(
+        "first-rounds", "FedHPro's first 5 rounds on digits-offline at the protocol's tuned "
+        "recipe with each client term (and the recalibration) switched off in turn, beside "
+        "FedAvg, 5 seeds; about 20 minutes on 2 CPU cores",
+        (DEFAULT_SETTINGS[0],), FIRST_ROUNDS, (0, 1, 2, 3, 4), rounds=5,
+        overrides="train.local_epochs=2 data.validation_fraction=0.1 train.lr=0.05 "
+                  "train.momentum=0.9 fedhpro.w_cl=1 federation.server_threads=2",
     ),
     Suite(
         "many-class", "every strategy on 100 generated glyph classes, under a long tail "
