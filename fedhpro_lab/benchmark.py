@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if not args.no_report:
             print(f"report: {write_protocol_report(out, command)}", flush=True)
-        return 0 if all(r.get("status") == "ok" for r in read_rows(csv_path).values()) else 1
+        return 0 if all(r.get("status") in SCORED for r in read_rows(csv_path).values()) else 1
     try:
         suite, only = chosen_suite(args)
         print(f"fedhpro-bench: suite '{suite.name}': {suite.description}", flush=True)
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"report: {write_report(csv_path, command)}", flush=True)
     rows = read_rows(csv_path)
-    return 0 if all(r.get("status") == "ok" for r in rows.values()) else 1
+    return 0 if all(r.get("status") in SCORED for r in rows.values()) else 1
 
 
 if __name__ == "__main__":

@@ -9,14 +9,17 @@ convergence check, runs that collapsed, and a plot of every seed's curve.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from fedhpro_lab import stats
 from fedhpro_lab.benchmark import SCORED, scored_rounds
+from fedhpro_lab.protocol import SETTINGS
 from fedhpro_lab.report import machine
 from fedhpro_lab.suites import run_path
 from fedhpro_lab.tuning import PUBLISHED, read_chosen, trials
@@ -203,9 +206,29 @@ def write_protocol_report(out: Path, command: str) -> Path:
              "batch are the setting's): "
              + "; ".join(f"{m}: `{o}`" for m, o in PUBLISHED.items()) + ".", ""]
     settings = list(dict.fromkeys(r["setting"] for r in rows))
+    missing = [e.setting.name for e in SETTINGS if e.setting.name not in settings]
+    if missing:
+        lines += [f"Not run yet: {', '.join(missing)} (a table's seeds column shows what a "
+                  f"row holds so far).", ""]
     for setting in settings:
         srows = [r for r in rows if r["setting"] == setting]
         lines += setting_section(out, setting, srows, list(chosen.get(setting, {})))
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """RESULTS.md from what a protocol folder holds so far, without running anything."""
+    parser = argparse.ArgumentParser(prog="python -m fedhpro_lab.protocol_report",
+                                     description=main.__doc__)
+    parser.add_argument("out", type=Path, help="the folder of `fedhpro-bench --protocol --out`")
+    parser.add_argument("--command", default="fedhpro-bench --protocol --out OUT",
+                        help="the command that made the runs, for RESULTS.md")
+    args = parser.parse_args(argv)
+    print(write_protocol_report(args.out.resolve(), args.command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ import yaml
 from fedhpro_flwr.config import parse_overrides, resolve_run_config
 from fedhpro_flwr.methods import METHODS, SECTIONS
 from fedhpro_lab.benchmark import COLUMNS, plan, run_suite
+from fedhpro_lab.protocol_report import main as protocol_report_main
 from fedhpro_lab.protocol_report import moving_change, setting_section, to_target
 from fedhpro_lab.simulation import APP_DIR
 from fedhpro_lab.suites import Setting
@@ -123,6 +124,23 @@ def test_a_diverged_seed_stays_in_its_row_at_the_accuracy_it_ended_with(tmp_path
     assert "fedavg seed 2 (0.100, training diverged in round 13)" in lines
     # the mean curve runs over 20 rounds: the diverged seed's last accuracy carried
     assert "FedAvg's 5-round mean moved -23.33 points" in lines
+
+
+def test_the_report_of_a_protocol_under_way_says_what_has_not_run(tmp_path):
+    rows = [write_run(tmp_path, "digits-offline", m, seed, [0.5 + 0.1 * seed] * 12)
+            for m in ("fedhpro", "fedavg") for seed in range(2)]
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "tuning" / "trials.json").write_text("{}")
+    write_chosen(tmp_path / "tuning" / "chosen.yaml", [
+        {"setting": "digits-offline", "chosen": {"fedhpro": "", "fedavg": ""}}])
+    assert protocol_report_main([str(tmp_path)]) == 0
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "Not run yet: mnist-dir0.1, mnist-dir0.5, mnist-lt, hetero" in report
+    assert "| fedavg | 2 | 0.550 [" in report and "| **fedhpro** | 2 |" in report
 
 
 def test_a_diverged_trial_is_scored_at_its_last_validation_accuracy(tmp_path):
