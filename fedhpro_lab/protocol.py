@@ -2,8 +2,9 @@
 
 1. Tuning (`tuning`): every method, every setting, the same budget, scored on a validation
    share of the training pool, on a seed of its own (`TUNING_SEED`), never seen again.
-2. The table: each method as tuned on `SEEDS` and as published on `PUBLISHED_SEEDS`, with the
-   validation share still held out (the clients see the same data as in tuning).
+2. The table: each method as tuned on `SEEDS` (every setting), then as published on
+   `PUBLISHED_SEEDS`, with the validation share still held out (the clients see the same data as
+   in tuning).
 3. RESULTS.md (`protocol_report`): mean of the last 5 rounds with 95% intervals, paired
    differences against FedHPro with win / tie / loss, rounds and megabytes to a target, the
    convergence check, the per-seed curves.
@@ -80,7 +81,9 @@ def run_protocol(out: Path, run_suite: Callable[..., Path], timeout: float | Non
     write_chosen(tuning_dir / "chosen.yaml", list(records.values()))
     chosen = read_chosen(tuning_dir / "chosen.yaml")
     csv_path = out / "results.csv"
-    for entry in settings:
-        for suite in table_suites(entry, chosen[entry.setting.name]):
-            csv_path = run_suite(suite, out, timeout)
+    # every setting's tuned table before any published one: the comparison first, the context
+    # after it
+    tables = [table_suites(entry, chosen[entry.setting.name]) for entry in settings]
+    for suite in [tuned for tuned, _ in tables] + [published for _, published in tables]:
+        csv_path = run_suite(suite, out, timeout)
     return csv_path

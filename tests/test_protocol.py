@@ -10,6 +10,7 @@ import yaml
 from fedhpro_flwr.config import parse_overrides, resolve_run_config
 from fedhpro_flwr.methods import METHODS, SECTIONS
 from fedhpro_lab.benchmark import COLUMNS, plan, run_suite
+from fedhpro_lab.protocol import SETTINGS, run_protocol
 from fedhpro_lab.protocol_report import main as protocol_report_main
 from fedhpro_lab.protocol_report import moving_change, setting_section, to_target
 from fedhpro_lab.simulation import APP_DIR
@@ -220,3 +221,22 @@ def test_a_real_tuning_scores_every_trial_on_validation_and_chooses_one(tmp_path
     run = json.loads(tuning.results(trials("fedavg")[0]).read_text())
     assert run["config"]["data"]["validation_fraction"] == 0.1
     assert all(r["val_accuracy"] != r["accuracy"] for r in run["rounds"][-2:])
+
+
+def test_the_tuned_tables_of_every_setting_run_before_any_published_one(tmp_path):
+    settings = SETTINGS[:2]
+    tuning = tmp_path / "tuning"
+    tuning.mkdir()
+    (tuning / "trials.json").write_text(json.dumps({
+        e.setting.name: {"setting": e.setting.name, "chosen": {m: "" for m in e.methods}}
+        for e in settings}))
+    asked = []
+
+    def run_suite(suite, out, timeout):
+        asked.append((suite.settings[0].name, suite.variants[0].name))
+        return out / "results.csv"
+
+    run_protocol(tmp_path, run_suite, settings=settings)
+    assert asked == [("digits-offline", "fedhpro"), ("mnist-dir0.1", "fedhpro"),
+                     ("digits-offline", "fedhpro-published"),
+                     ("mnist-dir0.1", "fedhpro-published")]
