@@ -218,6 +218,11 @@ class LocalFederation:
         return [pid for pid in proctree.descendants(self.superlink.pid)
                 if "flwr-serverapp" in proctree.cmdline(pid)]
 
+    def clientapp_pids(self) -> list[int]:
+        """The running ClientApp processes (descendants of the SuperNodes)."""
+        return [pid for node in self.supernodes for pid in proctree.descendants(node.pid)
+                if "flwr-clientapp" in proctree.cmdline(pid)]
+
     # ---- runs ---------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> str:
         """A `flwr` CLI command against this federation; its stdout."""

@@ -84,6 +84,9 @@ def test_a_killed_serverapp_resumes_to_the_uninterrupted_result(federation, stra
     federation.flwr("stop", str(run_id), CONNECTION)  # as an operator would
     status = federation.wait(run_id, timeout=60)
     assert status != COMPLETED and rounds_done(tmp_path) == 1
+    # a node still training the stopped run when the next one starts (on a loaded machine) was
+    # seen never to answer the next run's message: wait until the stopped run's ClientApps end
+    wait_until(lambda: not federation.clientapp_pids(), "the stopped run's ClientApps to end")
 
     assert federation.run(APP_DIR, run_config(tmp_path, rounds=2, resume=True)) == COMPLETED
     assert_same_run(tmp_path, straight[1])
