@@ -239,10 +239,10 @@ def rounds_in(path: Path) -> list[dict[str, Any]]:
     return results["rounds"] if results else []
 
 
-def held_rounds(path: Path, rounds: int) -> int:
-    """How many of `rounds` a results.json holds as scored (a diverged run holds them all)."""
-    results = read_results(path)
-    return len(scored_rounds(results, rounds)) if results else 0
+def holds_rounds(results: dict[str, Any] | None, rounds: int) -> bool:
+    """Whether a results.json holds `rounds` scored rounds or more (a diverged run holds
+    them all)."""
+    return results is not None and len(scored_rounds(results, rounds)) >= rounds
 
 
 # keys that say where the run computes, not what: left out of the comparison
@@ -274,8 +274,7 @@ def finished_results(run: Run) -> dict[str, Any] | None:
     """The run's results.json if it holds its rounds (or more, or diverged before them),
     made under its setup."""
     results = read_results(run.out_dir / "results.json")
-    if (results is not None and len(scored_rounds(results, run.rounds)) >= run.rounds
-            and same_setup(run, results)):
+    if holds_rounds(results, run.rounds) and same_setup(run, results):
         return results
     return None
 
@@ -357,7 +356,7 @@ def execute(group: list[Run], first: int, progress: Progress,
         results = read_results(run.out_dir / "results.json")
         share = seconds / len(group)  # the group's time, shared out
         # (a run may hold more rounds: it went on to a later rung)
-        if results is not None and len(scored_rounds(results, run.rounds)) >= run.rounds:
+        if holds_rounds(results, run.rounds):
             row = summarize(run, results, share)
             rows_out.append({**row, "peak_rss_mb": peak})  # the group's peak
         else:

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from fedhpro_lab.benchmark import finished_here, held_rounds, plan, read_results, scored_rounds
+from fedhpro_lab.benchmark import finished_here, holds_rounds, plan, read_results, scored_rounds
 from fedhpro_lab.suites import PAPER_RECAL, Setting, Suite, Variant, run_path
 
 LEARNING_RATES = (0.01, 0.05)
@@ -151,7 +151,8 @@ class Tuning:
             short = [t for t in alive if t.name not in finished]
             if short:
                 run_suite(self.suite(short, rounds), self.out, timeout)
-            short = [t.name for t in alive if held_rounds(self.results(t), rounds) < rounds]
+            short = [t.name for t in alive
+                     if not holds_rounds(read_results(self.results(t)), rounds)]
             if short:  # a score over fewer rounds is not comparable: never choose on one
                 raise TuningIncomplete(
                     f"tuning on {self.setting.name}: {', '.join(short)} did not reach {rounds} "
