@@ -155,6 +155,10 @@ ANCHOR_SIZING = "train.local_epochs=2 diagnostics.consistency=true"
 # or full-batch steps (a tenth of the server's dependent steps)
 RECAL_DEFAULTS = (with_paper_recal("fedhpro"), MOMENTS, MOMENTS_FULL_BATCH)
 
+# FedHPro evaluating with its recalibrated classifier but sending the clients the averaged one,
+# as CReFF does (the reference code sends the recalibrated one)
+RECAL_EVAL_ONLY = Variant("fedhpro-recal-eval-only", "fedhpro", "fedhpro.recal_to_clients=false")
+
 # FedHPro's first rounds on digits-offline at the protocol's tuned recipe (lr 0.05, momentum 0.9,
 # w_cl = 1, the validation share held out), each client term switched off in turn, beside FedAvg
 # at the same step: what holds the global model at chance in rounds 1-3 (benchmarks/first-rounds)
@@ -165,7 +169,18 @@ FIRST_ROUNDS = (
     Variant("fedhpro-no-margin", "fedhpro", "fedhpro.margin=false"),
     Variant("fedhpro-ce-only", "fedhpro", "fedhpro.w_cl=0 fedhpro.w_al=0"),
     Variant("fedhpro-no-recalibration", "fedhpro", "fedhpro.recalibration=false"),
+    RECAL_EVAL_ONLY,
     Variant("fedavg", "fedavg"),
+)
+
+# The protocol's settings with FedHPro's tuned recipe in each (benchmarks/protocol/tuning/
+# chosen.yaml) and its table's sizing, so that a suite's plain FedHPro runs are the table's own
+PROTOCOL_SIZING = ("train.local_epochs=2 data.validation_fraction=0.1 fedhpro.w_cl=1 "
+                   "federation.server_threads=2")
+AT_FEDHPRO_TUNED = (
+    Setting("digits-offline", "conf/default.yaml", "train.lr=0.05 train.momentum=0.9"),
+    Setting("mnist-dir0.1", "conf/mnist-dir0.1.yaml", "train.lr=0.05 train.momentum=0"),
+    Setting("mnist-lt", "conf/mnist-lt.yaml", "train.lr=0.05 train.momentum=0"),
 )
 
 SUITES: dict[str, Suite] = {s.name: s for s in (
@@ -209,9 +224,15 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         "first-rounds", "FedHPro's first 5 rounds on digits-offline at the protocol's tuned "
         "recipe with each client term (and the recalibration) switched off in turn, beside "
         "FedAvg, 5 seeds; about 20 minutes on 2 CPU cores",
-        (DEFAULT_SETTINGS[0],), FIRST_ROUNDS, (0, 1, 2, 3, 4), rounds=5,
-        overrides="train.local_epochs=2 data.validation_fraction=0.1 train.lr=0.05 "
-                  "train.momentum=0.9 fedhpro.w_cl=1 federation.server_threads=2",
+        AT_FEDHPRO_TUNED[:1], FIRST_ROUNDS, (0, 1, 2, 3, 4), rounds=5,
+        overrides=PROTOCOL_SIZING,
+    ),
+    Suite(
+        "recal-to-clients", "FedHPro sending its clients the recalibrated classifier (the "
+        "reference code's) or the averaged one (CReFF's), at the protocol's tuned recipe and "
+        "length, 5 seeds; the plain FedHPro runs are the protocol table's",
+        AT_FEDHPRO_TUNED, (Variant("fedhpro", "fedhpro"), RECAL_EVAL_ONLY), (0, 1, 2, 3, 4),
+        rounds=30, overrides=PROTOCOL_SIZING,
     ),
     Suite(
         "many-class", "every strategy on 100 generated glyph classes, under a long tail "

@@ -149,6 +149,40 @@ def test_fedhpro_with_moments_uploads_class_moments_and_recalibrates_on_them():
     assert "recal_match_loss_before" not in strategy.report.row()
 
 
+def test_fedhpro_can_evaluate_with_the_recalibrated_classifier_and_send_the_averaged_one():
+    """`recal_to_clients: false` (CReFF's way): the same recalibration scores the round, but the
+    clients get, and next measure at, the averaged classifier."""
+    model = build_model(CFG.model, dataset_spec(CFG))
+    fedhpro = get_method("fedhpro")
+    sending, keeping = (fedhpro.make_strategy(
+        parse_experiment({**CFG.to_dict(), "fedhpro": {"recal_to_clients": flag}}),
+        model.state_dict(), 10, model.feature_dim) for flag in (True, False))
+    replies = client_replies("fedhpro", sending, model, CFG)
+    sent, kept = (strategy.aggregate_train(1, replies)[0] for strategy in (sending, keeping))
+    assert sent is not None and kept is not None
+    sent_state, kept_state = sent.to_torch_state_dict(), kept.to_torch_state_dict()
+    assert keeping.aggregated_head is not None and sending.recalibrated_head is not None
+    for key in ("weight", "bias"):
+        averaged = keeping.aggregated_head[key]
+        assert torch.equal(kept_state[f"classifier.{key}"], averaged)
+        assert torch.equal(keeping.head[key], averaged)  # next round's clients measure here
+        assert torch.equal(sent_state[f"classifier.{key}"], sending.recalibrated_head[key])
+        assert not torch.equal(averaged, sending.recalibrated_head[key])
+    assert torch.equal(keeping.recalibrated_head["weight"], sending.recalibrated_head["weight"])
+    assert all(torch.equal(sent_state[k], kept_state[k]) for k in sent_state
+               if not k.startswith("classifier."))
+
+    data = held_out_data(CFG)
+    scores = []
+    for strategy, state in ((sending, sent_state), (keeping, kept_state)):
+        model.load_state_dict(state)
+        scores.append(strategy.evaluate_model(model, data, torch.device("cpu")))
+        assert torch.equal(model.state_dict()["classifier.weight"],
+                           state["classifier.weight"])  # evaluation left the model alone
+    assert scores[0] == scores[1]
+    assert scores[0]["accuracy"] != scores[0]["aggregated_head_accuracy"]
+
+
 def test_fedhpro_server_step_over_groups_and_nearest_classes():
     """The caps that make the server step linear in the classes: a round with caps below the
     10 classes; one with caps of 10, one with the defaults (32) and one with none, which are

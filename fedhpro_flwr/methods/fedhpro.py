@@ -117,6 +117,10 @@ class FedHProConfig:
     # feature means and spreads (C x d + C per client; no matching; cost linear in C; the
     # default: ahead of the paper's in every default setting, benchmarks/recal-default)
     recal_source: Source = setting("moments")
+    # send the recalibrated classifier to the clients, as the reference code does; false:
+    # evaluate with it but send the averaged one, as CReFF does (early on the recalibrated
+    # classifier trails the averaged one, benchmarks/first-rounds)
+    recal_to_clients: bool = setting(True)
 
     def __post_init__(self) -> None:
         for key in ("recal_classes_per_step", "hp_softmax_classes"):
@@ -216,6 +220,13 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     return {STATS_RECORD: upload_record(stats, hp_cfg)}, metrics
 
 
+def with_classifier(model: Backbone, head: Mapping[str, torch.Tensor]) -> Backbone:
+    """A copy of `model` with this classifier."""
+    copied = copy.deepcopy(model)
+    copied.classifier.load_state_dict(head)
+    return copied
+
+
 class FedHProStrategy(RecalibratingStrategy):
     """Keeps the hyper-prototypes (and recalibration features) and updates them each round."""
 
@@ -242,7 +253,10 @@ class FedHProStrategy(RecalibratingStrategy):
                          feature_gradients=sends_feature_grads(hp_cfg),
                          moments=sends_moments(hp_cfg))
         self.hyperprototypes = hyperprototypes
-        self.aggregated_head: dict[str, torch.Tensor] | None = None  # what recalibration replaced
+        # this round's classifiers, once a recalibration has run: the averaged one and the
+        # one re-trained on federated features, which evaluation uses
+        self.aggregated_head: dict[str, torch.Tensor] | None = None
+        self.recalibrated_head: dict[str, torch.Tensor] | None = None
 
     def train_records(self) -> dict[str, ArrayRecord]:
         return {HP_RECORD: tensors_to_record({"hp": self.hyperprototypes})}
@@ -262,9 +276,12 @@ class FedHProStrategy(RecalibratingStrategy):
             # matched at the classifier the gradients were measured at, as the authors' code
             result = self.recalibrate(replies)
             self.aggregated_head = {"weight": weights[w_key], "bias": weights[b_key]}
-            weights = {**weights, w_key: result.weight, b_key: result.bias}
+            self.recalibrated_head = {"weight": result.weight, "bias": result.bias}
+            if hp_cfg.recal_to_clients:
+                weights = {**weights, w_key: result.weight, b_key: result.bias}
             diagnostics |= result.diagnostics()
 
+        # matched at the classifier the clients train with next
         weight, bias = weights[w_key].detach(), weights[b_key].detach()
         objective = self.matching_objective(hp_cfg, stats, weight, bias, diagnostics)
         match = match_hyperprototypes(self.hyperprototypes, objective, hp_cfg.rounds_of_hp,
@@ -309,13 +326,14 @@ class FedHProStrategy(RecalibratingStrategy):
 
     def evaluate_model(self, model: Backbone, data: TensorData,
                        device: torch.device) -> dict[str, float]:
-        """Also the accuracy with the FedAvg'd classifier that recalibration replaced: whether
-        recalibration paid this round."""
-        scores = super().evaluate_model(model, data, device)
-        if self.aggregated_head is not None:
-            averaged = copy.deepcopy(model)
-            averaged.classifier.load_state_dict(self.aggregated_head)
-            scores["aggregated_head_accuracy"] = evaluate(averaged, data, device)[1]
+        """With the recalibrated classifier, whichever one the clients were sent; also the
+        accuracy with the averaged one: whether recalibration paid this round."""
+        if self.aggregated_head is None or self.recalibrated_head is None:
+            return super().evaluate_model(model, data, device)
+        scores = super().evaluate_model(with_classifier(model, self.recalibrated_head), data,
+                                        device)
+        averaged = with_classifier(model, self.aggregated_head)
+        scores["aggregated_head_accuracy"] = evaluate(averaged, data, device)[1]
         return scores
 
     def state_dict(self) -> dict[str, Any]:
