@@ -4,7 +4,8 @@
    share of the training pool, on a seed of its own (`TUNING_SEED`), never seen again.
 2. The table: each method as tuned on `SEEDS` (every setting), then as published on
    `PUBLISHED_SEEDS`, with the validation share still held out (the clients see the same data as
-   in tuning).
+   in tuning). A setting's table runs until its baseline (FedAvg) has converged
+   (`table_length`, `convergence`).
 3. RESULTS.md (`protocol_report`): mean of the last 5 rounds with 95% intervals, paired
    differences against FedHPro with win / tie / loss, rounds and megabytes to a target, the
    convergence check, the per-seed curves.
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedhpro_lab.suites import ALL_STRATEGIES, PERSONAL, Setting, Suite, Variant
+from fedhpro_lab import convergence
+from fedhpro_lab.benchmark import read_results, scored_rounds
+from fedhpro_lab.suites import ALL_STRATEGIES, PERSONAL, Setting, Suite, Variant, run_path
 from fedhpro_lab.tuning import PUBLISHED, VALIDATION, Tuning, read_chosen, write_chosen
 
 TUNING_SEED = 100
@@ -34,7 +37,7 @@ COMMON = "train.local_epochs=2 federation.server_threads=2"
 @dataclass(frozen=True)
 class ProtocolSetting:
     setting: Setting
-    rounds: int  # long enough for FedAvg's curve to flatten (see the report's check)
+    rounds: int  # the table's least length; `table_length` extends it until converged
     methods: tuple[str, ...]
 
 
@@ -51,17 +54,46 @@ def published_name(method: str) -> str:
     return f"{method}-published"
 
 
-def table_suites(entry: ProtocolSetting, chosen: dict[str, str]) -> tuple[Suite, Suite]:
+LENGTHS = "table-rounds.json"  # each setting's table length once `table_length` has begun it
+
+
+def table_suites(entry: ProtocolSetting, chosen: dict[str, str],
+                 rounds: int) -> tuple[Suite, Suite]:
     """The setting's final runs: every method as tuned (named as the method) on `SEEDS`, and
-    as published on `PUBLISHED_SEEDS`."""
+    as published on `PUBLISHED_SEEDS`, `rounds` long."""
     setting = Setting(entry.setting.name, entry.setting.config,
                       f"{entry.setting.overrides} {VALIDATION}".strip())
     tuned = tuple(Variant(m, m, chosen[m]) for m in entry.methods)
     published = tuple(Variant(published_name(m), m, PUBLISHED[m]) for m in entry.methods)
     return (Suite("protocol", f"{entry.setting.name}: the tuned recipes", (setting,), tuned,
-                  SEEDS, entry.rounds, overrides=COMMON),
+                  SEEDS, rounds, overrides=COMMON),
             Suite("protocol", f"{entry.setting.name}: the published recipes", (setting,),
-                  published, PUBLISHED_SEEDS, entry.rounds, overrides=COMMON))
+                  published, PUBLISHED_SEEDS, rounds, overrides=COMMON))
+
+
+def table_length(entry: ProtocolSetting, chosen: dict[str, str], out: Path,
+                 run_suite: Callable[..., Path], timeout: float | None = None) -> int:
+    """How long the setting's table runs: `entry.rounds`, then `convergence.EXTEND_BY` more
+    at a time until the baseline's tuned curve, averaged over `SEEDS`, has flattened
+    (`convergence.MAX_ROUNDS` at most). Only the baseline runs here, and its runs are the
+    table's own, each continued from its checkpoint. The length reached is kept in
+    `LENGTHS`, so that a resumed protocol starts from it."""
+    path = out / LENGTHS
+    lengths: dict[str, int] = json.loads(path.read_text()) if path.is_file() else {}
+    name, lead = entry.setting.name, convergence.baseline(entry.methods)
+    rounds = max(entry.rounds, lengths.get(name, 0))
+    while True:
+        lengths[name] = rounds
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(lengths, indent=2))
+        run_suite(table_suites(entry, chosen, rounds)[0], out, timeout, only=(lead,))
+        held = [read_results(run_path(out, name, lead, seed) / "results.json")
+                for seed in SEEDS]
+        curves = [scored_rounds(r, rounds)[:rounds] for r in held if r is not None]
+        if (len(curves) < len(SEEDS) or rounds >= convergence.MAX_ROUNDS
+                or convergence.flattened(convergence.mean_curve(curves))):
+            return rounds  # a failed baseline run is the table's to show, not a reason to grow
+        rounds = min(rounds + convergence.EXTEND_BY, convergence.MAX_ROUNDS)
 
 
 def run_protocol(out: Path, run_suite: Callable[..., Path], timeout: float | None = None,
@@ -83,7 +115,11 @@ def run_protocol(out: Path, run_suite: Callable[..., Path], timeout: float | Non
     csv_path = out / "results.csv"
     # every setting's tuned table before any published one: the comparison first, the context
     # after it
-    tables = [table_suites(entry, chosen[entry.setting.name]) for entry in settings]
+    tables = []
+    for entry in settings:
+        picked = chosen[entry.setting.name]
+        tables.append(table_suites(entry, picked,
+                                   table_length(entry, picked, out, run_suite, timeout)))
     for suite in [tuned for tuned, _ in tables] + [published for _, published in tables]:
         csv_path = run_suite(suite, out, timeout)
     return csv_path

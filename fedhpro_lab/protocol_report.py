@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedhpro_lab import stats
+from fedhpro_lab import convergence, stats
 from fedhpro_lab.benchmark import SCORED, scored_rounds
 from fedhpro_lab.protocol import SETTINGS
 from fedhpro_lab.report import machine
@@ -27,16 +27,10 @@ from fedhpro_lab.tuning import PUBLISHED, read_chosen, trials
 METHOD = "fedhpro"
 BASELINE = "fedavg"
 TARGET_SHARE = 0.95  # of tuned FedAvg's accuracy
-CONVERGED_POINTS = 0.5  # largest change of the 5-round mean over the last 10 rounds
 def load_runs(out: Path, setting: str, variant: str, seeds: list[int]) -> list[dict[str, Any]]:
     """Each seed's results.json."""
     return [json.loads((run_path(out, setting, variant, s) / "results.json").read_text())
             for s in seeds]
-
-
-def mean_curve(runs: list[list[dict[str, Any]]]) -> list[float]:
-    """Accuracy per round, averaged over the runs (seeds)."""
-    return [stats.mean([run[i]["accuracy"] for run in runs]) for i in range(len(runs[0]))]
 
 
 def to_target(rounds: list[dict[str, Any]], target: float) -> tuple[int, float] | None:
@@ -49,13 +43,6 @@ def to_target(rounds: list[dict[str, Any]], target: float) -> tuple[int, float] 
     return None
 
 
-def moving_change(accuracies: list[float], window: int = 5, span: int = 10) -> float:
-    """How much the mean of the last `window` rounds moved over the last `span` rounds."""
-    now = stats.mean(accuracies[-window:])
-    before = stats.mean(accuracies[-window - span:-span])
-    return now - before
-
-
 def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
                     methods: list[str]) -> list[str]:
     by_variant: dict[str, dict[int, dict[str, str]]] = {}
@@ -66,7 +53,9 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
              for v, runs in by_variant.items()}
     target = (TARGET_SHARE * stats.mean(last5[BASELINE].values()) if BASELINE in last5
               else float("nan"))
-    rounds = int(float(rows[0]["rounds"]))
+    held = {v: min(int(float(row["rounds"])) for row in runs.values())
+            for v, runs in by_variant.items()}
+    rounds = max(held.values())  # a row short of it is a protocol still extending the table
     lines = [f"## {setting}", "",
              f"{rounds} rounds; target {target:.3f} (95% of tuned FedAvg's). Accuracy: mean "
              f"over seeds of each run's mean over its last 5 rounds, [95% interval]; FedHPro - "
@@ -78,7 +67,8 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
     tuned = [m for m in methods if m in last5]
     variants = tuned + [f"{m}-published" for m in methods if f"{m}-published" in last5]
     loaded = {v: load_runs(out, setting, v, seeds[v]) for v in variants}
-    curves = {v: [scored_rounds(run, rounds) for run in loaded[v]] for v in variants}
+    curves = {v: [scored_rounds(run, held[v])[:held[v]] for run in loaded[v]]
+              for v in variants}
     for variant in variants:
         own = seeds[variant]
         runs = curves[variant]
@@ -91,11 +81,13 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
         diff_cell, verdict = (("—", "—") if variant == METHOD
                               else stats.paired_text(last5.get(METHOD, {}), last5[variant]))
         name = f"**{variant}**" if variant == METHOD else variant
+        if held[variant] < rounds:
+            name += f" ({held[variant]} rounds so far)"
         accuracy = stats.interval_text(list(last5[variant].values()))
         lines.append(f"| {name} | {len(own)} | {accuracy} | "
                      f"{best:.3f} | {rounds_cell} | {mb_cell} | {client:.2f} | {diff_cell} | "
                      f"{verdict} |")
-    lines += ["", *convergence({m: curves[m] for m in tuned}),
+    lines += ["", *convergence_lines({m: curves[m] for m in tuned}, rounds),
               *collapses({v: seeds[v] for v in variants}, by_variant, loaded,
                          loaded[variants[0]][0]["num_classes"]),
               f"![{setting}](plots/{setting}-seeds.png)", ""]
@@ -103,21 +95,23 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
     return lines
 
 
-def convergence(curves: dict[str, list[list[dict[str, Any]]]]) -> list[str]:
+def convergence_lines(curves: dict[str, list[list[dict[str, Any]]]], rounds: int) -> list[str]:
     """The 5-round mean's change over the last 10 rounds of each tuned method's mean curve;
-    the setting counts as converged when FedAvg's moved less than `CONVERGED_POINTS`."""
-    changes = {}
-    for method, runs in curves.items():
-        curve = mean_curve(runs)
-        if len(curve) >= 15:
-            changes[method] = 100 * moving_change(curve)
-    if BASELINE not in changes:
+    the setting counts as converged when its baseline's (`convergence`) is under the rule's."""
+    changes = {method: 100 * convergence.moving_change(convergence.mean_curve(runs))
+               for method, runs in curves.items()
+               if convergence.checkable(convergence.mean_curve(runs))}
+    lead = convergence.baseline(list(curves))
+    if lead not in changes:
         return ["Convergence: too few rounds to check.", ""]
-    holds = abs(changes[BASELINE]) < CONVERGED_POINTS
+    holds = convergence.flattened(convergence.mean_curve(curves[lead]))
+    verdict = ("converged" if holds else
+               f"NOT converged{' at the cap' if rounds >= convergence.MAX_ROUNDS else ''}")
     cells = ", ".join(f"{m} {c:+.2f}" for m, c in changes.items())
-    return [f"Convergence: FedAvg's 5-round mean moved {changes[BASELINE]:+.2f} points over the "
-            f"last 10 rounds ({'converged' if holds else 'NOT converged'}: the criterion is "
-            f"under {CONVERGED_POINTS}); the others: {cells}.", ""]
+    return [f"Convergence: {lead}'s 5-round mean moved {changes[lead]:+.2f} points over the "
+            f"last 10 rounds ({verdict}: the criterion is under "
+            f"{convergence.CONVERGED_POINTS}; the table runs until it holds, "
+            f"{convergence.MAX_ROUNDS} rounds at most); the others: {cells}.", ""]
 
 
 def collapses(seeds: dict[str, list[int]], by_variant: dict[str, dict[int, dict[str, str]]],
@@ -153,7 +147,8 @@ def plot_seeds(out: Path, setting: str, curves: dict[str, list[list[dict[str, An
         for run in runs:
             ax.plot([r["round"] for r in run], [r["accuracy"] for r in run], color=colour,
                     alpha=0.25, linewidth=0.8)
-        ax.plot([r["round"] for r in runs[0]], mean_curve(runs), color=colour, linewidth=2,
+        curve = convergence.mean_curve(runs)
+        ax.plot(range(1, len(curve) + 1), curve, color=colour, linewidth=2,
                 label=method)
     ax.set(xlabel="round", ylabel="test accuracy", title=f"{setting}: every seed (thin), mean")
     ax.legend(fontsize=8, ncol=2)

@@ -10,9 +10,10 @@ import yaml
 from fedhpro_flwr.config import parse_overrides, resolve_run_config
 from fedhpro_flwr.methods import METHODS, SECTIONS
 from fedhpro_lab.benchmark import COLUMNS, plan, run_suite
-from fedhpro_lab.protocol import SETTINGS, run_protocol
+from fedhpro_lab.convergence import MAX_ROUNDS, moving_change
+from fedhpro_lab.protocol import LENGTHS, SETTINGS, ProtocolSetting, run_protocol, table_length
 from fedhpro_lab.protocol_report import main as protocol_report_main
-from fedhpro_lab.protocol_report import moving_change, setting_section, to_target
+from fedhpro_lab.protocol_report import setting_section, to_target
 from fedhpro_lab.simulation import APP_DIR
 from fedhpro_lab.suites import Setting
 from fedhpro_lab.tuning import (
@@ -124,7 +125,7 @@ def test_a_diverged_seed_stays_in_its_row_at_the_accuracy_it_ended_with(tmp_path
     assert "| fedavg | 3 | 0.567 [" in lines  # (0.8 + 0.8 + 0.1) / 3: the seed counts
     assert "fedavg seed 2 (0.100, training diverged in round 13)" in lines
     # the mean curve runs over 20 rounds: the diverged seed's last accuracy carried
-    assert "FedAvg's 5-round mean moved -23.33 points" in lines
+    assert "fedavg's 5-round mean moved -23.33 points" in lines
 
 
 def test_the_report_of_a_protocol_under_way_says_what_has_not_run(tmp_path):
@@ -232,11 +233,61 @@ def test_the_tuned_tables_of_every_setting_run_before_any_published_one(tmp_path
         for e in settings}))
     asked = []
 
-    def run_suite(suite, out, timeout):
-        asked.append((suite.settings[0].name, suite.variants[0].name))
+    def run_suite(suite, out, timeout, only=()):
+        asked.append((suite.settings[0].name, suite.variants[0].name, only))
         return out / "results.csv"
 
     run_protocol(tmp_path, run_suite, settings=settings)
-    assert asked == [("digits-offline", "fedhpro"), ("mnist-dir0.1", "fedhpro"),
-                     ("digits-offline", "fedhpro-published"),
-                     ("mnist-dir0.1", "fedhpro-published")]
+    # each setting's baseline first, to find the table's length (no runs written here: the
+    # least length stands)
+    assert asked == [("digits-offline", "fedhpro", ("fedavg",)),
+                     ("mnist-dir0.1", "fedhpro", ("fedavg",)),
+                     ("digits-offline", "fedhpro", ()), ("mnist-dir0.1", "fedhpro", ()),
+                     ("digits-offline", "fedhpro-published", ()),
+                     ("mnist-dir0.1", "fedhpro-published", ())]
+
+
+def baseline_runs(curve, asked):
+    """A stand-in for run_suite that gives each seed of the baseline the curve `curve(r)` up
+    to the suite's length."""
+    def run_suite(suite, out, timeout, only=()):
+        asked.append((suite.rounds, only))
+        for seed in suite.seeds:
+            folder = out / "runs" / suite.settings[0].name / only[0] / f"seed{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            rounds = [{"round": r, "accuracy": curve(r)} for r in range(1, suite.rounds + 1)]
+            (folder / "results.json").write_text(json.dumps({"rounds": rounds}))
+        return out / "results.csv"
+    return run_suite
+
+
+def test_a_table_grows_until_its_baseline_has_flattened_and_resumes_at_that_length(tmp_path):
+    entry = ProtocolSetting(Setting("s", "conf/default.yaml"), 30, ("fedhpro", "fedavg"))
+    chosen = {"fedhpro": "", "fedavg": ""}
+    asked = []
+    # one point a round until round 45, flat after: at 50 rounds the 5-round mean still moved
+    # 7 points over the last 10, at 60 it moved none
+    run_suite = baseline_runs(lambda r: min(r, 45) / 100, asked)
+    assert table_length(entry, chosen, tmp_path, run_suite) == 60
+    assert asked == [(30, ("fedavg",)), (40, ("fedavg",)), (50, ("fedavg",)), (60, ("fedavg",))]
+    assert json.loads((tmp_path / LENGTHS).read_text()) == {"s": 60}
+    asked.clear()
+    assert table_length(entry, chosen, tmp_path, run_suite) == 60
+    assert asked == [(60, ("fedavg",))]  # a resumed protocol starts at the length reached
+
+
+def test_a_table_stops_growing_at_the_cap_or_when_a_baseline_run_is_missing(tmp_path):
+    entry = ProtocolSetting(Setting("s", "conf/default.yaml"), 30, ("fedproto", "fedhpro"))
+    chosen = {"fedhpro": "", "fedproto": ""}
+    asked = []
+    assert table_length(entry, chosen, tmp_path / "a", baseline_runs(lambda r: r / 1000,
+                                                                     asked)) == MAX_ROUNDS
+    assert asked[-1] == (MAX_ROUNDS, ("fedproto",))  # no FedAvg here: FedProto decides
+
+    def missing(suite, out, timeout, only=()):
+        asked.append((suite.rounds, only))
+        return out / "results.csv"
+
+    asked.clear()
+    assert table_length(entry, chosen, tmp_path / "b", missing) == 30
+    assert asked == [(30, ("fedproto",))]
