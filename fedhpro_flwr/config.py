@@ -9,8 +9,6 @@ key, the value and what is allowed. The resolved config travels to clients as a 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -213,6 +211,11 @@ def without_idle_caps(flat: Mapping[str, Scalar], num_classes: int) -> dict[str,
             for key, value in flat.items()}
 
 
+# keys that say where or for how long a run computes, not what: a run may change them and
+# still be the same run (resume, benchmark results read back)
+NOT_SETUP = frozenset({"federation.rounds", "federation.server_threads"})
+
+
 # keys whose default has changed since they were added, at the default they were added with:
 # a run recorded (or checkpointed) before the key existed was made with that value
 FIRST_DEFAULTS: dict[str, Scalar] = {"fedhpro.recal_source": "gradients",
@@ -292,15 +295,20 @@ class ExperimentConfig:
             type(self)(), methods={name: type(value)() for name, value in self.methods.items()})
         return defaults.to_flat() | FIRST_DEFAULTS
 
-    def fingerprint(self, ignore: tuple[str, ...] = ("federation.rounds",)) -> str:
-        """A short hash of everything that shapes the run's state (rounds excluded).
-
-        Keys at the value they were added with are left out, so that a key the code gains
-        (at the behaviour it had before) leaves the checkpoints written before it valid."""
+    def setup_changes(self, recorded: Mapping[str, Any], method: str,
+                      num_classes: int | None = None) -> dict[str, tuple[Any, Any]]:
+        """How a run of `method` under this config differs from one made under `recorded` (a
+        results.json's nested "config"): ``{key: (then, now)}`` over the keys that reach such a
+        run, the common ones and its own method's section, less `NOT_SETUP`. A key `recorded`
+        lacks counts at the value it was added with (the run predates it); given the dataset's
+        `num_classes`, a class cap that the classes do not reach counts as no cap."""
         first = self.first_defaults()
-        items = {k: v for k, v in self.to_flat().items()
-                 if k not in ignore and (k not in first or first[k] != v)}
-        return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+        now = {k: v for k, v in self.only(method).to_flat().items() if k not in NOT_SETUP}
+        before = flatten(recorded)
+        then = {k: before.get(k, first.get(k)) for k in now}
+        if num_classes is not None:
+            now, then = (without_idle_caps(flat, num_classes) for flat in (now, then))
+        return {k: (then[k], now[k]) for k in now if then[k] != now[k]}
 
 
 def flatten(nested: Mapping[str, Any]) -> dict[str, Any]:

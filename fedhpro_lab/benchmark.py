@@ -37,12 +37,10 @@ from typing import Any
 from fedhpro_flwr.app.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from fedhpro_flwr.config import (
     ConfigError,
-    flatten,
     parse_overrides,
     resolve_run_config,
-    without_idle_caps,
 )
-from fedhpro_flwr.methods import SECTIONS, load_experiment, parse_experiment
+from fedhpro_flwr.methods import SECTIONS, load_experiment
 from fedhpro_lab import proctree
 from fedhpro_lab.simulation import APP_DIR
 from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant, run_path
@@ -245,29 +243,13 @@ def holds_rounds(results: dict[str, Any] | None, rounds: int) -> bool:
     return results is not None and len(scored_rounds(results, rounds)) >= rounds
 
 
-# keys that say where the run computes, not what: left out of the comparison
-NOT_SETUP = {"federation.rounds", "federation.server_threads"}
-
-
 def same_setup(run: Run, results: dict[str, Any]) -> bool:
-    """Whether a results.json was written under this run's experiment, rounds aside.
-
-    Only the keys that reach the run are compared: the common ones and its own method's
-    section (a FedAvg run does not change when FedHPro's defaults do). A key the code has
-    gained since the run counts at the default it was added with: the run was made with
-    that behaviour.
-    """
-    current = resolve_run_config(run.run_config(resume=False), APP_DIR,
-                                 SECTIONS).experiment.to_flat()
-    defaults = parse_experiment({}).first_defaults()
-    recorded = flatten(results.get("config", {}))
-    foreign = set(SECTIONS) - {run.variant.strategy}
-    now = {key: value for key, value in current.items()
-           if key not in NOT_SETUP and key.split(".")[0] not in foreign}
-    then = {key: recorded.get(key, defaults.get(key)) for key in now}
-    if "num_classes" in results:
-        now, then = (without_idle_caps(flat, results["num_classes"]) for flat in (now, then))
-    return now == then
+    """Whether a results.json was written under this run's experiment, as far as the run
+    depends on it (`ExperimentConfig.setup_changes`: rounds, where it computes and other
+    methods' keys aside; a key the code gained since counts at its first value)."""
+    current = resolve_run_config(run.run_config(resume=False), APP_DIR, SECTIONS).experiment
+    return not current.setup_changes(results.get("config", {}), run.variant.strategy,
+                                     results.get("num_classes"))
 
 
 def finished_results(run: Run) -> dict[str, Any] | None:
@@ -296,7 +278,7 @@ def resumable(run: Run) -> bool:
         return False
     settings = resolve_run_config(run.run_config(resume=True), APP_DIR, SECTIONS)
     try:
-        load_checkpoint(run.out_dir, run.variant.strategy, settings.experiment.fingerprint())
+        load_checkpoint(run.out_dir, run.variant.strategy, settings.experiment)
     except CheckpointError as exc:
         (run.out_dir / CHECKPOINT_NAME).replace(run.out_dir / STALE_CHECKPOINT)
         print(f"  {run.setting.name} {run.strategy} seed {run.seed}: starting afresh ({exc})",

@@ -244,10 +244,13 @@ def test_a_checkpoint_of_another_config_is_set_aside_and_the_run_starts_afresh(t
     run = fake_run(tmp_path)
     assert not resumable(run)  # no checkpoint yet
     settings = resolve_run_config(run.run_config(resume=True), APP_DIR, SECTIONS)
-    own = Checkpoint.capture("fedhpro", settings.experiment.fingerprint(), 1, {}, {}, {})
+    own = Checkpoint.capture("fedhpro", 1, {}, {},
+                             {"config": settings.experiment.to_dict(), "num_classes": 10})
     save_checkpoint(own, run.out_dir)
     assert resumable(run)
-    save_checkpoint(replace(own, fingerprint="written-under-other-settings"), run.out_dir)
+    other = settings.experiment.to_dict()
+    other["fedhpro"]["tau"] = 0.5  # written under other settings
+    save_checkpoint(replace(own, results={"config": other, "num_classes": 10}), run.out_dir)
     assert not resumable(run)
     assert not (run.out_dir / CHECKPOINT_NAME).exists()
     assert (run.out_dir / STALE_CHECKPOINT).is_file()  # kept, not deleted

@@ -10,58 +10,96 @@ from fedhpro_flwr.app.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from fedhpro_flwr.methods import parse_experiment
 from fedhpro_flwr.methods.strategy import weighted_average
 
+CFG = parse_experiment({"fedhpro": {"tau": 0.1}})
 
-def saved(tmp_path, strategy="fedhpro", fingerprint="abc"):
+
+def saved(tmp_path, strategy="fedhpro", config=CFG):
     state = {"hyperprototypes": torch.randn(2, 3, 4), "generator": torch.Generator().get_state()}
-    checkpoint = Checkpoint.capture(strategy, fingerprint, 3, {"w": torch.ones(2)}, state,
-                                    {"rounds": [{"round": 1, "accuracy": 0.5}]})
+    results = {"config": config.to_dict(), "num_classes": 10,
+               "rounds": [{"round": 1, "accuracy": 0.5}]}
+    checkpoint = Checkpoint.capture(strategy, 3, {"w": torch.ones(2)}, state, results)
     save_checkpoint(checkpoint, tmp_path)
     return checkpoint
 
 
 def test_round_trip(tmp_path):
     original = saved(tmp_path)
-    loaded = load_checkpoint(tmp_path, "fedhpro", "abc")
+    loaded = load_checkpoint(tmp_path, "fedhpro", CFG)
     assert loaded.round == 3 and loaded.results == original.results
     assert torch.equal(loaded.strategy_state["hyperprototypes"],
                        original.strategy_state["hyperprototypes"])
     assert not (tmp_path / "checkpoint.tmp").exists()
 
 
+def with_keys(**flat):
+    return parse_experiment({**CFG.to_dict(), **{k.split(".")[0]: {
+        **CFG.to_dict().get(k.split(".")[0], {}), k.split(".")[1]: v} for k, v in flat.items()}})
+
+
+def test_a_run_resumes_across_what_it_does_not_depend_on(tmp_path):
+    saved(tmp_path)
+    for later in (with_keys(**{"federation.rounds": 99}), with_keys(**{"fedproto.lam": 5.0}),
+                  with_keys(**{"federation.server_threads": 2}),
+                  with_keys(**{"fedhpro.hp_softmax_classes": 12})):  # 10 classes: idle
+        assert load_checkpoint(tmp_path, "fedhpro", later).round == 3
+    saved(tmp_path, "fedavg")
+    assert load_checkpoint(tmp_path, "fedavg", with_keys(**{"fedhpro.tau": 0.3})).round == 3
+
+
 @pytest.mark.parametrize(
-    ("strategy", "fingerprint", "message"),
-    [("fedavg", "abc", "from strategy 'fedhpro'"), ("fedhpro", "xyz", "another experiment config")],
+    ("strategy", "config", "message"),
+    [("fedavg", CFG, "from strategy 'fedhpro'"),
+     ("fedhpro", with_keys(**{"fedhpro.tau": 0.3}), r"fedhpro.tau 0.1 -> 0.3"),
+     ("fedhpro", with_keys(**{"train.lr": 0.5}), r"train.lr 0.05 -> 0.5"),
+     ("fedhpro", with_keys(**{"fedhpro.hp_softmax_classes": 4}), "hp_softmax_classes 0 -> 4")],
 )
-def test_mismatched_checkpoint_is_refused(tmp_path, strategy, fingerprint, message):
+def test_mismatched_checkpoint_is_refused(tmp_path, strategy, config, message):
     saved(tmp_path)
     with pytest.raises(CheckpointError, match=message):
-        load_checkpoint(tmp_path, strategy, fingerprint)
+        load_checkpoint(tmp_path, strategy, config)
+
+
+def test_a_key_the_code_gained_since_counts_at_the_value_it_was_added_with(tmp_path):
+    original = saved(tmp_path)
+    recorded = original.results["config"]
+    del recorded["fedhpro"]["recal_source"]  # a run from before the key existed: the paper's
+    save_checkpoint(original, tmp_path)
+    with pytest.raises(CheckpointError, match="recal_source 'gradients' -> 'moments'"):
+        load_checkpoint(tmp_path, "fedhpro", CFG)
+    paper = with_keys(**{"fedhpro.recal_source": "gradients"})
+    assert load_checkpoint(tmp_path, "fedhpro", paper).round == 3
 
 
 def test_missing_and_corrupt_checkpoints_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        load_checkpoint(tmp_path, "fedhpro", "abc")
+        load_checkpoint(tmp_path, "fedhpro", CFG)
     saved(tmp_path)
     path = tmp_path / CHECKPOINT_NAME
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt or unreadable"):
-        load_checkpoint(tmp_path, "fedhpro", "abc")
+        load_checkpoint(tmp_path, "fedhpro", CFG)
 
 
-def test_a_checkpoint_of_format_1_resumes_without_its_python_random_state(tmp_path):
-    """Format 1 also held `random.getstate()`, from when Flower sampled nodes with it."""
+def test_checkpoints_of_formats_1_and_2_resume(tmp_path):
+    """Format 1 also held `random.getstate()`, from when Flower sampled nodes with it; both
+    held a hash of the config, which the recorded config replaces."""
     original = saved(tmp_path)
     path = tmp_path / CHECKPOINT_NAME
     raw = torch.load(path, weights_only=True)
-    raw |= {"format_version": 1, "python_rng": random.getstate()}
-    torch.save(raw, path)
-    loaded = load_checkpoint(tmp_path, "fedhpro", "abc")
-    assert loaded.round == 3 and torch.equal(loaded.torch_rng, original.torch_rng)
+    for old in ({"format_version": 1, "python_rng": random.getstate(), "fingerprint": "abc"},
+                {"format_version": 2, "fingerprint": "abc"}):
+        torch.save(raw | old, path)
+        loaded = load_checkpoint(tmp_path, "fedhpro", CFG)
+        assert loaded.round == 3 and torch.equal(loaded.torch_rng, original.torch_rng)
     torch.save(raw | {"format_version": 9}, path)
-    with pytest.raises(CheckpointError, match="has format 9, expected one of 1, 2"):
-        load_checkpoint(tmp_path, "fedhpro", "abc")
+    with pytest.raises(CheckpointError, match="has format 9, expected one of 1, 2, 3"):
+        load_checkpoint(tmp_path, "fedhpro", CFG)
+    torch.save(raw | {"results": {"rounds": []}}, path)
+    with pytest.raises(CheckpointError, match="no record of its experiment config"):
+        load_checkpoint(tmp_path, "fedhpro", CFG)
 
 
 def test_weighted_average_keeps_integer_buffers():

@@ -114,29 +114,36 @@ def test_a_number_in_e_notation_is_a_number_in_a_file_and_an_override(tmp_path):
         load_experiment(ROOT / "conf" / "default.yaml", {"train.lr": "1e-3x"})
 
 
-def test_fingerprint_ignores_rounds_only():
+def test_setup_changes_leave_out_rounds_where_it_computes_and_other_methods():
     cfg = parse_experiment({})
-    more_rounds = ExperimentConfig.from_flat({**cfg.to_flat(), "federation.rounds": 99},
-                                             SECTIONS)
-    other_tau = ExperimentConfig.from_flat({**cfg.to_flat(), "fedhpro.tau": 0.2}, SECTIONS)
-    assert cfg.fingerprint() == more_rounds.fingerprint() != other_tau.fingerprint()
+    recorded = cfg.to_dict()
+
+    def changed(flat, method="fedhpro"):
+        later = ExperimentConfig.from_flat({**cfg.to_flat(), **flat}, SECTIONS)
+        return later.setup_changes(recorded, method)
+
+    assert changed({"federation.rounds": 99, "federation.server_threads": 2}) == {}
+    assert changed({"fedhpro.tau": 0.2}) == {"fedhpro.tau": (0.05, 0.2)}
+    assert changed({"fedhpro.tau": 0.2}, "fedavg") == {}  # FedAvg never reads it
+    assert changed({"seed": 1}, "fedavg") == {"seed": (536, 1)}
 
 
-def test_fingerprint_survives_a_key_added_at_the_behaviour_before_it():
-    # a checkpoint written before the code gained a key still resumes at the key's first value
+def test_a_key_added_since_counts_at_the_behaviour_before_it():
+    # a run recorded before the code gained a key was made with the key's first value
     @dataclasses.dataclass(frozen=True)
     class Grown(FedHProConfig):
         new_knob: int = 3
 
     cfg = parse_experiment({"fedhpro": {"tau": 0.1}})
+    recorded = cfg.to_dict()
 
     def grown(**knob):
         return dataclasses.replace(cfg, methods={**cfg.methods, "fedhpro": Grown(tau=0.1, **knob)})
 
-    assert grown().fingerprint() == cfg.fingerprint() != grown(new_knob=4).fingerprint()
+    assert grown().setup_changes(recorded, "fedhpro") == {}
+    assert grown(new_knob=4).setup_changes(recorded, "fedhpro") == {"fedhpro.new_knob": (3, 4)}
     # a key whose default changed counts at the value it was added with
+    del recorded["fedhpro"]["recal_source"]
     source = FIRST_DEFAULTS["fedhpro.recal_source"]
-    with_first = dataclasses.replace(
-        cfg, methods={**cfg.methods, "fedhpro": FedHProConfig(tau=0.1, recal_source=source)})
-    assert with_first.fingerprint() != cfg.fingerprint()
-    assert with_first.first_defaults()["fedhpro.recal_source"] == source
+    assert cfg.setup_changes(recorded, "fedhpro") == {
+        "fedhpro.recal_source": (source, "moments")}

@@ -9,10 +9,14 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 2
+from fedhpro_flwr.config import ExperimentConfig
+
+FORMAT_VERSION = 3
 # version 1 also held Python's `random` state (Flower sampled nodes with it); nothing reads it
-# now that the round's sample comes from the seed, and it is dropped on load
-READABLE_VERSIONS = (1, 2)
+# now that the round's sample comes from the seed, and it is dropped on load. Versions 1 and 2
+# held a hash of the whole config, which any method's changed default broke: the config the
+# results record decides now
+READABLE_VERSIONS = (1, 2, 3)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -25,18 +29,17 @@ class Checkpoint:
     """The state at the end of `round`."""
 
     strategy: str
-    fingerprint: str  # ExperimentConfig.fingerprint(): the run setup it belongs to
     round: int
     weights: dict[str, torch.Tensor]
     strategy_state: dict[str, Any]
     torch_rng: torch.Tensor
-    results: dict[str, Any]
+    results: dict[str, Any]  # results.json's content, its "config" and "num_classes" too
 
     @staticmethod
-    def capture(strategy: str, fingerprint: str, round_: int, weights: dict[str, torch.Tensor],
+    def capture(strategy: str, round_: int, weights: dict[str, torch.Tensor],
                 strategy_state: dict[str, Any], results: dict[str, Any]) -> Checkpoint:
-        return Checkpoint(strategy, fingerprint, round_, weights, strategy_state,
-                          torch.get_rng_state(), results)
+        return Checkpoint(strategy, round_, weights, strategy_state, torch.get_rng_state(),
+                          results)
 
     def restore_rng(self) -> None:
         torch.set_rng_state(self.torch_rng)
@@ -52,8 +55,10 @@ def save_checkpoint(checkpoint: Checkpoint, out_dir: Path) -> Path:
     return path
 
 
-def load_checkpoint(out_dir: Path, strategy: str, fingerprint: str) -> Checkpoint:
-    """Read and check a checkpoint against the run that wants to continue it."""
+def load_checkpoint(out_dir: Path, strategy: str, experiment: ExperimentConfig) -> Checkpoint:
+    """Read and check a checkpoint against the run that wants to continue it: the same
+    strategy, and an experiment that differs only in what the run does not depend on
+    (`ExperimentConfig.setup_changes`: its rounds, where it computes, other methods' keys)."""
     path = out_dir / CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"resume requested but there is no checkpoint at {path}")
@@ -65,8 +70,8 @@ def load_checkpoint(out_dir: Path, strategy: str, fingerprint: str) -> Checkpoin
     if version not in READABLE_VERSIONS:
         raise CheckpointError(f"checkpoint {path} has format {version}, expected one of "
                               f"{', '.join(map(str, READABLE_VERSIONS))}")
-    if version == 1:
-        raw.pop("python_rng", None)
+    raw.pop("python_rng", None)
+    raw.pop("fingerprint", None)
     try:
         checkpoint = Checkpoint(**raw)
     except TypeError as exc:
@@ -74,10 +79,14 @@ def load_checkpoint(out_dir: Path, strategy: str, fingerprint: str) -> Checkpoin
     if checkpoint.strategy != strategy:
         raise CheckpointError(f"checkpoint {path} is from strategy '{checkpoint.strategy}', "
                               f"this run is '{strategy}'")
-    if checkpoint.fingerprint != fingerprint:
+    recorded = checkpoint.results.get("config")
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"checkpoint {path} holds no record of its experiment config")
+    changes = experiment.setup_changes(recorded, strategy, checkpoint.results.get("num_classes"))
+    if changes:
+        listed = ", ".join(f"{key} {then!r} -> {now!r}" for key, (then, now) in changes.items())
         raise CheckpointError(
-            f"checkpoint {path} was written with another experiment config (fingerprint "
-            f"{checkpoint.fingerprint}, this run {fingerprint}); only federation.rounds may "
-            "change on resume"
-        )
+            f"checkpoint {path} was written with another experiment config ({listed}); only "
+            f"federation.rounds, where the run computes and other methods' keys may change on "
+            "resume")
     return checkpoint

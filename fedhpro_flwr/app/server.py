@@ -88,7 +88,7 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
     results = RunResults(settings, spec.num_classes)
     arrays = tensors_to_record(reference)
     if settings.resume:
-        checkpoint = load_checkpoint(settings.out_dir, settings.strategy, cfg.fingerprint())
+        checkpoint = load_checkpoint(settings.out_dir, settings.strategy, cfg)
         restored = check_state_dict(tensors_to_record(checkpoint.weights), reference,
                                     "checkpoint weights")
         strategy.load_state_dict(checkpoint.strategy_state)
@@ -117,7 +117,7 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
             if round_ in cfg.diagnostics.rounds() and mode.global_model:
                 save_embedding(round_, strategy, model, held.test, device)
             save_checkpoint(Checkpoint.capture(
-                settings.strategy, cfg.fingerprint(), round_, weights,
+                settings.strategy, round_, weights,
                 strategy.state_dict(), results.data,
             ), settings.out_dir)
         results.write()
