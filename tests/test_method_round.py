@@ -183,6 +183,23 @@ def test_fedhpro_can_evaluate_with_the_recalibrated_classifier_and_send_the_aver
     assert scores[0]["accuracy"] != scores[0]["aggregated_head_accuracy"]
 
 
+def test_recalibrating_for_evaluation_only_trains_as_without_recalibration():
+    """With `recal_to_clients: false` the recalibration reaches nothing the clients train
+    with: the round's model and hyper-prototypes are those of `recalibration: false`."""
+    model = build_model(CFG.model, dataset_spec(CFG))
+    rounds = []
+    for keys in ({"recal_to_clients": False}, {"recalibration": False}):
+        cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {"recal_epochs": 20, **keys}})
+        strategy = get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10,
+                                                       model.feature_dim)
+        arrays = strategy.aggregate_train(1, client_replies("fedhpro", strategy, model, cfg))[0]
+        assert arrays is not None
+        rounds.append((arrays.to_torch_state_dict(), strategy.hyperprototypes))
+    (evaluated, hp_evaluated), (without, hp_without) = rounds
+    assert all(torch.equal(evaluated[k], without[k]) for k in without)
+    assert torch.equal(hp_evaluated, hp_without)
+
+
 def test_fedhpro_server_step_over_groups_and_nearest_classes():
     """The caps that make the server step linear in the classes: a round with caps below the
     10 classes; one with caps of 10, one with the defaults (32) and one with none, which are
