@@ -124,6 +124,7 @@ def test_a_diverged_seed_stays_in_its_row_at_the_accuracy_it_ended_with(tmp_path
                                                       for r in rows], ["fedhpro", "fedavg"]))
     assert "| fedavg | 3 | 0.567 [" in lines  # (0.8 + 0.8 + 0.1) / 3: the seed counts
     assert "fedavg seed 2 (0.100, training diverged in round 13)" in lines
+    assert "target 0.760" in lines  # 95% of the median seed's 0.8: the diverged one moves no one
     # the mean curve runs over 20 rounds: the diverged seed's last accuracy carried
     assert "fedavg's 5-round mean moved -23.33 points" in lines
 
