@@ -45,34 +45,42 @@ def to_target(rounds: list[dict[str, Any]], target: float) -> tuple[int, float] 
     return None
 
 
+def last5_mean(curve: list[dict[str, Any]]) -> float:
+    return stats.mean([row["accuracy"] for row in curve[-5:]])
+
+
 def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
                     methods: list[str]) -> list[str]:
+    """The setting's table, convergence check, collapsed runs and plot. Every run is scored at
+    the rounds all of them hold: while the protocol extends a table (its baseline first), the
+    longer runs are cut to the others' length, so that no pair compares two lengths."""
     by_variant: dict[str, dict[int, dict[str, str]]] = {}
     for row in rows:
         by_variant.setdefault(row["strategy"], {})[int(row["seed"])] = row
     seeds = {v: sorted(runs) for v, runs in by_variant.items()}
-    last5 = {v: {s: float(row["mean_last5_accuracy"]) for s, row in runs.items()}
-             for v, runs in by_variant.items()}
+    tuned = [m for m in methods if m in by_variant]
+    variants = tuned + [f"{m}-published" for m in methods if f"{m}-published" in by_variant]
+    held = {v: min(int(float(by_variant[v][s]["rounds"])) for s in seeds[v]) for v in variants}
+    rounds, longest = min(held.values()), max(held.values())
+    loaded = {v: load_runs(out, setting, v, seeds[v]) for v in variants}
+    full = {v: [scored_rounds(run, held[v])[:held[v]] for run in loaded[v]] for v in variants}
+    curves = {v: [curve[:rounds] for curve in full[v]] for v in variants}
+    last5 = {v: {s: last5_mean(c) for s, c in zip(seeds[v], curves[v], strict=True)}
+             for v in variants}
     lead = convergence.baseline(methods)
     target = (TARGET_SHARE * statistics.median(last5[lead].values()) if lead in last5
               else float("nan"))
-    held = {v: min(int(float(row["rounds"])) for row in runs.values())
-            for v, runs in by_variant.items()}
-    rounds = max(held.values())  # a row short of it is a protocol still extending the table
+    extending = (f" (the table is being taken to {longest} rounds; every run is shown at the "
+                 f"{rounds} all of them hold)" if longest > rounds else "")
     lines = [f"## {setting}", "",
-             f"{rounds} rounds; target {target:.3f} (95% of tuned {lead}'s, median over "
-             f"seeds). Accuracy: mean "
-             f"over seeds of each run's mean over its last 5 rounds, [95% interval]; FedHPro - "
-             f"method in points, paired by seed (the seeds both ran); W / T / L: FedHPro ahead / "
-             f"no difference / behind, by whether that interval excludes 0.", "",
+             f"{rounds} rounds{extending}; target {target:.3f} (95% of tuned {lead}'s, median "
+             f"over seeds). Accuracy: mean over seeds of each run's mean over its last 5 rounds, "
+             f"[95% interval]; FedHPro - method in points, paired by seed (the seeds both ran); "
+             f"W / T / L: FedHPro ahead / no difference / behind, by whether that interval "
+             f"excludes 0.", "",
              "| method | seeds | accuracy | best | rounds to target | MB to target | "
              "client s/round | FedHPro - method | W/T/L |",
              "|---|---|---|---|---|---|---|---|---|"]
-    tuned = [m for m in methods if m in last5]
-    variants = tuned + [f"{m}-published" for m in methods if f"{m}-published" in last5]
-    loaded = {v: load_runs(out, setting, v, seeds[v]) for v in variants}
-    curves = {v: [scored_rounds(run, held[v])[:held[v]] for run in loaded[v]]
-              for v in variants}
     for variant in variants:
         own = seeds[variant]
         runs = curves[variant]
@@ -80,22 +88,19 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
         rounds_cell = (f"{stats.mean([r for r, _ in reached]):.1f} ({len(reached)}/"
                        f"{len(own)})" if reached else f"— (0/{len(own)})")
         mb_cell = f"{stats.mean([mb for _, mb in reached]):.1f}" if reached else "—"
-        best = stats.mean([float(by_variant[variant][s]["best_accuracy"]) for s in own])
+        best = stats.mean([max(row["accuracy"] for row in c) for c in runs])
         client = stats.mean([float(by_variant[variant][s]["client_seconds"]) for s in own])
         diff_cell, verdict = (("—", "—") if variant == METHOD
                               else stats.paired_text(last5.get(METHOD, {}), last5[variant]))
         name = f"**{variant}**" if variant == METHOD else variant
-        if held[variant] < rounds:
-            name += f" ({held[variant]} rounds so far)"
         accuracy = stats.interval_text(list(last5[variant].values()))
         lines.append(f"| {name} | {len(own)} | {accuracy} | "
                      f"{best:.3f} | {rounds_cell} | {mb_cell} | {client:.2f} | {diff_cell} | "
                      f"{verdict} |")
-    lines += ["", *convergence_lines({m: curves[m] for m in tuned}, rounds),
-              *collapses({v: seeds[v] for v in variants}, by_variant, loaded,
-                         loaded[variants[0]][0]["num_classes"]),
+    lines += ["", *convergence_lines({m: full[m] for m in tuned}, longest),
+              *collapses(last5, loaded, loaded[variants[0]][0]["num_classes"]),
               f"![{setting}](plots/{setting}-seeds.png)", ""]
-    plot_seeds(out, setting, {m: curves[m] for m in tuned})
+    plot_seeds(out, setting, {m: full[m] for m in tuned})
     return lines
 
 
@@ -118,15 +123,14 @@ def convergence_lines(curves: dict[str, list[list[dict[str, Any]]]], rounds: int
             f"{convergence.MAX_ROUNDS} rounds at most); the others: {cells}.", ""]
 
 
-def collapses(seeds: dict[str, list[int]], by_variant: dict[str, dict[int, dict[str, str]]],
-              loaded: dict[str, list[dict[str, Any]]], num_classes: int) -> list[str]:
+def collapses(last5: dict[str, dict[int, float]], loaded: dict[str, list[dict[str, Any]]],
+              num_classes: int) -> list[str]:
     """Runs that ended near chance (under twice 1 / classes) or whose training diverged:
     named with their seed, not averaged away."""
     floor = 2 / num_classes
     found = []
-    for variant, own in seeds.items():
-        for seed, results in zip(own, loaded[variant], strict=True):
-            value = float(by_variant[variant][seed]["mean_last5_accuracy"])
+    for variant, scores in last5.items():
+        for (seed, value), results in zip(scores.items(), loaded[variant], strict=True):
             diverged = results.get("diverged_round")
             if value < floor or diverged:
                 how = f", training diverged in round {diverged}" if diverged else ""

@@ -71,8 +71,10 @@ def verdict(differences: Sequence[float], level: float = 0.95) -> str:
 
 def interval_text(values: Sequence[float], points: bool = False) -> str:
     """"mean [low, high]" of the 95% t interval, to 3 decimals, or in points (x 100, to 1
-    decimal) for differences of accuracies."""
+    decimal) for differences of accuracies; a single value has no interval: "value [—]"."""
     scale, digits = (100, 1) if points else (1, 3)
+    if len(values) < 2:
+        return f"{mean(values) * scale:.{digits}f} [—]"
     low, high = t_interval(values)
     return (f"{mean(values) * scale:.{digits}f} "
             f"[{low * scale:.{digits}f}, {high * scale:.{digits}f}]")

@@ -129,6 +129,20 @@ def test_a_diverged_seed_stays_in_its_row_at_the_accuracy_it_ended_with(tmp_path
     assert "fedavg's 5-round mean moved -23.33 points" in lines
 
 
+def test_a_table_being_extended_compares_every_run_at_the_rounds_all_of_them_hold(tmp_path):
+    # FedAvg (the baseline) already taken to 30 rounds, FedHPro still at 20: FedAvg is scored on
+    # its rounds 16-20 (0.5), not 26-30 (0.9)
+    rows = [r for seed in range(3) for r in (
+        write_run(tmp_path, "s", "fedhpro", seed, [0.6] * 20),
+        write_run(tmp_path, "s", "fedavg", seed, [0.5] * 20 + [0.9] * 10))]
+    lines = "\n".join(setting_section(tmp_path, "s", [{k: str(v) for k, v in r.items()}
+                                                      for r in rows], ["fedhpro", "fedavg"]))
+    assert "20 rounds (the table is being taken to 30 rounds" in lines
+    assert "| fedavg | 3 | 0.500 [0.500, 0.500] | 0.500 |" in lines
+    assert "10.0 [10.0, 10.0] | W |" in lines
+    assert "fedavg's 5-round mean moved +40.00 points" in lines  # its own 30 rounds
+
+
 def test_the_report_of_a_protocol_under_way_says_what_has_not_run(tmp_path):
     rows = [write_run(tmp_path, "digits-offline", m, seed, [0.5 + 0.1 * seed] * 12)
             for m in ("fedhpro", "fedavg") for seed in range(2)]

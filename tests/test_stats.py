@@ -78,6 +78,7 @@ def test_interval_text_in_accuracy_and_in_points():
     assert stats.interval_text([1.0, 2.0, 3.0, 4.0]) == (
         f"2.500 [{2.5 - half:.3f}, {2.5 + half:.3f}]")
     assert stats.interval_text([0.01, 0.02, 0.03], points=True) == "2.0 [-0.5, 4.5]"
+    assert stats.interval_text([0.9]) == "0.900 [—]"  # one seed so far: no interval
 
 
 def test_the_paired_table_pairs_by_seed_and_calls_wins_and_ties():
