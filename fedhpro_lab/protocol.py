@@ -90,10 +90,19 @@ def table_length(entry: ProtocolSetting, chosen: dict[str, str], out: Path,
         held = [read_results(run_path(out, name, lead, seed) / "results.json")
                 for seed in SEEDS]
         curves = [scored_rounds(r, rounds)[:rounds] for r in held if r is not None]
-        if (len(curves) < len(SEEDS) or rounds >= convergence.MAX_ROUNDS
-                or convergence.flattened(convergence.mean_curve(curves))):
+        if len(curves) < len(SEEDS):
             return rounds  # a failed baseline run is the table's to show, not a reason to grow
+        curve = convergence.mean_curve(curves)
+        change = (f"{100 * convergence.moving_change(curve):+.2f} points"
+                  if convergence.checkable(curve) else "(too few rounds to tell)")
+        if convergence.flattened(curve) or rounds >= convergence.MAX_ROUNDS:
+            verdict = "converged" if convergence.flattened(curve) else "the cap, not converged"
+            print(f"protocol: {name} runs {rounds} rounds ({lead}'s mean moved {change} over "
+                  f"its last 10: {verdict})", flush=True)
+            return rounds
         rounds = min(rounds + convergence.EXTEND_BY, convergence.MAX_ROUNDS)
+        print(f"protocol: {name}: {lead}'s mean moved {change} over its last 10 rounds, not "
+              f"under {convergence.CONVERGED_POINTS}; taking it to {rounds}", flush=True)
 
 
 def run_protocol(out: Path, run_suite: Callable[..., Path], timeout: float | None = None,
