@@ -62,6 +62,14 @@ def test_mismatched_checkpoint_is_refused(tmp_path, strategy, config, message):
         load_checkpoint(tmp_path, strategy, config)
 
 
+def test_a_run_with_personal_models_is_not_resumed(tmp_path):
+    """The clients' personal models are not in the checkpoint: resuming would restart them."""
+    hetero = with_keys(**{"model.backbones": "cnn-8,cnn-16"})
+    saved(tmp_path, config=hetero)
+    with pytest.raises(CheckpointError, match="heterogeneous backbones"):
+        load_checkpoint(tmp_path, "fedhpro", hetero)
+
+
 def test_a_key_the_code_gained_since_counts_at_the_value_it_was_added_with(tmp_path):
     original = saved(tmp_path)
     recorded = original.results["config"]
