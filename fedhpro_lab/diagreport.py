@@ -140,7 +140,9 @@ def plot_rounds(out: Path, setting: str, rows: list[dict[str, str]]) -> Path | N
     import numpy as np
 
     panels = [(key, title, series(out, setting, rows, key)) for key, title in PLOTTED]
-    panels = [p for p in panels if any(np.isfinite(v).any() for v in p[2].values())]
+    # seeds may hold different numbers of rounds (a diverged run stops early)
+    panels = [p for p in panels
+              if any(math.isfinite(v) for runs in p[2].values() for run in runs for v in run)]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)

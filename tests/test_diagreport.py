@@ -53,3 +53,16 @@ def test_nothing_without_diagnostics_and_nan_where_a_round_lacks_a_key(tmp_path)
     assert len(found) == 1 and all(math.isnan(v) for v in found[0])
     assert series(tmp_path, "s", rows, "accuracy")["fedavg"] == [[0.5, 0.6]]
     assert series(tmp_path, "missing", rows, "accuracy") == {}
+
+
+def test_seeds_of_different_lengths_are_plotted(tmp_path):
+    """A diverged seed stops early; its shorter curve must not break the plot."""
+    rows = []
+    for seed, length in enumerate([3, 2]):
+        write_run(tmp_path, "fedhpro", seed, [
+            {"accuracy": 0.5, "classes_reported": 10, "hp_movement": 0.01 * (r + 1),
+             "anchor_cosine_mean": 0.1} for r in range(length)])
+        rows.append({"setting": "s", "strategy": "fedhpro", "seed": str(seed)})
+    text = "\n".join(diagnostics_section(tmp_path, rows))
+    assert (tmp_path / "plots" / "s-diagnostics.png").stat().st_size > 0
+    assert "(plots/s-diagnostics.png)" in text
