@@ -469,21 +469,30 @@ def main(argv: list[str] | None = None) -> int:
                         help="YAML keys set for every run, e.g. 'train.local_epochs=2'")
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds before a run is stopped and recorded as failed")
+    parser.add_argument("--settings", default="",
+                        help="with --protocol: comma-separated settings to tune and run "
+                             "(default: all), e.g. 'hetero' to take one table first")
     parser.add_argument("--no-report", action="store_true", help="skip RESULTS.md and plots")
     args = parser.parse_args(argv)
     if argv is None:  # as a command: `kill` stops the runs under it too (see `execute`)
         signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     command = " ".join(["fedhpro-bench", *(sys.argv[1:] if argv is None else argv)])
+    if args.settings and not args.protocol:
+        parser.error("--settings chooses the protocol's settings; give it with --protocol")
     if args.protocol:
         if args.suite or args.config:
             parser.error("--protocol runs its own settings; leave out --suite and --config")
-        from fedhpro_lab.protocol import run_protocol
+        from fedhpro_lab.protocol import run_protocol, select_settings
         from fedhpro_lab.protocol_report import write_protocol_report
         from fedhpro_lab.tuning import TuningIncomplete
 
         out = args.out.resolve()
         try:
-            csv_path = run_protocol(out, run_suite, args.run_timeout)
+            settings = select_settings(args.settings)
+        except ValueError as exc:
+            parser.error(str(exc))
+        try:
+            csv_path = run_protocol(out, run_suite, args.run_timeout, settings)
         except TuningIncomplete as exc:
             print(f"fedhpro-bench: stopped: {exc}", file=sys.stderr, flush=True)
             return 1

@@ -50,6 +50,18 @@ SETTINGS = (
 )
 
 
+def select_settings(names: str) -> tuple[ProtocolSetting, ...]:
+    """The protocol's settings named in a comma-separated list, in the protocol's order (all
+    when empty): one table can be taken first, the same runs as in the full protocol."""
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    known = [entry.setting.name for entry in SETTINGS]
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise ValueError(f"unknown protocol setting(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(known)}")
+    return tuple(e for e in SETTINGS if not wanted or e.setting.name in wanted)
+
+
 def published_name(method: str) -> str:
     return f"{method}-published"
 

@@ -10,8 +10,16 @@ import yaml
 from fedhpro_flwr.config import parse_overrides, resolve_run_config
 from fedhpro_flwr.methods import METHODS, SECTIONS
 from fedhpro_lab.benchmark import COLUMNS, plan, run_suite
+from fedhpro_lab.benchmark import main as bench_main
 from fedhpro_lab.convergence import MAX_ROUNDS, moving_change
-from fedhpro_lab.protocol import LENGTHS, SETTINGS, ProtocolSetting, run_protocol, table_length
+from fedhpro_lab.protocol import (
+    LENGTHS,
+    SETTINGS,
+    ProtocolSetting,
+    run_protocol,
+    select_settings,
+    table_length,
+)
 from fedhpro_lab.protocol_report import main as protocol_report_main
 from fedhpro_lab.protocol_report import setting_section, to_target
 from fedhpro_lab.simulation import APP_DIR
@@ -306,3 +314,17 @@ def test_a_table_stops_growing_at_the_cap_or_when_a_baseline_run_is_missing(tmp_
     asked.clear()
     assert table_length(entry, chosen, tmp_path / "b", missing) == 30
     assert asked == [(30, ("fedproto",))]
+
+
+def test_the_protocol_can_be_taken_one_setting_at_a_time():
+    assert select_settings("") == SETTINGS
+    assert [e.setting.name for e in select_settings("hetero, digits-offline")] == [
+        "digits-offline", "hetero"]  # the protocol's order, whatever the list's
+    with pytest.raises(ValueError, match=r"unknown protocol setting.*cifar.*choose from"):
+        select_settings("hetero,cifar")
+
+
+def test_settings_without_protocol_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        bench_main(["--suite", "default", "--settings", "hetero", "--out", "/tmp/unused"])
+    assert "--settings chooses the protocol's settings" in capsys.readouterr().err
