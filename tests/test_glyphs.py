@@ -101,3 +101,4 @@ def test_two_federated_rounds_on_a_small_glyph_set(tmp_path):
     # (their loss falls: 4.71 -> 4.18 on seed 536), not yet the balanced test set
     first, second = results["rounds"]
     assert second["train_loss"] < first["train_loss"] - 0.1
+    assert first["train_ce"] == first["train_loss"]  # FedAvg's loss is all cross-entropy

@@ -226,6 +226,13 @@ def test_fedavg_weights_each_reply_by_its_number_of_examples():
     assert_all_weights(weights, (1 * 1 + 2 * 2 + 3 * 7) / 10)  # 2.6; unweighted: 2.0
     assert metrics["train_loss"] == pytest.approx((3.0 + 2.0 + 3.5) / 10)
     assert strategy.report.train_loss == metrics["train_loss"]
+    assert "train_ce" not in strategy.report.row()  # no client reported it
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_the_ce_share_of_the_training_loss_is_kept_when_every_client_reports_it():
+    strategy, _, _ = fedavg_round(*(set_metric("train_ce", loss / 2) for loss in LOSSES))
+    assert strategy.report.row()["train_ce"] == pytest.approx((3.0 + 2.0 + 3.5) / 20)
 
 
 def set_metric(key: str, value: float):

@@ -91,6 +91,11 @@ def weighted_average(
     return out
 
 
+def example_mean(replies: list[ClientReply], counts: list[float], key: str) -> float:
+    """A client metric's mean over the replies, weighted by their example counts."""
+    return sum(r.metrics[key] * n for r, n in zip(replies, counts, strict=True)) / sum(counts)
+
+
 def mean_metric(replies: list[ClientReply], key: str) -> float:
     """Plain mean of a client metric over the replies that report it (0 if none do)."""
     values = [r.metrics[key] for r in replies if key in r.metrics]
@@ -333,9 +338,10 @@ class ExperimentStrategy(FedAvg):
         weights, diagnostics = self.server_step(round_, weights, valid)
         diagnostics |= self._anchor_diagnostics(valid)
         personal = personal_accuracy(valid)
-        train_loss = sum(
-            r.metrics["train_loss"] * n for r, n in zip(valid, counts, strict=True)
-        ) / sum(counts)
+        train_loss = example_mean(valid, counts, "train_loss")
+        if all("train_ce" in r.metrics for r in valid):
+            # the CE share of train_loss: what the method's own terms add shows beside it
+            diagnostics["train_ce"] = example_mean(valid, counts, "train_ce")
         client_seconds = [r.metrics["client-seconds"] for r in valid]
         spans = [(r.metrics["client-started"], r.metrics["client-started"] + seconds)
                  for r, seconds in zip(valid, client_seconds, strict=True)
