@@ -34,9 +34,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fedhpro_flwr.app.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from fedhpro_flwr.app.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+)
+from fedhpro_flwr.app.personal_store import missing_models
 from fedhpro_flwr.config import (
     ConfigError,
+    ExperimentConfig,
     parse_overrides,
     resolve_run_config,
 )
@@ -278,13 +285,27 @@ def resumable(run: Run) -> bool:
         return False
     settings = resolve_run_config(run.run_config(resume=True), APP_DIR, SECTIONS)
     try:
-        load_checkpoint(run.out_dir, run.variant.strategy, settings.experiment)
+        checkpoint = load_checkpoint(run.out_dir, run.variant.strategy, settings.experiment)
+        check_personal_models(settings.experiment, checkpoint)
     except CheckpointError as exc:
         (run.out_dir / CHECKPOINT_NAME).replace(run.out_dir / STALE_CHECKPOINT)
         print(f"  {run.setting.name} {run.strategy} seed {run.seed}: starting afresh ({exc})",
               flush=True)
         return False
     return True
+
+
+def check_personal_models(cfg: ExperimentConfig, checkpoint: Checkpoint) -> None:
+    """With personal models, the clients' saved models must be on this machine's disk (the
+    simulated nodes' disk), or the resumed run would stop at its first round."""
+    if not cfg.model.backbone_list():
+        return
+    trained = {p for row in checkpoint.results.get("rounds", []) for p in row["participants"]}
+    missing = missing_models(cfg, checkpoint.results["experiment_id"], trained,
+                             checkpoint.round)
+    if missing:
+        raise CheckpointError(f"the personal models of partitions {missing} at round "
+                              f"{checkpoint.round} are not on this machine")
 
 
 def execute(group: list[Run], first: int, progress: Progress,

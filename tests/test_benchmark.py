@@ -11,8 +11,10 @@ import time
 from dataclasses import replace
 
 import pytest
+import torch
 
 from fedhpro_flwr.app.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkpoint
+from fedhpro_flwr.app.personal_store import PersonalModelStore
 from fedhpro_flwr.config import parse_overrides, resolve_run_config
 from fedhpro_flwr.methods import SECTIONS, load_experiment
 from fedhpro_flwr.methods.strategy import busy_seconds
@@ -254,6 +256,22 @@ def test_a_checkpoint_of_another_config_is_set_aside_and_the_run_starts_afresh(t
     assert not resumable(run)
     assert not (run.out_dir / CHECKPOINT_NAME).exists()
     assert (run.out_dir / STALE_CHECKPOINT).is_file()  # kept, not deleted
+
+
+def test_a_heterogeneous_run_resumes_only_where_its_clients_models_are(tmp_path):
+    setting = Setting("h", "conf/hetero.yaml", f"data.root={tmp_path / 'data'}")
+    suite = Suite("t", "", (setting,), ("fedproto",), (0,), 3)
+    run = Run(suite, setting, Variant("fedproto", "fedproto"), 0, tmp_path / "run", 3, 4)
+    settings = resolve_run_config(run.run_config(resume=True), APP_DIR, SECTIONS)
+    results = {"config": settings.experiment.to_dict(), "num_classes": 10,
+               "experiment_id": "e7", "rounds": [{"round": 1, "participants": [0, 3]}]}
+    save_checkpoint(Checkpoint.capture("fedproto", 1, {}, {}, results), run.out_dir)
+    for partition in (0, 3):
+        PersonalModelStore(settings.experiment, "e7", partition).save(1, {"w": torch.ones(1)})
+    assert resumable(run)
+    PersonalModelStore(settings.experiment, "e7", 3).path(1).unlink()  # another machine's
+    assert not resumable(run)
+    assert (run.out_dir / STALE_CHECKPOINT).is_file()
 
 
 def test_mean_of_the_last_five_rounds_leaves_the_earlier_ones_out(tmp_path):

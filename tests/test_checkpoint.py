@@ -16,10 +16,10 @@ from fedhpro_flwr.methods.strategy import weighted_average
 CFG = parse_experiment({"fedhpro": {"tau": 0.1}})
 
 
-def saved(tmp_path, strategy="fedhpro", config=CFG):
+def saved(tmp_path, strategy="fedhpro", config=CFG, **extra):
     state = {"hyperprototypes": torch.randn(2, 3, 4), "generator": torch.Generator().get_state()}
     results = {"config": config.to_dict(), "num_classes": 10,
-               "rounds": [{"round": 1, "accuracy": 0.5}]}
+               "rounds": [{"round": 1, "accuracy": 0.5}], **extra}
     checkpoint = Checkpoint.capture(strategy, 3, {"w": torch.ones(2)}, state, results)
     save_checkpoint(checkpoint, tmp_path)
     return checkpoint
@@ -62,12 +62,15 @@ def test_mismatched_checkpoint_is_refused(tmp_path, strategy, config, message):
         load_checkpoint(tmp_path, strategy, config)
 
 
-def test_a_run_with_personal_models_is_not_resumed(tmp_path):
-    """The clients' personal models are not in the checkpoint: resuming would restart them."""
+def test_personal_models_resume_only_where_the_clients_saved_them(tmp_path):
+    """Before clients saved their models (no experiment id in the results), resuming would
+    have restarted them."""
     hetero = with_keys(**{"model.backbones": "cnn-8,cnn-16"})
     saved(tmp_path, config=hetero)
-    with pytest.raises(CheckpointError, match="heterogeneous backbones"):
+    with pytest.raises(CheckpointError, match="before its clients saved their personal models"):
         load_checkpoint(tmp_path, "fedhpro", hetero)
+    saved(tmp_path, config=hetero, experiment_id="abc")
+    assert load_checkpoint(tmp_path, "fedhpro", hetero).results["experiment_id"] == "abc"
 
 
 def test_a_key_the_code_gained_since_counts_at_the_value_it_was_added_with(tmp_path):

@@ -10,11 +10,12 @@ import statistics
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from simulate import CONFIG, NUM_CLIENTS, simulate
+from simulate import CONFIG, NUM_CLIENTS, assert_same_run, checkpoint, simulate
 from test_method_round import training_message
 
 from fedhpro_flwr.app.client import handle_train
-from fedhpro_flwr.app.sharing import LOCAL_MODEL, PersonalModels, sharing_for
+from fedhpro_flwr.app.personal_store import PersonalModelStore
+from fedhpro_flwr.app.sharing import LOCAL_MODEL, NodeMemory, PersonalModels, sharing_for
 from fedhpro_flwr.config import ConfigError
 from fedhpro_flwr.data.federated import client_data, dataset_spec
 from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
@@ -131,7 +132,8 @@ def test_a_clients_model_persists_between_rounds():
     context = contexts()[2]  # the ResNet-10 client
     train("fedhpro", strategy, shared, 2, context)
     after_one = context.state.array_records[LOCAL_MODEL].to_torch_state_dict()
-    fresh, restored = personal().local_model(dataset_spec(CFG), ("resnet10", 4), RecordDict(), 2)
+    fresh, restored = personal().local_model(dataset_spec(CFG), ("resnet10", 4),
+                                             NodeMemory(RecordDict(), "another", 2), 2)
     assert not restored
     # round 2 with a vanishing step: its model ends where round 1 left it, not anywhere fresh
     still = parse_experiment({**CFG.to_dict(), "train": {"local_epochs": 1,
@@ -155,6 +157,76 @@ def test_a_node_starts_afresh_for_another_experiment():
     restored = [m.content.metric_records["metrics"]["local_model_restored"]
                 for m in (first, again, other)]
     assert restored == [0.0, 1.0, 0.0]
+
+
+def test_a_node_whose_state_is_gone_continues_from_its_disk():
+    """A resumed run is a new Flower run with empty node states: the model comes from the
+    node's disk, filed under the experiment and the round before."""
+    shared, strategy = server_side("fedproto")
+    first = contexts()[1]
+    train("fedproto", strategy, shared, 1, first, experiment="disk")
+    kept = first.state.array_records[LOCAL_MODEL].to_torch_state_dict()
+    on_disk = PersonalModelStore(CFG, "disk", 1).latest(1)
+    assert on_disk is not None and all(torch.equal(on_disk[k], v) for k, v in kept.items())
+    mode = personal("fedproto")
+    model, restored = mode.local_model(dataset_spec(CFG), ("cnn", 16),
+                                       NodeMemory(RecordDict(), "disk", 2), 1)
+    assert restored and all(torch.equal(model.state_dict()[k], v) for k, v in kept.items())
+    # a client not sampled in round 2 continues in round 3 from the model of round 1
+    assert mode.local_model(dataset_spec(CFG), ("cnn", 16), NodeMemory(RecordDict(), "disk", 3),
+                            1)[1]
+    for memory in (NodeMemory(RecordDict(), "disk", 1),  # nothing saved before round 1
+                   NodeMemory(RecordDict(), "other", 2)):  # nor for another experiment
+        assert not mode.local_model(dataset_spec(CFG), ("cnn", 16), memory, 1)[1]
+
+
+def test_the_store_keeps_two_rounds_and_refuses_odd_names(tmp_path):
+    cfg = parse_experiment({**CFG.to_dict(), "data": {"root": str(tmp_path)}})
+    store = PersonalModelStore(cfg, "e1", 0)
+    for round_ in (1, 2, 4):  # not sampled in round 3
+        store.save(round_, {"w": torch.full((2,), float(round_))})
+    assert store.rounds() == [2, 4]
+    assert torch.equal(store.latest(4)["w"], torch.full((2,), 4.0))
+    assert torch.equal(store.latest(3)["w"], torch.full((2,), 2.0))
+    assert store.latest(1) is None
+    assert PersonalModelStore(cfg, "e1", 1).latest(4) is None  # another client's
+    with pytest.raises(ValueError, match="not a plain name"):
+        PersonalModelStore(cfg, "../elsewhere", 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampled", ["every client", "two of three"])
+def test_a_resumed_heterogeneous_run_replays_the_uninterrupted_one(tmp_path, sampled):
+    overrides = (f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=1 "
+                 f"model.backbones={BACKBONES} " + (
+                     f"federation.min_train_nodes={NUM_CLIENTS}" if sampled == "every client"
+                     # seed 1 draws partitions [1, 2], [0, 1], [0, 2], [1, 2]: after the
+                     # resume, partition 2 continues from the model it saved in round 1
+                     else "federation.fraction_train=0.67 seed=1"))
+    straight = simulate(tmp_path / "straight", rounds=4, strategy="fedproto",
+                        overrides=overrides)
+    simulate(tmp_path / "resumed", rounds=2, strategy="fedproto", overrides=overrides)
+    simulate(tmp_path / "resumed", rounds=4, strategy="fedproto", resume=True,
+             overrides=overrides)
+    assert_same_run(tmp_path / "resumed", tmp_path / "straight")
+    seen = set()
+    for row in straight["rounds"]:  # every client that trained before continued its model
+        assert row["client_models_restored"] == len(seen & set(row["participants"]))
+        seen |= set(row["participants"])
+
+
+@pytest.mark.slow
+def test_a_resume_whose_clients_lost_their_models_stops(tmp_path, caplog):
+    overrides = (f"partition.num_partitions={NUM_CLIENTS} train.local_epochs=1 "
+                 f"federation.min_train_nodes={NUM_CLIENTS} model.backbones={BACKBONES}")
+    first = simulate(tmp_path, rounds=1, strategy="fedproto", overrides=overrides)
+    cfg = parse_experiment(first["config"])
+    for pid in range(NUM_CLIENTS):
+        PersonalModelStore(cfg, first["experiment_id"], pid).path(1).unlink()
+    after = simulate(tmp_path, rounds=2, strategy="fedproto", resume=True, overrides=overrides)
+    assert len(after["rounds"]) == 1 and checkpoint(tmp_path)["round"] == 1  # left as it was
+    assert (f"{NUM_CLIENTS} of {NUM_CLIENTS} clients that had trained found no personal model"
+            in caplog.text)
 
 
 @pytest.mark.slow

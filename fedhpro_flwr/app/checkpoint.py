@@ -59,7 +59,8 @@ def load_checkpoint(out_dir: Path, strategy: str, experiment: ExperimentConfig) 
     """Read and check a checkpoint against the run that wants to continue it: the same
     strategy, and an experiment that differs only in what the run does not depend on
     (`ExperimentConfig.setup_changes`: its rounds, where it computes, other methods' keys).
-    Runs with personal models cannot be continued: the clients hold those models."""
+    Runs with personal models continue only from checkpoints whose clients saved theirs
+    (`personal_store`)."""
     path = out_dir / CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"resume requested but there is no checkpoint at {path}")
@@ -77,14 +78,13 @@ def load_checkpoint(out_dir: Path, strategy: str, experiment: ExperimentConfig) 
         checkpoint = Checkpoint(**raw)
     except TypeError as exc:
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {exc}") from exc
-    if experiment.model.backbone_list():
-        # measured: a hetero run resumed at round 31 restored none of its 10 clients' models and
-        # fell from 0.88 to 0.42 (benchmarks/protocol/STATUS.md)
+    if experiment.model.backbone_list() and "experiment_id" not in checkpoint.results:
+        # measured: such a run resumed at round 31 restored none of its 10 clients' models
+        # and fell from 0.88 to 0.42 (benchmarks/protocol/STATUS.md)
         raise CheckpointError(
-            f"checkpoint {path} cannot continue a run with heterogeneous backbones "
-            f"(model.backbones): each client's personal model lives in its node's state for one "
-            "run and is not in the checkpoint, so a resumed run would restart them; run it "
-            "afresh")
+            f"checkpoint {path} is from a run with heterogeneous backbones (model.backbones) "
+            "made before its clients saved their personal models for a resume; a continued "
+            "run would restart them: run it afresh")
     if checkpoint.strategy != strategy:
         raise CheckpointError(f"checkpoint {path} is from strategy '{checkpoint.strategy}', "
                               f"this run is '{strategy}'")

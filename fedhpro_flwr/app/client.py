@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedhpro_flwr.app.sharing import claim_node_state, client_seed, sharing_for
+from fedhpro_flwr.app.sharing import NodeMemory, claim_node_state, client_seed, sharing_for
 from fedhpro_flwr.config import EXPERIMENT_ID_KEY, STRATEGY_KEY, ConfigError, ExperimentConfig
 from fedhpro_flwr.data.federated import DataSpec, TensorData, cached_client_data, local_data
 from fedhpro_flwr.methods import ClientTask, get_method
@@ -78,11 +78,12 @@ def handle_train(msg: Message, context: Context) -> Message:
         torch.set_num_threads(cfg.train.num_threads)
 
     mode = sharing_for(cfg, method)
-    claim_node_state(context.state, str(config[EXPERIMENT_ID_KEY]))
+    memory = NodeMemory(context.state, str(config[EXPERIMENT_ID_KEY]), server_round)
+    claim_node_state(memory.state, memory.experiment_id)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, server_round, partition_id))
     local = mode.client_model(spec, node_data(node_config, cfg, spec, partition_id),
                               required_record(msg.content, "arrays"), partition_id, node_config,
-                              context.state)
+                              memory)
     local.model.to(device)
 
     started, start = time.time(), time.perf_counter()  # wall clock, for the server's timeline
@@ -91,7 +92,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     )
     seconds = time.perf_counter() - start
 
-    weights, own_metrics = mode.finish(local, context.state, device)
+    weights, own_metrics = mode.finish(local, partition_id, memory, device)
     metrics = MetricRecord({
         "num-examples": len(local.data),
         "partition-id": partition_id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ class RunResults:
             "config": settings.experiment.to_dict(),
             "config_file": str(settings.config_path),
             "num_classes": num_classes,
+            # the experiment's identity for the clients, kept when it is resumed: what their
+            # saved personal models are filed under (`personal_store`)
+            "experiment_id": uuid.uuid4().hex,
             "initial": {},
             "rounds": [],
         }
@@ -37,7 +41,8 @@ class RunResults:
         self.data["best_accuracy"] = max(accuracies)
 
     def restore(self, data: dict[str, Any]) -> None:
-        """Continue from rows saved in a checkpoint (resume)."""
+        """Continue from rows saved in a checkpoint (resume), as the same experiment."""
+        self.data["experiment_id"] = data.get("experiment_id", self.data["experiment_id"])
         self.data["initial"] = data.get("initial", {})
         self.data["rounds"] = []
         for row in data.get("rounds", []):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
@@ -113,6 +112,9 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
                 scores["loss"])
         else:
             assert strategy.report is not None  # aggregate_train ran before this
+            if settings.resume and server_round == 1:
+                mode.check_continued(round_, strategy.report, {
+                    p for row in results.data["rounds"] for p in row.get("participants", [])})
             record_round(round_, scores, time.perf_counter() - start, strategy.report)
             if round_ in cfg.diagnostics.rounds() and mode.global_model:
                 save_embedding(round_, strategy, model, held.test, device)
@@ -152,7 +154,7 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
                 num_rounds=remaining,
                 timeout=cfg.federation.round_timeout,
                 train_config=ConfigRecord({STRATEGY_KEY: settings.strategy,
-                                           EXPERIMENT_ID_KEY: uuid.uuid4().hex,
+                                           EXPERIMENT_ID_KEY: results.data["experiment_id"],
                                            **spec.to_config()}),
                 evaluate_fn=end_of_round,
             )

@@ -7,7 +7,8 @@ and the clients ask that one object instead of branching on the mode:
   server evaluates it on the held-out test set.
 - `PersonalModels` (`model.backbones` set): client k runs backbone k mod n (or its node
   config's `backbone`), every backbone ending in features of the same dimension d. Each
-  client's model stays on the client between rounds (in Flower's `context.state`); the
+  client's model stays on the client between rounds (in Flower's `context.state`, and on the
+  node's disk for a resumed run: `personal_store`); the
   server sees only the weights the method names in `Method.personal_weights` (FedHPro: the
   linear head) plus its class-level payloads. Accuracy is personalised: every client
   evaluates its own model on a held-out part of its data, and the round's score is the mean.
@@ -15,6 +16,7 @@ and the clients ask that one object instead of branching on the mode:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedhpro_flwr.algorithms.models import Backbone, build_model
 from fedhpro_flwr.algorithms.training import evaluate
+from fedhpro_flwr.app.checkpoint import CheckpointError
+from fedhpro_flwr.app.personal_store import STORE_DIR, PersonalModelStore
 from fedhpro_flwr.config import ConfigError, ExperimentConfig
 from fedhpro_flwr.data.federated import VALIDATION_STREAM, DataSpec, HeldOut, TensorData
 from fedhpro_flwr.data.partition import stratified_split
@@ -33,6 +37,16 @@ from fedhpro_flwr.methods.strategy import ExperimentStrategy, RoundReport
 
 LOCAL_MODEL = "local-model"  # a client's whole personal model, in its context.state
 STATE_OWNER = "state-owner"  # which experiment the rest of a node's context.state belongs to
+
+
+@dataclass(frozen=True)
+class NodeMemory:
+    """What a client has of earlier rounds: its node's context state (kept by Flower for
+    one Flower run) and which experiment and round the message is for."""
+
+    state: RecordDict
+    experiment_id: str
+    server_round: int
 
 
 @dataclass
@@ -72,14 +86,19 @@ class Sharing:
         val_accuracy, val_loss on the validation share when there is one."""
         raise NotImplementedError
 
+    def check_continued(self, round_: int, report: RoundReport, trained_before: set[int]) -> None:
+        """The first round of a resumed run: raise `CheckpointError` if the clients that
+        trained before it (`trained_before`: partition ids) did not continue where the
+        checkpoint left them (all the server's own state is restored)."""
+
     # ---- client ---------------------------------------------------------------------------
     def client_model(self, spec: DataSpec, data: TensorData, received: ArrayRecord,
                      partition_id: int, node_config: Mapping[str, Any],
-                     state: RecordDict) -> ClientModel:
+                     memory: NodeMemory) -> ClientModel:
         """The model to train, holding the weights received, and the data to train it on."""
         raise NotImplementedError
 
-    def finish(self, trained: ClientModel, state: RecordDict,
+    def finish(self, trained: ClientModel, partition_id: int, memory: NodeMemory,
                device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """After training: the weights to send, and the client's own metrics."""
         raise NotImplementedError
@@ -108,13 +127,13 @@ class GlobalModel(Sharing):
 
     def client_model(self, spec: DataSpec, data: TensorData, received: ArrayRecord,
                      partition_id: int, node_config: Mapping[str, Any],
-                     state: RecordDict) -> ClientModel:
+                     memory: NodeMemory) -> ClientModel:
         model = build_model(self.cfg.model, spec)
         model.load_state_dict(check_state_dict(received, model.state_dict(),
                                                "global model weights"))
         return ClientModel(model, data)
 
-    def finish(self, trained: ClientModel, state: RecordDict,
+    def finish(self, trained: ClientModel, partition_id: int, memory: NodeMemory,
                device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         return trained.model.state_dict(), {}
 
@@ -156,19 +175,38 @@ class PersonalModels(Sharing):
             scores["val_accuracy"] = personal.val_mean
         return scores
 
+    def check_continued(self, round_: int, report: RoundReport, trained_before: set[int]) -> None:
+        expected = [p for p in report.participants if p in trained_before]
+        restored = report.personal.models_restored if report.personal else 0
+        if restored < len(expected):
+            # measured before clients saved their models: FedProto fell from 0.88 to 0.42
+            raise CheckpointError(
+                f"round {round_} of a resumed run: {len(expected) - restored} of "
+                f"{len(expected)} clients that had trained found no personal model of round "
+                f"{round_ - 1} or before under <data.root>/{STORE_DIR} on their node (resumed "
+                "on other machines, or the files were deleted); continuing would restart "
+                "them, so run the experiment afresh (resume=false)")
+
     def client_model(self, spec: DataSpec, data: TensorData, received: ArrayRecord,
                      partition_id: int, node_config: Mapping[str, Any],
-                     state: RecordDict) -> ClientModel:
+                     memory: NodeMemory) -> ClientModel:
         train, local_test, local_validation = self.local_split(data, partition_id)
         model, restored = self.local_model(spec, self.backbone(partition_id, node_config),
-                                           state, partition_id)
+                                           memory, partition_id)
         shared = check_state_dict(received, self.shared(model.state_dict()), "shared weights")
         model.load_state_dict(shared, strict=False)
         return ClientModel(model, train, local_test, local_validation, restored)
 
-    def finish(self, trained: ClientModel, state: RecordDict,
+    def finish(self, trained: ClientModel, partition_id: int, memory: NodeMemory,
                device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        state[LOCAL_MODEL] = tensors_to_record(trained.model.state_dict())
+        memory.state[LOCAL_MODEL] = tensors_to_record(trained.model.state_dict())
+        store = PersonalModelStore(self.cfg, memory.experiment_id, partition_id)
+        try:
+            store.save(memory.server_round, trained.model.state_dict())
+        except OSError as exc:  # a read-only or full disk: the run goes on, a resume would not
+            logging.getLogger(__name__).warning(
+                "personal model not saved to %s (%s); a resumed run could not continue it",
+                store.folder, exc)
         metrics: dict[str, float] = {}
         if trained.local_test is not None and len(trained.local_test):
             loss, accuracy = evaluate(trained.model, trained.local_test, device)
@@ -208,17 +246,23 @@ class PersonalModels(Sharing):
                                       seed + VALIDATION_STREAM)
         return data.subset(train[keep]), data.subset(test), data.subset(train[held])
 
-    def local_model(self, spec: DataSpec, backbone: tuple[str, int], state: RecordDict,
+    def local_model(self, spec: DataSpec, backbone: tuple[str, int], memory: NodeMemory,
                     partition_id: int) -> tuple[Backbone, bool]:
-        """The client's model as it left the last round (from its context state), or, on its
-        first round, freshly drawn from a seed of its own; and whether it was restored."""
+        """The client's model as it left the last round (from its context state or, in a
+        resumed run, its node's disk), or, on its first round, freshly drawn from a seed of
+        its own; and whether it was restored."""
         with torch.random.fork_rng():
             torch.manual_seed(client_seed(self.cfg.seed, 0, partition_id))
             model = build_model(self.cfg.model, spec, backbone)
-        if LOCAL_MODEL not in state.array_records:
-            return model, False
-        saved = check_state_dict(state.array_records[LOCAL_MODEL], model.state_dict(),
-                                 "the client's saved model")
+        if LOCAL_MODEL in memory.state.array_records:
+            record = memory.state.array_records[LOCAL_MODEL]
+        else:
+            store = PersonalModelStore(self.cfg, memory.experiment_id, partition_id)
+            on_disk = store.latest(memory.server_round - 1)
+            if on_disk is None:
+                return model, False
+            record = tensors_to_record(on_disk)
+        saved = check_state_dict(record, model.state_dict(), "the client's saved model")
         model.load_state_dict(saved)
         return model, True
 
