@@ -101,6 +101,22 @@ def test_a_killed_serverapp_resumes_to_the_uninterrupted_result(federation, stra
     assert rounds_done(tmp_path) == 2
 
 
+def test_personal_models_outlive_the_flower_run_on_the_nodes_disks(federation, tmp_path):
+    """A resumed experiment is a new Flower run, whose nodes start with empty states: the
+    clients' personal models come back from their disks, and the run replays an
+    uninterrupted one."""
+    hetero = "model.backbones=cnn-8,cnn-16"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert federation.run(APP_DIR, run_config(straight, rounds=2, extra=hetero,
+                                              strategy="fedproto")) == COMPLETED
+    assert federation.run(APP_DIR, run_config(resumed, rounds=1, extra=hetero,
+                                              strategy="fedproto")) == COMPLETED
+    assert federation.run(APP_DIR, run_config(resumed, rounds=2, extra=hetero,
+                                              strategy="fedproto", resume=True)) == COMPLETED
+    assert results(resumed)["rounds"][1]["client_models_restored"] == 2
+    assert_same_run(resumed, straight)
+
+
 def test_a_hung_node_is_left_out_after_the_round_timeout(federation, tmp_path):
     # the timeout must come before the SuperLink declares the stopped node unavailable (no
     # heartbeat for 2 of its 30 s intervals: 36-60 s after it stops), or that is the reason,
