@@ -148,6 +148,7 @@ class RoundReport:
     """What a round of training measured: its row of results.json, less the evaluation."""
 
     train_loss: float  # example-weighted mean over the clients used
+    train_ce: float | None  # its cross-entropy part, where every client reports it
     client_seconds: float  # summed over clients
     client_seconds_max: float
     # clients on one clock (simulation, SuperNodes on one machine): wall time of the round
@@ -170,6 +171,7 @@ class RoundReport:
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down,
                 "clients": len(self.participants), "failures": len(self.left_out),
                 "participants": self.participants, "left_out": self.left_out,
+                **({} if self.train_ce is None else {"train_ce": self.train_ce}),
                 **self.diagnostics, **(self.personal.row() if self.personal else {})}
 
 
@@ -339,9 +341,8 @@ class ExperimentStrategy(FedAvg):
         diagnostics |= self._anchor_diagnostics(valid)
         personal = personal_accuracy(valid)
         train_loss = example_mean(valid, counts, "train_loss")
-        if all("train_ce" in r.metrics for r in valid):
-            # the CE share of train_loss: what the method's own terms add shows beside it
-            diagnostics["train_ce"] = example_mean(valid, counts, "train_ce")
+        train_ce = (example_mean(valid, counts, "train_ce")
+                    if all("train_ce" in r.metrics for r in valid) else None)
         client_seconds = [r.metrics["client-seconds"] for r in valid]
         spans = [(r.metrics["client-started"], r.metrics["client-started"] + seconds)
                  for r, seconds in zip(valid, client_seconds, strict=True)
@@ -349,6 +350,7 @@ class ExperimentStrategy(FedAvg):
         end = time.perf_counter()
         self.report = RoundReport(
             train_loss=train_loss,
+            train_ce=train_ce,
             client_seconds=sum(client_seconds),
             client_seconds_max=max(client_seconds),
             client_busy_seconds=busy_seconds(spans, self._round_started, replied),
