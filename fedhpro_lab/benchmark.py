@@ -40,7 +40,7 @@ from fedhpro_flwr.app.checkpoint import (
     CheckpointError,
     load_checkpoint,
 )
-from fedhpro_flwr.app.personal_store import missing_models
+from fedhpro_flwr.app.personal_store import missing_models, trained_partitions
 from fedhpro_flwr.config import (
     ConfigError,
     ExperimentConfig,
@@ -300,7 +300,7 @@ def check_personal_models(cfg: ExperimentConfig, checkpoint: Checkpoint) -> None
     simulated nodes' disk), or the resumed run would stop at its first round."""
     if not cfg.model.backbone_list():
         return
-    trained = {p for row in checkpoint.results.get("rounds", []) for p in row["participants"]}
+    trained = trained_partitions(checkpoint.results.get("rounds", []))
     missing = missing_models(cfg, checkpoint.results["experiment_id"], trained,
                              checkpoint.round)
     if missing:

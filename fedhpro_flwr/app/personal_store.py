@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,13 +50,23 @@ class PersonalModelStore:
         for old in self.rounds()[:-KEPT_ROUNDS]:
             self.path(old).unlink(missing_ok=True)
 
-    def latest(self, up_to: int) -> dict[str, torch.Tensor] | None:
-        """The model this client saved last, in round `up_to` or before (a client not
+    def newest(self, up_to: int) -> int | None:
+        """The last round, `up_to` or before, this client saved a model of (a client not
         sampled in every round saved its model when it last trained)."""
-        earlier = [r for r in self.rounds() if r <= up_to]
-        if not earlier:
+        return max((r for r in self.rounds() if r <= up_to), default=None)
+
+    def latest(self, up_to: int) -> dict[str, torch.Tensor] | None:
+        """The model of `newest(up_to)`, if there is one."""
+        round_ = self.newest(up_to)
+        if round_ is None:
             return None
-        return torch.load(self.path(earlier[-1]), map_location="cpu", weights_only=True)
+        return torch.load(self.path(round_), map_location="cpu", weights_only=True)
+
+
+def trained_partitions(rows: list[dict[str, Any]]) -> set[int]:
+    """The partitions that trained in a run's recorded rounds (results.json's rows): the
+    clients that hold a personal model a resume must find."""
+    return {p for row in rows for p in row.get("participants", [])}
 
 
 def missing_models(cfg: ExperimentConfig, experiment_id: str, trained: set[int],
@@ -63,5 +74,4 @@ def missing_models(cfg: ExperimentConfig, experiment_id: str, trained: set[int],
     """The partitions in `trained` with no model saved here in `round_` or before: where
     every node shares this machine's disk (simulation), whether a resume would find them."""
     return sorted(p for p in trained
-                  if not [r for r in PersonalModelStore(cfg, experiment_id, p).rounds()
-                          if r <= round_])
+                  if PersonalModelStore(cfg, experiment_id, p).newest(round_) is None)

@@ -27,6 +27,7 @@ from fedhpro_flwr.app.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from fedhpro_flwr.app.personal_store import trained_partitions
 from fedhpro_flwr.app.results import RunResults
 from fedhpro_flwr.app.sharing import sharing_for
 from fedhpro_flwr.config import (
@@ -113,8 +114,8 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
         else:
             assert strategy.report is not None  # aggregate_train ran before this
             if settings.resume and server_round == 1:
-                mode.check_continued(round_, strategy.report, {
-                    p for row in results.data["rounds"] for p in row.get("participants", [])})
+                mode.check_continued(round_, strategy.report,
+                                     trained_partitions(results.data["rounds"]))
             record_round(round_, scores, time.perf_counter() - start, strategy.report)
             if round_ in cfg.diagnostics.rounds() and mode.global_model:
                 save_embedding(round_, strategy, model, held.test, device)

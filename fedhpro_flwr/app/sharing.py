@@ -199,10 +199,11 @@ class PersonalModels(Sharing):
 
     def finish(self, trained: ClientModel, partition_id: int, memory: NodeMemory,
                device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        memory.state[LOCAL_MODEL] = tensors_to_record(trained.model.state_dict())
+        weights = trained.model.state_dict()
+        memory.state[LOCAL_MODEL] = tensors_to_record(weights)
         store = PersonalModelStore(self.cfg, memory.experiment_id, partition_id)
         try:
-            store.save(memory.server_round, trained.model.state_dict())
+            store.save(memory.server_round, weights)
         except OSError as exc:  # a read-only or full disk: the run goes on, a resume would not
             logging.getLogger(__name__).warning(
                 "personal model not saved to %s (%s); a resumed run could not continue it",
@@ -216,7 +217,7 @@ class PersonalModels(Sharing):
             loss, accuracy = evaluate(trained.model, trained.local_validation, device)
             metrics |= {"local_val_accuracy": accuracy, "local_val_loss": loss}
         metrics["local_model_restored"] = float(trained.restored)
-        return self.shared(trained.model.state_dict()), metrics
+        return self.shared(weights), metrics
 
     def backbone(self, partition_id: int, node_config: Mapping[str, Any]) -> tuple[str, int]:
         """The node config's `backbone` (e.g. "resnet10-16"), else entry k mod n of the list."""
