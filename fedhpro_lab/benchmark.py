@@ -50,7 +50,15 @@ from fedhpro_flwr.config import (
 from fedhpro_flwr.methods import SECTIONS, load_experiment
 from fedhpro_lab import proctree
 from fedhpro_lab.simulation import APP_DIR
-from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, Variant, run_path
+from fedhpro_lab.suites import (
+    ALL_STRATEGIES,
+    SUITES,
+    Setting,
+    Suite,
+    Variant,
+    run_path,
+    select_named,
+)
 
 COLUMNS = ("suite", "setting", "strategy", "seed", "status", "reason", "final_accuracy",
            "best_accuracy", "mean_last5_accuracy", "rounds", "run_seconds", "wall_seconds",
@@ -461,6 +469,9 @@ def chosen_suite(args: argparse.Namespace) -> tuple[Suite, tuple[str, ...]]:
         suite, strategies = config_suite(args.config, strategies), ()
     else:
         suite = SUITES[args.suite]
+    if args.settings:
+        suite = replace(suite, settings=select_named(suite.settings, args.settings,
+                                                     lambda s: s.name, "setting"))
     if args.seeds:
         suite = replace(suite, seeds=parse_seeds(args.seeds))
     if args.rounds is not None:
@@ -471,7 +482,7 @@ def chosen_suite(args: argparse.Namespace) -> tuple[Suite, tuple[str, ...]]:
     return suite, strategies
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedhpro-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--protocol", action="store_true",
                         help="tune every method on validation, then run the 5-seed table")
@@ -491,15 +502,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-timeout", type=float, default=None,
                         help="seconds before a run is stopped and recorded as failed")
     parser.add_argument("--settings", default="",
-                        help="with --protocol: comma-separated settings to tune and run "
-                             "(default: all), e.g. 'hetero' to take one table first")
+                        help="comma-separated settings to run of the protocol's, the "
+                             "suite's or the --config files' (default: all), e.g. 'hetero' "
+                             "to take one table first")
     parser.add_argument("--no-report", action="store_true", help="skip RESULTS.md and plots")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if argv is None:  # as a command: `kill` stops the runs under it too (see `execute`)
         signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     command = " ".join(["fedhpro-bench", *(sys.argv[1:] if argv is None else argv)])
-    if args.settings and not args.protocol:
-        parser.error("--settings chooses the protocol's settings; give it with --protocol")
     if args.protocol:
         if args.suite or args.config:
             parser.error("--protocol runs its own settings; leave out --suite and --config")

@@ -24,7 +24,15 @@ from typing import Any
 
 from fedhpro_lab import convergence
 from fedhpro_lab.benchmark import read_results, scored_rounds
-from fedhpro_lab.suites import ALL_STRATEGIES, PERSONAL, Setting, Suite, Variant, run_path
+from fedhpro_lab.suites import (
+    ALL_STRATEGIES,
+    PERSONAL,
+    Setting,
+    Suite,
+    Variant,
+    run_path,
+    select_named,
+)
 from fedhpro_lab.tuning import PUBLISHED, VALIDATION, Tuning, read_chosen, write_chosen
 
 TUNING_SEED = 100
@@ -53,13 +61,7 @@ SETTINGS = (
 def select_settings(names: str) -> tuple[ProtocolSetting, ...]:
     """The protocol's settings named in a comma-separated list, in the protocol's order (all
     when empty): one table can be taken first, the same runs as in the full protocol."""
-    wanted = {n.strip() for n in names.split(",") if n.strip()}
-    known = [entry.setting.name for entry in SETTINGS]
-    unknown = sorted(wanted - set(known))
-    if unknown:
-        raise ValueError(f"unknown protocol setting(s) {', '.join(unknown)}; "
-                         f"choose from {', '.join(known)}")
-    return tuple(e for e in SETTINGS if not wanted or e.setting.name in wanted)
+    return select_named(SETTINGS, names, lambda e: e.setting.name, "protocol setting")
 
 
 def published_name(method: str) -> str:

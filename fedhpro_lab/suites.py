@@ -8,14 +8,31 @@ hyper-prototype seeds, whatever the variant: all of them come from the experimen
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from fedhpro_flwr.methods import METHODS
 
 ALL_STRATEGIES = tuple(METHODS)  # every registered method, in the registry's order
 # the methods that run with personal models (heterogeneous backbones)
 PERSONAL = tuple(name for name, m in METHODS.items() if m.personal_weights is not None)
+
+
+T = TypeVar("T")
+
+
+def select_named(items: Sequence[T], names: str, name_of: Callable[[T], str],
+                 what: str) -> tuple[T, ...]:
+    """The `items` named in a comma-separated list, in their own order (all when the list is
+    empty), so that one part of a suite can be run first: the same runs as the whole."""
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    known = [name_of(item) for item in items]
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return tuple(item for item in items if not wanted or name_of(item) in wanted)
 
 
 def run_path(out: Path, setting: str, variant: str, seed: str | int) -> Path:
@@ -72,6 +89,7 @@ DEFAULT_SETTINGS = (Setting("digits-offline", "conf/default.yaml"),
                     Setting("mnist-dir0.1", "conf/mnist-dir0.1.yaml"),
                     Setting("mnist-dir0.5", "conf/mnist-dir0.5.yaml"),
                     Setting("mnist-lt", "conf/mnist-lt.yaml"))
+GLYPHS100_LT = Setting("glyphs100-lt", "conf/glyphs100-lt.yaml")  # 100 classes, long tail
 
 
 def with_paper_recal(name: str, overrides: str = "") -> Variant:
@@ -205,13 +223,15 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         "recalibration", "FedHPro's classifier recalibrations against each other under a long "
         "tail, on the MNIST subset and on 100 generated glyph classes, 5 seeds; about 2 hours "
         "on 2 CPU cores",
-        (DEFAULT_SETTINGS[3], Setting("glyphs100-lt", "conf/glyphs100-lt.yaml")),
+        (DEFAULT_SETTINGS[3], GLYPHS100_LT),
         RECALIBRATIONS, (0, 1, 2, 3, 4), rounds=20, overrides="train.local_epochs=2",
     ),
     Suite(
         "anchors", "FedHPro's hyper-prototype matching targets against fixed anchors and "
-        "FedProto, with the anchors' diagnostics, on the default suite's settings, 5 seeds",
-        DEFAULT_SETTINGS, ANCHORS, (0, 1, 2, 3, 4), rounds=10, overrides=ANCHOR_SIZING,
+        "FedProto, with the anchors' diagnostics, on the default suite's settings and 100 "
+        "long-tailed glyph classes, 5 seeds",
+        (*DEFAULT_SETTINGS, GLYPHS100_LT), ANCHORS, (0, 1, 2, 3, 4), rounds=10,
+        overrides=ANCHOR_SIZING,
     ),
     Suite(
         "recal-default", "FedHPro's recalibration as the paper makes it (the default then) "
@@ -238,8 +258,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         "many-class", "every strategy on 100 generated glyph classes, under a long tail "
         "(imbalance 100, then Dirichlet 0.5: CIFAR-100-LT's protocol) and under Dirichlet 0.1, "
         "5 seeds",
-        (Setting("glyphs100-lt", "conf/glyphs100-lt.yaml"),
-         Setting("glyphs100-dir0.1", "conf/glyphs100-dir0.1.yaml")),
+        (GLYPHS100_LT, Setting("glyphs100-dir0.1", "conf/glyphs100-dir0.1.yaml")),
         ALL_STRATEGIES, (0, 1, 2, 3, 4), rounds=20, overrides="train.local_epochs=2",
     ),
     Suite(

@@ -23,6 +23,8 @@ from fedhpro_lab.benchmark import (
     STALE_CHECKPOINT,
     Progress,
     Run,
+    build_parser,
+    chosen_suite,
     config_suite,
     failure_reason,
     is_done,
@@ -465,6 +467,25 @@ def test_seeds_and_strategies_are_read_with_clear_errors(tmp_path):
         config_suite([str(mine)], ("fedx",))
     with pytest.raises(SystemExit):  # neither a suite nor a config
         main(["--out", str(tmp_path / "x")])
+
+
+def test_settings_picks_a_suites_settings_in_its_own_order(tmp_path):
+    """`--settings` takes part of a suite (the same runs as the whole: run paths depend on
+    the setting's name only), or of the --config files, and names an unknown one."""
+    def bench_args(*argv: str):
+        return build_parser().parse_args(["--out", str(tmp_path / "x"), *argv])
+
+    anchors = SUITES["anchors"]
+    suite, _ = chosen_suite(bench_args("--suite", "anchors", "--settings",
+                                       "glyphs100-lt, mnist-lt"))
+    assert [s.name for s in suite.settings] == ["mnist-lt", "glyphs100-lt"]
+    assert (suite.variants, suite.seeds) == (anchors.variants, anchors.seeds)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) cifar; choose from digits-offline"):
+        chosen_suite(bench_args("--suite", "anchors", "--settings", "cifar"))
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("seed: 9\n")
+    suite, _ = chosen_suite(bench_args("--config", str(mine), "--settings", "mine"))
+    assert [s.name for s in suite.settings] == ["mine"]
 
 
 @pytest.mark.slow

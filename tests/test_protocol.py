@@ -10,7 +10,6 @@ import yaml
 from fedhpro_flwr.config import parse_overrides, resolve_run_config
 from fedhpro_flwr.methods import METHODS, SECTIONS
 from fedhpro_lab.benchmark import COLUMNS, plan, run_suite
-from fedhpro_lab.benchmark import main as bench_main
 from fedhpro_lab.convergence import MAX_ROUNDS, moving_change
 from fedhpro_lab.protocol import (
     LENGTHS,
@@ -322,9 +321,3 @@ def test_the_protocol_can_be_taken_one_setting_at_a_time():
         "digits-offline", "hetero"]  # the protocol's order, whatever the list's
     with pytest.raises(ValueError, match=r"unknown protocol setting.*cifar.*choose from"):
         select_settings("hetero,cifar")
-
-
-def test_settings_without_protocol_is_an_error(capsys):
-    with pytest.raises(SystemExit):
-        bench_main(["--suite", "default", "--settings", "hetero", "--out", "/tmp/unused"])
-    assert "--settings chooses the protocol's settings" in capsys.readouterr().err
