@@ -24,7 +24,7 @@ import torch
 from flwr.app import RecordDict
 
 from fedhpro_flwr.algorithms.hyperproto import init_hyperprototypes
-from fedhpro_flwr.algorithms.models import build_model
+from fedhpro_flwr.algorithms.models import build_model, place
 from fedhpro_flwr.algorithms.training import train_epochs
 from fedhpro_flwr.config import parse_overrides
 from fedhpro_flwr.data.federated import client_data, dataset_spec
@@ -54,7 +54,7 @@ def time_clients(args: argparse.Namespace, partitions: list[int]) -> list[tuple[
     def timed(run, data) -> float:
         model = build_model(cfg.model, info)
         model.load_state_dict(initial)
-        model.to(device)
+        place(model, device)
         task = ClientTask(model, data, content, cfg, device,
                           torch.Generator().manual_seed(cfg.seed))
         start = time.perf_counter()

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedhpro_flwr.algorithms.models import place
 from fedhpro_flwr.app.sharing import NodeMemory, claim_node_state, client_seed, sharing_for
 from fedhpro_flwr.config import EXPERIMENT_ID_KEY, STRATEGY_KEY, ConfigError, ExperimentConfig
 from fedhpro_flwr.data.federated import DataSpec, TensorData, cached_client_data, local_data
@@ -84,7 +85,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     local = mode.client_model(spec, node_data(node_config, cfg, spec, partition_id),
                               required_record(msg.content, "arrays"), partition_id, node_config,
                               memory)
-    local.model.to(device)
+    place(local.model, device)
 
     started, start = time.time(), time.perf_counter()  # wall clock, for the server's timeline
     extra, train_metrics = method.client_train(

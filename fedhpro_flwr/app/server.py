@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedhpro_flwr.algorithms.diagnostics import embedding_of
-from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.models import Backbone, place
 from fedhpro_flwr.app.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -98,7 +98,7 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
         strategy.round_offset = checkpoint.round
         log(INFO, "resuming from %s/checkpoint.pt after round %d", settings.out_dir,
             checkpoint.round)
-    model.to(device)
+    place(model, device)
 
     def end_of_round(server_round: int, round_arrays: ArrayRecord) -> MetricRecord | None:
         round_ = strategy.absolute_round(server_round)
