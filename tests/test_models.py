@@ -1,7 +1,10 @@
+import copy
+
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
-from fedhpro_flwr.algorithms.models import build_model
+from fedhpro_flwr.algorithms.models import build_model, place
 from fedhpro_flwr.config import ConfigError, ModelConfig
 from fedhpro_flwr.data.federated import DataSpec
 from fedhpro_flwr.methods import parse_experiment
@@ -66,3 +69,25 @@ def test_kaiming_init_keeps_the_small_cnns_features_at_the_inputs_scale():
 def test_an_unknown_init_is_a_config_error():
     with pytest.raises(ConfigError, match=r"model\.init"):
         parse_experiment({"model": {"init": "xavier"}})
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet10"])
+def test_a_model_placed_on_the_cpu_computes_the_same_in_channels_last(name):
+    """`place` changes the convolutions' memory layout only: the same outputs and gradients
+    up to float rounding, and a state dict that loads into a contiguous model unchanged."""
+    spec = DataSpec((3, 32, 32), SEVEN)
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(name=name, width=8), spec)
+    placed = place(copy.deepcopy(plain), torch.device("cpu"))
+    convs = [m.weight for m in placed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    for model in (plain, placed):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert torch.allclose(plain(x), placed(x), atol=1e-5)
+    for (key, a), b in zip(plain.named_parameters(), placed.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), key
+    reloaded = build_model(ModelConfig(name=name, width=8), spec)
+    reloaded.load_state_dict(ArrayRecord(placed.state_dict()).to_torch_state_dict())
+    for a, b in zip(reloaded.state_dict().values(), placed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
