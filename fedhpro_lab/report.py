@@ -1,12 +1,15 @@
 """RESULTS.md and plots from a benchmark's results.csv (and its runs' results.json).
 
     python -m fedhpro_lab.report benchmarks/results.csv [--command "how it was made"]
+    python -m fedhpro_lab.report benchmarks/anchors/results.csv --against fedhpro-fixed-anchors
 
 Per setting: the strategies side by side (mean ± sample std over seeds, `stats.std`, the
 best mean marked),
 per-domain accuracies where the data has domains, and the plots (accuracy per round with a
 band over seeds, per-domain bars, the time of a round split into client, server and
 framework). Then the harness's goals, each marked met or not met with its measured value.
+`--against STRATEGY` prints each setting's paired table against another strategy than FedHPro
+instead (nothing is written).
 """
 
 from __future__ import annotations
@@ -458,7 +461,17 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("results_csv", type=Path)
     parser.add_argument("--command", help="how the results were made, for RESULTS.md")
+    parser.add_argument("--against", metavar="STRATEGY",
+                        help="print the paired tables against this strategy; write nothing")
     args = parser.parse_args(argv)
+    if args.against:
+        with open(args.results_csv, newline="") as f:
+            ok = [r for r in csv.DictReader(f) if r["status"] in SCORED]
+        for (setting,), srows in _by(ok, "setting").items():
+            table = paired_table(srows, args.against) or [
+                f"({args.against} has under 2 seeds here)"]
+            print("\n".join([f"## {setting}", "", *table, ""]))
+        return 0
     command = args.command or f"python -m fedhpro_lab.report {args.results_csv}"
     print(write_report(args.results_csv, command))
     return 0

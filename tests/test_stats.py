@@ -7,6 +7,7 @@ import pytest
 
 from fedhpro_lab import stats
 from fedhpro_lab.diagreport import _summary
+from fedhpro_lab.report import main as report_main
 from fedhpro_lab.report import paired_table, setting_table
 
 
@@ -111,3 +112,21 @@ def test_paired_text_takes_the_common_seeds_and_the_sign_of_a_minus_b():
                                        "W")
     assert stats.paired_text(b, a)[1] == "L"
     assert stats.paired_text({0: 0.5, 1: 0.6}, {1: 0.4}) == ("—", "—")  # one common seed
+
+
+def test_the_report_prints_paired_tables_against_any_strategy(tmp_path, capsys):
+    """`--against` pairs every variant with another reference than FedHPro, per setting, and
+    writes no report."""
+    csv_path = tmp_path / "results.csv"
+    lines = ["setting,strategy,seed,status,mean_last5_accuracy"]
+    for seed, (fixed, learned) in enumerate(((0.50, 0.45), (0.60, 0.56), (0.55, 0.50))):
+        lines += [f"lt,fixed,{seed},ok,{fixed}", f"lt,learned,{seed},ok,{learned}"]
+    lines += ["lt,learned,3,failed,"]  # a failed run is not a result
+    csv_path.write_text("\n".join(lines) + "\n")
+    assert report_main([str(csv_path), "--against", "fixed"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("## lt\n") and "minus fixed" in printed
+    expected = stats.interval_text([-0.05, -0.04, -0.05], points=True)
+    learned = stats.interval_text([0.45, 0.56, 0.50])
+    assert f"| learned | 3 | {learned} | {expected} | L |" in printed
+    assert not (tmp_path / "RESULTS.md").exists()
