@@ -111,6 +111,22 @@ def test_extraction_without_the_classifier_gradients_measures_the_rest_alike():
     for name in ("present", "counts", "feature_grads", "feature_means", "feature_vars"):
         assert torch.equal(getattr(full, name), getattr(lean, name)), name
 
+
+def test_extraction_measures_the_same_in_any_chunk_size():
+    """The features are computed a chunk at a time (64 on a CPU, 512 on a GPU by default):
+    the statistics do not depend on it beyond float rounding."""
+    cfg = ExperimentConfig(partition=PartitionConfig(alpha=0.5, num_partitions=10))
+    data = client_data(cfg, 3)
+    model = build_model(cfg.model, dataset_spec(cfg))
+    default, gpu_sized, odd = (
+        extract_class_statistics(model, data, 50, 1, torch.Generator().manual_seed(2),
+                                 torch.device("cpu"), chunk=chunk)
+        for chunk in (None, 512, 7))
+    for other in (gpu_sized, odd):
+        for name in ("feature_grads", "feature_means", "feature_vars", "weight_grads"):
+            assert torch.allclose(getattr(default, name), getattr(other, name), atol=1e-6), name
+
+
 def test_long_tail_counts_follow_the_exponential_profile():
     labels = np.repeat(np.arange(5), 400)
     keep = long_tail_subset(labels, imbalance_factor=100.0, seed=0)

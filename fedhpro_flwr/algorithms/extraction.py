@@ -63,17 +63,19 @@ def extract_class_statistics(
     device: torch.device,
     head: tuple[torch.Tensor, torch.Tensor] | None = None,
     classifier: bool = True,
-    chunk: int = 64,
+    chunk: int | None = None,
 ) -> ClassStatistics:
     """Per-class mean CE gradients at the model as received, and the features' moments.
 
     `head` (weight, bias) replaces the model's classifier in the loss when given (CReFF
     measures at its re-trained classifier). `classifier=False` leaves out the gradients
     w.r.t. the classifier (C x C x d, the only part growing as C^2) for a caller that does
-    not send them. Features are computed `chunk` samples at a time: on a CPU, batches of a
-    few dozen keep the activations in cache (64 against 512: 0.29 s against 0.35-0.43 s for a
-    client's 1,138 digits, one thread).
+    not send them. Features are computed `chunk` samples at a time, by default 64 on a CPU,
+    where batches of a few dozen keep the activations in cache (64 against 512: 0.29 s against
+    0.35-0.43 s for a client's 1,138 digits, one thread), and 512 elsewhere, where each batch
+    costs its kernel launches (the size the GPU figures of benchmarks/GPU.md were measured with).
     """
+    chunk = chunk or (64 if device.type == "cpu" else 512)
     model.eval()
     num_classes = data.num_classes
     if head is None:
