@@ -223,6 +223,22 @@ class LocalFederation:
         return [pid for node in self.supernodes for pid in proctree.descendants(node.pid)
                 if "flwr-clientapp" in proctree.cmdline(pid)]
 
+    def end_clientapps(self, grace: float) -> list[int]:
+        """Give the ClientApps of a stopped run `grace` seconds to end, then SIGKILL the rest:
+        a SuperNode handles one message at a time, and one whose ClientApp never replies is
+        held. SIGKILL, not SIGTERM: Flower 1.42's SuperNode answers for a ClientApp whose
+        heartbeat lapses (within 30 s), but waits forever on one that reports itself failed,
+        as a SIGTERMed one does. The PIDs that had to be killed."""
+        deadline = time.monotonic() + grace
+        while (lingering := self.clientapp_pids()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in lingering:
+            proctree.send(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.clientapp_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return lingering
+
     # ---- runs ---------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> str:
         """A `flwr` CLI command against this federation; its stdout."""
