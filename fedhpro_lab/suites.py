@@ -90,6 +90,7 @@ DEFAULT_SETTINGS = (Setting("digits-offline", "conf/default.yaml"),
                     Setting("mnist-dir0.5", "conf/mnist-dir0.5.yaml"),
                     Setting("mnist-lt", "conf/mnist-lt.yaml"))
 GLYPHS100_LT = Setting("glyphs100-lt", "conf/glyphs100-lt.yaml")  # 100 classes, long tail
+GLYPHS100_DIR01 = Setting("glyphs100-dir0.1", "conf/glyphs100-dir0.1.yaml")  # strong label skew
 
 
 def with_paper_recal(name: str, overrides: str = "") -> Variant:
@@ -229,8 +230,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     Suite(
         "anchors", "FedHPro's hyper-prototype matching targets against fixed anchors and "
         "FedProto, with the anchors' diagnostics, on the default suite's settings and 100 "
-        "long-tailed glyph classes, 5 seeds",
-        (*DEFAULT_SETTINGS, GLYPHS100_LT), ANCHORS, (0, 1, 2, 3, 4), rounds=10,
+        "glyph classes (long tail, Dirichlet 0.1), 5 seeds",
+        (*DEFAULT_SETTINGS, GLYPHS100_LT, GLYPHS100_DIR01), ANCHORS, (0, 1, 2, 3, 4), rounds=10,
         overrides=ANCHOR_SIZING,
     ),
     Suite(
@@ -258,7 +259,7 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
         "many-class", "every strategy on 100 generated glyph classes, under a long tail "
         "(imbalance 100, then Dirichlet 0.5: CIFAR-100-LT's protocol) and under Dirichlet 0.1, "
         "5 seeds",
-        (GLYPHS100_LT, Setting("glyphs100-dir0.1", "conf/glyphs100-dir0.1.yaml")),
+        (GLYPHS100_LT, GLYPHS100_DIR01),
         ALL_STRATEGIES, (0, 1, 2, 3, 4), rounds=20, overrides="train.local_epochs=2",
     ),
     Suite(
