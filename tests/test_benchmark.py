@@ -19,17 +19,13 @@ from fedhpro_flwr.config import parse_overrides, resolve_run_config
 from fedhpro_flwr.methods import SECTIONS, load_experiment
 from fedhpro_flwr.methods.strategy import busy_seconds
 from fedhpro_lab import proctree
+from fedhpro_lab.bench_cli import build_parser, chosen_suite, config_suite, main, parse_seeds
 from fedhpro_lab.benchmark import (
     STALE_CHECKPOINT,
     Progress,
     Run,
-    build_parser,
-    chosen_suite,
-    config_suite,
     failure_reason,
     is_done,
-    main,
-    parse_seeds,
     plan,
     read_rows,
     resumable,
@@ -133,7 +129,7 @@ def test_a_stopped_bench_takes_its_engine_and_workers_with_it(tmp_path):
     """`kill` of fedhpro-bench (SIGTERM) used to leave its simulation and the engine's
     workers training on, orphaned: a resumed bench then ran beside them."""
     bench = subprocess.Popen(
-        [sys.executable, "-m", "fedhpro_lab.benchmark", "--config", "conf/mnist-dir0.5.yaml",
+        [sys.executable, "-m", "fedhpro_lab.bench_cli", "--config", "conf/mnist-dir0.5.yaml",
          "--strategies", "fedavg", "--rounds", "50", "--out", str(tmp_path), "--overrides",
          "partition.num_partitions=2 train.local_epochs=1"],
         cwd=APP_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,0 +1,153 @@
+"""`fedhpro-bench`: strategies x settings x seeds through Flower's simulation engine.
+
+    fedhpro-bench --suite smoke --out /tmp/bench
+    fedhpro-bench --config conf/mine.yaml --strategies fedhpro,fedproto --seeds 0-4 \
+        --rounds 40 --out /tmp/mine
+    fedhpro-bench --protocol --out benchmarks/protocol
+    python -m fedhpro_lab.bench_cli --suite default --seeds 0-4 --out benchmarks/default
+
+A named suite is a preset (settings, strategies, seeds, rounds); `--config` builds one from
+any experiment YAML files, and `--seeds` / `--rounds` / `--overrides` replace a preset's.
+`--protocol` runs the comparison protocol instead: tuning on validation, then the table (see
+`protocol`). A suite runs through `benchmark.run_suite`; when it is done, `report` (or
+`protocol_report`) writes RESULTS.md and the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from fedhpro_flwr.config import ConfigError, parse_overrides
+from fedhpro_flwr.methods import load_experiment
+from fedhpro_lab.benchmark import SCORED, read_rows, run_suite
+from fedhpro_lab.protocol import run_protocol, select_settings
+from fedhpro_lab.protocol_report import write_protocol_report
+from fedhpro_lab.report import write_report
+from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, select_named
+from fedhpro_lab.tuning import TuningIncomplete
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """"0-4" or "0,2,7" (or both: "0-2,7") as seeds, in order, each once."""
+    seeds: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, dash, last = part.partition("-")
+        if not first.isdigit() or (dash and not last.isdigit()):
+            raise ValueError(f"--seeds '{text}': expected numbers and ranges like 0-4,7")
+        seeds += range(int(first), int(last if dash else first) + 1)
+    if not seeds:
+        raise ValueError(f"--seeds '{text}': no seed given")
+    return tuple(dict.fromkeys(seeds))
+
+
+def config_suite(configs: list[str], strategies: tuple[str, ...]) -> Suite:
+    """A suite of the given experiment files (each a setting named by its file's stem) and
+    strategies (all registered ones when none is named), with the files' seed and rounds."""
+    unknown = sorted(set(strategies) - set(ALL_STRATEGIES))
+    if unknown:
+        raise ValueError(f"unknown strategy '{unknown[0]}'; available: "
+                         f"{', '.join(ALL_STRATEGIES)}")
+    settings = tuple(Setting(Path(c).stem, str(Path(c).resolve())) for c in configs)
+    names = [s.name for s in settings]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--config files must have different names; got {', '.join(names)}")
+    for setting in settings:
+        if not Path(setting.config).is_file():
+            raise ValueError(f"--config '{setting.config}': no such file")
+    seeds = tuple(dict.fromkeys(load_experiment(Path(s.config)).seed for s in settings))
+    if len(seeds) > 1:
+        raise ValueError(f"the --config files have different seeds ({seeds}); choose with "
+                         f"--seeds")
+    return Suite("custom", f"{', '.join(names)} x {', '.join(strategies or ALL_STRATEGIES)}",
+                 settings, strategies or ALL_STRATEGIES, seeds, rounds=0)
+
+
+def chosen_suite(args: argparse.Namespace) -> tuple[Suite, tuple[str, ...]]:
+    """The suite the command line asks for, and the strategies to run of it ((): all)."""
+    strategies = tuple(name for name in args.strategies.split(",") if name)
+    if bool(args.suite) == bool(args.config):
+        raise ValueError("give one of --protocol, --suite NAME or --config FILE")
+    if args.config:
+        suite, strategies = config_suite(args.config, strategies), ()
+    else:
+        suite = SUITES[args.suite]
+    if args.settings:
+        suite = replace(suite, settings=select_named(suite.settings, args.settings,
+                                                     lambda s: s.name, "setting"))
+    if args.seeds:
+        suite = replace(suite, seeds=parse_seeds(args.seeds))
+    if args.rounds is not None:
+        suite = replace(suite, rounds=args.rounds)
+    if args.overrides:
+        parse_overrides(args.overrides)  # reject a malformed one before anything runs
+        suite = replace(suite, overrides=f"{suite.overrides} {args.overrides}".strip())
+    return suite, strategies
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedhpro-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", action="store_true",
+                        help="tune every method on validation, then run the 5-seed table")
+    parser.add_argument("--suite", choices=sorted(SUITES), help="a preset suite")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="an experiment YAML to benchmark (repeat for several settings)")
+    parser.add_argument("--out", type=Path, required=True, help="results folder")
+    parser.add_argument("--strategies", default="",
+                        help="comma-separated names: with --config, the strategies to run "
+                             "(default: all); with --suite, only these of its strategies")
+    parser.add_argument("--seeds", default="", help="e.g. 0-4 or 0,2,7 (default: the "
+                        "suite's, or the --config files' seed)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of every run (0 = each YAML's federation.rounds)")
+    parser.add_argument("--overrides", default="",
+                        help="YAML keys set for every run, e.g. 'train.local_epochs=2'")
+    parser.add_argument("--run-timeout", type=float, default=None,
+                        help="seconds before a run is stopped and recorded as failed")
+    parser.add_argument("--settings", default="",
+                        help="comma-separated settings to run of the protocol's, the "
+                             "suite's or the --config files' (default: all), e.g. 'hetero' "
+                             "to take one table first")
+    parser.add_argument("--no-report", action="store_true", help="skip RESULTS.md and plots")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if argv is None:  # as a command: `kill` stops the runs under it too (see `execute`)
+        signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
+    command = " ".join(["fedhpro-bench", *(sys.argv[1:] if argv is None else argv)])
+    if args.protocol:
+        if args.suite or args.config:
+            parser.error("--protocol runs its own settings; leave out --suite and --config")
+        out = args.out.resolve()
+        try:
+            settings = select_settings(args.settings)
+        except ValueError as exc:
+            parser.error(str(exc))
+        try:
+            csv_path = run_protocol(out, run_suite, args.run_timeout, settings)
+        except TuningIncomplete as exc:
+            print(f"fedhpro-bench: stopped: {exc}", file=sys.stderr, flush=True)
+            return 1
+        if not args.no_report:
+            print(f"report: {write_protocol_report(out, command)}", flush=True)
+        return 0 if all(r.get("status") in SCORED for r in read_rows(csv_path).values()) else 1
+    try:
+        suite, only = chosen_suite(args)
+        print(f"fedhpro-bench: suite '{suite.name}': {suite.description}", flush=True)
+        csv_path = run_suite(suite, args.out.resolve(), args.run_timeout, only)
+    except (ValueError, ConfigError) as exc:
+        parser.error(str(exc))
+    if not args.no_report:
+        print(f"report: {write_report(csv_path, command)}", flush=True)
+    rows = read_rows(csv_path)
+    return 0 if all(r.get("status") in SCORED for r in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
