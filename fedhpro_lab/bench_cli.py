@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if argv is None:  # as a command: `kill` stops the runs under it too (see `execute`)
+    if argv is None:  # as a command: `kill` stops the runs under it too (see `benchmark.execute`)
         signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     command = " ".join(["fedhpro-bench", *(sys.argv[1:] if argv is None else argv)])
     if args.protocol:
