@@ -17,6 +17,7 @@ from fedhpro_flwr.app.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkp
 from fedhpro_flwr.app.personal_store import PersonalModelStore
 from fedhpro_flwr.config import parse_overrides, resolve_run_config
 from fedhpro_flwr.methods import SECTIONS, load_experiment
+from fedhpro_flwr.methods.fedhpro import FedHProConfig
 from fedhpro_flwr.methods.strategy import busy_seconds
 from fedhpro_lab import proctree
 from fedhpro_lab.bench_cli import build_parser, chosen_suite, config_suite, main, parse_seeds
@@ -176,6 +177,21 @@ def test_the_many_class_suites_run_the_glyph_configs_as_they_are(tmp_path):
             config = run.run_config(resume=False)
             cfg = load_experiment(APP_DIR / config["config"], parse_overrides(config["overrides"]))
             assert cfg.model.init == "kaiming" and cfg.train.local_epochs == 2
+
+
+def test_the_anchors_suite_at_400_classes_keeps_the_default_recalibration(tmp_path):
+    runs = [r for r in plan(SUITES["anchors-400"], tmp_path) if r.seed == 0]
+    assert {r.setting.name for r in runs} == {"glyphs400-lt"}
+    targets = {}
+    for run in runs:
+        config = run.run_config(resume=False)
+        cfg = load_experiment(APP_DIR / config["config"], parse_overrides(config["overrides"]))
+        hp_cfg = cfg.section(FedHProConfig)
+        assert hp_cfg.recal_source == "moments" and cfg.diagnostics.consistency
+        targets[run.strategy] = (hp_cfg.hp_target, hp_cfg.rounds_of_hp)
+    assert targets == {"fedhpro": ("feature-grads", 30), "fedhpro-fixed-anchors": (
+        "feature-grads", 0), "fedhpro-row-anchors": ("row-grads", 30),
+        "fedproto": ("feature-grads", 30)}
 
 
 def test_same_setup_compares_what_reaches_the_run(tmp_path):

@@ -39,6 +39,8 @@ def test_closed_form_gradients_match_autograd():
     want = autograd_class_gradients(features, mask, weight, bias)
     for a, b in zip((got.feature, got.weight, got.bias), want, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
+    # a class's own row of the weight gradient, which travels without the rest
+    assert torch.allclose(got.own_row, torch.diagonal(want[1]).T, atol=1e-10)
 
 
 def test_rows_without_samples_are_zero():
@@ -48,6 +50,7 @@ def test_rows_without_samples_are_zero():
     got = class_gradients(features, torch.randn(3, 2), torch.randn(3), mask)
     assert torch.equal(got.feature[1], torch.zeros(2))
     assert torch.equal(got.weight[1], torch.zeros(3, 2))
+    assert torch.equal(got.own_row[1], torch.zeros(2))
 
 
 def test_masked_mean_ignores_clients_without_the_class():

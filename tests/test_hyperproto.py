@@ -13,7 +13,6 @@ from fedhpro_flwr.algorithms.hyperproto import (
     matching_objective,
     nearest_classes,
     neighbour_agreement,
-    own_row_gradients,
     row_matching_objective,
     separated,
 )
@@ -180,9 +179,14 @@ def test_matching_over_nearest_classes(distance):
 
 def test_own_row_gradients_are_the_diagonal_of_the_classifier_gradients():
     hp, weight, bias, _ = setup(7)
-    full = class_gradients(hp, weight, bias).weight  # (C, C, d): class c's dCE/dW
-    assert torch.allclose(own_row_gradients(hp, weight, bias),
-                          torch.diagonal(full).T, atol=1e-6)
+    grads = class_gradients(hp, weight, bias)
+    assert torch.allclose(grads.own_row, torch.diagonal(grads.weight).T, atol=1e-6)
+    # mean_l (p_c(P[c, l]) - 1) P[c, l]: minus the class's vectors, weighted by what is owed
+    probs = torch.softmax(hp @ weight.T + bias, dim=-1)
+    owed = 1.0 - torch.diagonal(probs, dim1=0, dim2=2).T
+    assert torch.allclose(grads.own_row, -(owed[..., None] * hp).mean(dim=1), atol=1e-6)
+    assert torch.equal(class_gradients(hp, weight, bias, with_classifier=False).own_row,
+                       grads.own_row)
 
 
 def test_centred_directions_ignore_length_and_absent_rows():

@@ -23,7 +23,7 @@ from fedhpro_flwr.config import (
 from fedhpro_flwr.data.federated import dataset_spec, held_out, held_out_data, validation_data
 from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.fedprox import MU_KEY
-from fedhpro_flwr.methods.payload import EXPERIMENT_RECORD, tensors_to_record
+from fedhpro_flwr.methods.payload import EXPERIMENT_RECORD, PayloadError, tensors_to_record
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,6 +147,36 @@ def test_fedhpro_with_moments_uploads_class_moments_and_recalibrates_on_them():
     assert not torch.equal(recalibrated, strategy.aggregated_head["weight"])
     assert strategy.federated.seen.all()  # every class is held by some client here
     assert "recal_match_loss_before" not in strategy.report.row()
+
+
+def test_the_row_target_travels_as_class_rows_without_the_classifier_gradients():
+    """With class moments, the row-grads target costs C x d more per client, not C x C x d:
+    the own rows the paper's recalibration would have carried on its diagonal."""
+    rows = {"hp_target": "row-grads", "hp_step": "normalized", "lr_hp": 0.01}
+    lean = parse_experiment({**CFG.to_dict(), "fedhpro": rows})
+    paper = parse_experiment({**CFG.to_dict(), "fedhpro": {**rows, "recal_source": "gradients"}})
+    model = build_model(lean.model, dataset_spec(lean))
+    strategies = [get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10,
+                                                      model.feature_dim) for cfg in (lean, paper)]
+    lean_replies, paper_replies = (client_replies("fedhpro", strategy, model, cfg)
+                                   for strategy, cfg in zip(strategies, (lean, paper), strict=True))
+    assert sorted(lean_replies[0].content.array_records[STATS_RECORD].keys()) == [
+        "classes", "counts", "feature_grads", "feature_means", "feature_vars", "own_row_grads"]
+    for sent, diagonal in zip(lean_replies, paper_replies, strict=True):  # the same samples
+        own = strategies[0].decode_extra(sent.content).own_row_grads
+        assert own.abs().sum() > 0
+        assert torch.allclose(own, strategies[1].decode_extra(diagonal.content).own_row_grads,
+                              atol=1e-6)
+
+    start = strategies[0].hyperprototypes.clone()
+    assert strategies[0].aggregate_train(1, lean_replies)[0] is not None
+    row = strategies[0].report.row()
+    assert row["hp_match_loss_after"] < row["hp_match_loss_before"]
+    assert not torch.equal(strategies[0].hyperprototypes, start)
+    default = parse_experiment({**CFG.to_dict(), "fedhpro": {}})
+    without_rows = client_replies("fedhpro", strategies[0], model, default)[0]
+    with pytest.raises(PayloadError, match=r"missing arrays \['own_row_grads'\]"):
+        strategies[0].decode_extra(without_rows.content)
 
 
 def test_fedhpro_can_evaluate_with_the_recalibrated_classifier_and_send_the_averaged_one():

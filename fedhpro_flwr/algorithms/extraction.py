@@ -29,6 +29,8 @@ class ClassStatistics:
     feature_means: torch.Tensor | None = None  # (C, d)
     # (C,): mean squared distance of a class's features to their mean, per dimension
     feature_vars: torch.Tensor | None = None
+    # (C, d): row c of the class's gradient w.r.t. the classifier weight, its own row
+    own_row_grads: torch.Tensor | None = None
 
 
 def sample_per_class(
@@ -99,11 +101,12 @@ def extract_class_statistics(
         means = grid.sum(dim=1) / taken[:, None]
         squares = ((grid - means[:, None]) ** 2 * mask_d[..., None]).sum(dim=(1, 2))
         variances = squares / (taken * grid.shape[2])
-        parts = [grads.feature, means, variances]
+        parts = [grads.feature, means, variances, grads.own_row]
         if classifier:
             parts += [grads.weight, grads.bias]
         sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
     assert sums is not None
-    feature, means, variances, *head_grads = (s.cpu() / repeats for s in sums)
+    feature, means, variances, own_rows, *head_grads = (s.cpu() / repeats for s in sums)
     weight_g, bias_g = head_grads if classifier else (None, None)
-    return ClassStatistics(present, counts, feature, weight_g, bias_g, means, variances)
+    return ClassStatistics(present, counts, feature, weight_g, bias_g, means, variances,
+                           own_rows)

@@ -23,9 +23,11 @@ Step = Literal["sgd", "normalized"]
 
 @dataclass(frozen=True)
 class ClassGradients:
-    """Mean CE gradients per class: w.r.t. the feature (C, d), weight (C, C, d), bias (C, C)."""
+    """Mean CE gradients per class: w.r.t. the feature (C, d), the class's own classifier row
+    (C, d; row c is ``weight[c, c]``), the weight (C, C, d) and the bias (C, C)."""
 
     feature: torch.Tensor
+    own_row: torch.Tensor
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
@@ -53,7 +55,8 @@ def class_gradients(
         weight, bias: the linear classifier, (C, d) and (C,).
         mask: (C, B) bool, which slots hold real samples; None means all of them.
         with_classifier: also return the gradients w.r.t. the classifier's parameters.
-    Rows without any sample come out as zeros; callers mask them.
+    Rows without any sample come out as zeros; callers mask them. The own rows, O(C B d)
+    where the whole weight gradient is O(C^2 B d), come either way.
     """
     num_classes = features.shape[0]
     residual = softmax_residual(features, weight, bias)[1]
@@ -65,10 +68,12 @@ def class_gradients(
     scale = 1.0 / counts.clamp(min=1).to(residual.dtype)
     mean_residual = residual.sum(dim=1) * scale[:, None]  # (C, C)
     feature_grad = mean_residual @ weight  # (C, d)
+    own_residual = torch.diagonal(residual, dim1=0, dim2=2).T  # (C, B): residual[c, b, c]
+    own_row = (own_residual[..., None] * features).sum(dim=1) * scale[:, None]
     if not with_classifier:
-        return ClassGradients(feature_grad)
+        return ClassGradients(feature_grad, own_row)
     weight_grad = torch.bmm(residual.transpose(1, 2), features) * scale[:, None, None]
-    return ClassGradients(feature_grad, weight_grad, mean_residual)
+    return ClassGradients(feature_grad, own_row, weight_grad, mean_residual)
 
 
 def vector_distance(a: torch.Tensor, b: torch.Tensor, kind: Distance) -> torch.Tensor:

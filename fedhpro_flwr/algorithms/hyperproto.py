@@ -214,16 +214,6 @@ def centred_directions(rows: torch.Tensor, present: torch.Tensor) -> torch.Tenso
     return torch.where(keep, unit - mean, torch.zeros((), dtype=rows.dtype))
 
 
-def own_row_gradients(hyperprototypes: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-                      ) -> torch.Tensor:
-    """(C, d): the mean over l of dCE(h(P[c,l]), c)/dW_c, class c's gradient w.r.t. its own
-    classifier row, ``mean_l (p_c(P[c,l]) - 1) P[c,l]``: minus the class's vectors averaged
-    with the weight the classifier still owes each of them."""
-    probs = torch.softmax(hyperprototypes @ weight.T + bias, dim=-1)  # (C, L, C)
-    own = torch.diagonal(probs, dim1=0, dim2=2).T  # (C, L): probs[c, l, c]
-    return ((own - 1.0)[..., None] * hyperprototypes).mean(dim=1)
-
-
 def row_matching_objective(
     weight: torch.Tensor,
     bias: torch.Tensor,
@@ -231,8 +221,8 @@ def row_matching_objective(
     present: torch.Tensor,
 ) -> LossAndGrad:
     """Cosine distance, summed over present classes, between the centred directions of the
-    hyper-prototypes' own-row gradients (`own_row_gradients`) and of the clients' mean
-    own-row gradients `target_rows` (C, d), with its gradient by autograd.
+    hyper-prototypes' own-row gradients (`gradmatch.class_gradients`' `own_row`) and of the
+    clients' mean own-row gradients `target_rows` (C, d), with its gradient by autograd.
 
     Row c of dCE/dW over class c's samples is minus their (1 - p_c)-weighted mean feature: it
     carries where the class lies in feature space, which the feature gradient, about -W_c
@@ -241,7 +231,8 @@ def row_matching_objective(
     keep = present.to(weight.dtype)
 
     def loss(hyperprototypes: torch.Tensor) -> torch.Tensor:
-        induced = centred_directions(own_row_gradients(hyperprototypes, weight, bias), present)
+        own_rows = class_gradients(hyperprototypes, weight, bias, with_classifier=False).own_row
+        induced = centred_directions(own_rows, present)
         cos = F.cosine_similarity(induced, goal, dim=-1, eps=1e-12)
         return ((1.0 - cos) * keep).sum()
 

@@ -317,10 +317,10 @@ def mean_class_gradients(stats: list[ClassStatistics]) -> tuple[ClassGradients, 
         raise ValueError("recalibration needs the classifier gradients of every reply")
     held = torch.stack([s.present for s in stats])
     feature, holders = masked_class_mean(torch.stack([s.feature_grads for s in stats]), held)
+    weight = masked_class_mean(torch.stack([s.weight_grads for s in stats]), held)[0]
     target = ClassGradients(
-        feature,
-        masked_class_mean(torch.stack([s.weight_grads for s in stats]), held)[0],
-        masked_class_mean(torch.stack([s.bias_grads for s in stats]), held)[0],
+        feature, own_row=torch.diagonal(weight).T, weight=weight,
+        bias=masked_class_mean(torch.stack([s.bias_grads for s in stats]), held)[0],
     )
     return target, holders > 0
 

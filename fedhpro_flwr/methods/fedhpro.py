@@ -79,8 +79,9 @@ class FedHProConfig:
     # after matching, move the class means of the hyper-prototypes onto the nearest mutually
     # orthogonal directions (hyperproto.separated; needs classes <= feature dim)
     hp_separate: bool = setting(False)
-    # the gradients matched: w.r.t. the features (the paper's) or w.r.t. each class's own
-    # classifier row (centred directions; see hyperproto.row_matching_objective)
+    # the gradients matched: w.r.t. the features (the paper's), w.r.t. each class's own
+    # classifier row (centred directions, see hyperproto.row_matching_objective; C x d more
+    # per client unless the whole classifier gradients travel) or w.r.t. the whole classifier
     hp_target: Target = setting("feature-grads")
     # the classes each class's hyper-prototypes are matched over (with the feature-grads
     # target and a distance other than scalar): itself and the classifier's
@@ -133,11 +134,11 @@ class FedHProConfig:
                 "classifier gradients; with 'fedhpro.recal_source' = moments the features are "
                 "drawn around the class means already and no classifier gradients travel: set "
                 "one of the two")
-        if self.hp_target != "feature-grads" and not sends_classifier_grads(self):
+        if self.hp_target == "classifier-grads" and not sends_classifier_grads(self):
             raise ConfigError(
-                f"config key 'fedhpro.hp_target' = {self.hp_target} matches the clients' "
-                f"classifier gradients, which travel only with 'fedhpro.recalibration' = true "
-                f"and 'fedhpro.recal_source' = gradients")
+                "config key 'fedhpro.hp_target' = classifier-grads matches the clients' "
+                "classifier gradients, which travel only with 'fedhpro.recalibration' = true "
+                "and 'fedhpro.recal_source' = gradients")
         if self.hp_target == "classifier-grads" and self.distance == "scalar":
             raise ConfigError("config key 'fedhpro.hp_target' = classifier-grads matches by "
                               "cosine or mse; 'fedhpro.distance' = scalar applies to the "
@@ -159,6 +160,13 @@ def sends_moments(hp_cfg: FedHProConfig) -> bool:
     return hp_cfg.recalibration and hp_cfg.recal_source == "moments"
 
 
+def sends_own_rows(hp_cfg: FedHProConfig) -> bool:
+    """Whether each class's own row of the classifier gradients travels on its own (C x d):
+    the row-grads target needs it, and without the whole classifier gradients it is not
+    there already."""
+    return hp_cfg.hp_target == "row-grads" and not sends_classifier_grads(hp_cfg)
+
+
 def sends_feature_grads(hp_cfg: FedHProConfig) -> bool:
     """Whether the feature gradients travel: not when the server can rebuild them from bias
     gradients measured at the same model, i.e. with classifier gradients measured before
@@ -171,7 +179,7 @@ def upload_record(stats: ClassStatistics, hp_cfg: FedHProConfig) -> ArrayRecord:
     dtype = torch.float16 if hp_cfg.float16_upload else torch.float32
     return encode_class_statistics(stats, dtype, classifier=sends_classifier_grads(hp_cfg),
                                    feature_grads=sends_feature_grads(hp_cfg),
-                                   moments=sends_moments(hp_cfg))
+                                   moments=sends_moments(hp_cfg), own_rows=sends_own_rows(hp_cfg))
 
 
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
@@ -251,7 +259,7 @@ class FedHProStrategy(RecalibratingStrategy):
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
                          settings, generator, classifier_gradients=sends_classifier_grads(hp_cfg),
                          feature_gradients=sends_feature_grads(hp_cfg),
-                         moments=sends_moments(hp_cfg))
+                         moments=sends_moments(hp_cfg), own_rows=sends_own_rows(hp_cfg))
         self.hyperprototypes = hyperprototypes
         # this round's classifiers, once a recalibration has run: the averaged one and the
         # one re-trained on federated features, which evaluation uses
@@ -312,7 +320,7 @@ class FedHProStrategy(RecalibratingStrategy):
 
         present = held.any(dim=0)
         if hp_cfg.hp_target == "row-grads":
-            own_rows = mean_of([torch.diagonal(s.weight_grads).T for s in stats])
+            own_rows = mean_of([s.own_row_grads for s in stats])
             return row_matching_objective(weight, bias, own_rows, present)
         feature_target = mean_of([s.feature_grads for s in stats])
         neighbours = None

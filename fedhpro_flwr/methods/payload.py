@@ -204,7 +204,7 @@ def with_own_class(grads: torch.Tensor) -> torch.Tensor:
 
 def encode_class_statistics(stats: ClassStatistics, dtype: torch.dtype = torch.float32,
                             classifier: bool = True, feature_grads: bool = True,
-                            moments: bool = False) -> ArrayRecord:
+                            moments: bool = False, own_rows: bool = False) -> ArrayRecord:
     """Only the classes the client holds, and nothing the server can recompute.
 
     The classifier gradients (C x C x d per client, the bulk at many classes) travel only when
@@ -212,7 +212,8 @@ def encode_class_statistics(stats: ClassStatistics, dtype: torch.dtype = torch.f
     travel only when `feature_grads`: for a linear head, dCE/dz = W^T dCE/db, so a server that
     knows the classifier weight W the client measured at rebuilds them from the bias
     gradients (`decode_class_statistics`'s `measured_at`). The features' class means and
-    spreads (C x d and C) travel when `moments`."""
+    spreads (C x d and C) travel when `moments`; each class's own row of the classifier
+    gradients (C x d) when `own_rows` and not `classifier`, which carries it already."""
     if not (classifier or feature_grads or moments):
         raise ValueError("class statistics need the classifier or the feature gradients, or "
                          "the moments")
@@ -227,17 +228,22 @@ def encode_class_statistics(stats: ClassStatistics, dtype: torch.dtype = torch.f
         assert stats.feature_means is not None and stats.feature_vars is not None
         rows["feature_means"] = stats.feature_means
         rows["feature_vars"] = stats.feature_vars
+    if own_rows and not classifier:
+        assert stats.own_row_grads is not None
+        rows["own_row_grads"] = stats.own_row_grads
     return encode_class_rows(stats.present, rows, stats.counts, dtype)
 
 
 def decode_class_statistics(
     record: ArrayRecord, num_classes: int, feature_dim: int, what: str = "class statistics",
     classifier: bool = True, measured_at: torch.Tensor | None = None, moments: bool = False,
+    own_rows: bool = False,
 ) -> ClassStatistics:
     """Inverse of `encode_class_statistics`, with absent classes back as zero rows.
 
     `measured_at`: the (C, d) classifier weight the client measured its gradients at; given,
-    the record must not carry the feature gradients, which are rebuilt from it."""
+    the record must not carry the feature gradients, which are rebuilt from it. The own rows
+    come back whenever the classifier gradients do (their diagonal), else when `own_rows`."""
     c, d = num_classes, feature_dim
     shapes: dict[str, tuple[int, ...]] = {}
     if measured_at is None:
@@ -248,6 +254,8 @@ def decode_class_statistics(
         shapes |= {"weight_grads": (c - 1, d), "bias_grads": (c - 1,)}
     if moments:
         shapes |= {"feature_means": (d,), "feature_vars": ()}
+    if own_rows and not classifier:
+        shapes["own_row_grads"] = (d,)
     decoded = decode_class_rows(record, c, shapes, what, with_counts=True)
     assert decoded.counts is not None
     rows = decoded.rows
@@ -260,5 +268,7 @@ def decode_class_statistics(
     else:
         assert bias_grads is not None
         feature = bias_grads @ measured_at
+    own_row_grads = (torch.diagonal(weight_grads).T if weight_grads is not None
+                     else rows.get("own_row_grads"))
     return ClassStatistics(decoded.present, decoded.counts, feature, weight_grads, bias_grads,
-                           rows.get("feature_means"), rows.get("feature_vars"))
+                           rows.get("feature_means"), rows.get("feature_vars"), own_row_grads)
