@@ -160,11 +160,11 @@ def sends_moments(hp_cfg: FedHProConfig) -> bool:
     return hp_cfg.recalibration and hp_cfg.recal_source == "moments"
 
 
-def sends_own_rows(hp_cfg: FedHProConfig) -> bool:
-    """Whether each class's own row of the classifier gradients travels on its own (C x d):
-    the row-grads target needs it, and without the whole classifier gradients it is not
-    there already."""
-    return hp_cfg.hp_target == "row-grads" and not sends_classifier_grads(hp_cfg)
+def needs_own_rows(hp_cfg: FedHProConfig) -> bool:
+    """Whether the server needs each class's own row of the classifier gradients (the
+    row-grads target); the codec sends them alone only where the whole gradients do not
+    carry them (`payload.encode_class_statistics`)."""
+    return hp_cfg.hp_target == "row-grads"
 
 
 def sends_feature_grads(hp_cfg: FedHProConfig) -> bool:
@@ -179,7 +179,7 @@ def upload_record(stats: ClassStatistics, hp_cfg: FedHProConfig) -> ArrayRecord:
     dtype = torch.float16 if hp_cfg.float16_upload else torch.float32
     return encode_class_statistics(stats, dtype, classifier=sends_classifier_grads(hp_cfg),
                                    feature_grads=sends_feature_grads(hp_cfg),
-                                   moments=sends_moments(hp_cfg), own_rows=sends_own_rows(hp_cfg))
+                                   moments=sends_moments(hp_cfg), own_rows=needs_own_rows(hp_cfg))
 
 
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
@@ -259,7 +259,7 @@ class FedHProStrategy(RecalibratingStrategy):
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
                          settings, generator, classifier_gradients=sends_classifier_grads(hp_cfg),
                          feature_gradients=sends_feature_grads(hp_cfg),
-                         moments=sends_moments(hp_cfg), own_rows=sends_own_rows(hp_cfg))
+                         moments=sends_moments(hp_cfg), own_rows=needs_own_rows(hp_cfg))
         self.hyperprototypes = hyperprototypes
         # this round's classifiers, once a recalibration has run: the averaged one and the
         # one re-trained on federated features, which evaluation uses
