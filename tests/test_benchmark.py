@@ -194,6 +194,24 @@ def test_the_anchors_suite_at_400_classes_keeps_the_default_recalibration(tmp_pa
         "fedproto": ("feature-grads", 30)}
 
 
+def test_the_recalibrations_at_400_classes_change_only_the_recalibration(tmp_path):
+    runs = [r for r in plan(SUITES["recalibration-400"], tmp_path) if r.seed == 0]
+    assert {r.setting.name for r in runs} == {"glyphs400-lt"}
+    recals = {}
+    for run in runs:
+        config = run.run_config(resume=False)
+        cfg = load_experiment(APP_DIR / config["config"], parse_overrides(config["overrides"]))
+        hp_cfg = cfg.section(FedHProConfig)
+        assert hp_cfg.hp_softmax_classes == 32 and cfg.train.local_epochs == 2
+        recals[run.strategy] = (hp_cfg.recalibration, hp_cfg.recal_source,
+                                hp_cfg.recal_classes_per_step, hp_cfg.recal_recentre)
+    assert recals == {
+        "fedhpro": (True, "moments", 32, False),
+        "fedhpro-paper-recal": (True, "gradients", 0, False),
+        "fedhpro-recal-fix": (True, "gradients", 0, True),
+        "fedhpro-no-recalibration": (False, "moments", 32, False)}
+
+
 def test_same_setup_compares_what_reaches_the_run(tmp_path):
     suite = Suite("s", "", (Setting("m", "conf/mnist-dir0.5.yaml"),),
                   ("fedavg", Variant("paper", "fedhpro", PAPER_RECAL)), (0,), rounds=3)
