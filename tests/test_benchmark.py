@@ -167,44 +167,50 @@ def test_every_suite_plans_every_strategy_setting_and_seed(tmp_path):
 
 
 
-def test_the_many_class_suites_run_the_glyph_configs_as_they_are(tmp_path):
-    runs = plan(SUITES["many-class"], tmp_path) + plan(SUITES["many-class-400"], tmp_path)
-    assert {r.setting.name for r in runs} == {"glyphs100-lt", "glyphs100-dir0.1", "glyphs400-lt"}
-    assert {r.strategy for r in runs if r.setting.name == "glyphs400-lt"} \
-        == set(ALL_STRATEGIES) - {"creff"}
-    for run in runs:
+def seed0_experiments(suite: str, tmp_path) -> dict:
+    """Each strategy's experiment config in the suite's seed-0 runs, as its runs would load it."""
+    experiments = {}
+    for run in plan(SUITES[suite], tmp_path):
         if run.seed == 0:
             config = run.run_config(resume=False)
-            cfg = load_experiment(APP_DIR / config["config"], parse_overrides(config["overrides"]))
-            assert cfg.model.init == "kaiming" and cfg.train.local_epochs == 2
+            experiments[(run.setting.name, run.strategy)] = load_experiment(
+                APP_DIR / config["config"], parse_overrides(config["overrides"]))
+    return experiments
+
+
+def test_the_many_class_suites_run_the_glyph_configs_as_they_are(tmp_path):
+    experiments = {**seed0_experiments("many-class", tmp_path),
+                   **seed0_experiments("many-class-400", tmp_path)}
+    assert {setting for setting, _ in experiments} == {
+        "glyphs100-lt", "glyphs100-dir0.1", "glyphs400-lt"}
+    assert {strategy for setting, strategy in experiments if setting == "glyphs400-lt"} \
+        == set(ALL_STRATEGIES) - {"creff"}
+    for cfg in experiments.values():
+        assert cfg.model.init == "kaiming" and cfg.train.local_epochs == 2
 
 
 def test_the_anchors_suite_at_400_classes_keeps_the_default_recalibration(tmp_path):
-    runs = [r for r in plan(SUITES["anchors-400"], tmp_path) if r.seed == 0]
-    assert {r.setting.name for r in runs} == {"glyphs400-lt"}
+    experiments = seed0_experiments("anchors-400", tmp_path)
+    assert {setting for setting, _ in experiments} == {"glyphs400-lt"}
     targets = {}
-    for run in runs:
-        config = run.run_config(resume=False)
-        cfg = load_experiment(APP_DIR / config["config"], parse_overrides(config["overrides"]))
+    for (_, strategy), cfg in experiments.items():
         hp_cfg = cfg.section(FedHProConfig)
         assert hp_cfg.recal_source == "moments" and cfg.diagnostics.consistency
-        targets[run.strategy] = (hp_cfg.hp_target, hp_cfg.rounds_of_hp)
+        targets[strategy] = (hp_cfg.hp_target, hp_cfg.rounds_of_hp)
     assert targets == {"fedhpro": ("feature-grads", 30), "fedhpro-fixed-anchors": (
         "feature-grads", 0), "fedhpro-row-anchors": ("row-grads", 30),
         "fedproto": ("feature-grads", 30)}
 
 
 def test_the_recalibrations_at_400_classes_change_only_the_recalibration(tmp_path):
-    runs = [r for r in plan(SUITES["recalibration-400"], tmp_path) if r.seed == 0]
-    assert {r.setting.name for r in runs} == {"glyphs400-lt"}
+    experiments = seed0_experiments("recalibration-400", tmp_path)
+    assert {setting for setting, _ in experiments} == {"glyphs400-lt"}
     recals = {}
-    for run in runs:
-        config = run.run_config(resume=False)
-        cfg = load_experiment(APP_DIR / config["config"], parse_overrides(config["overrides"]))
+    for (_, strategy), cfg in experiments.items():
         hp_cfg = cfg.section(FedHProConfig)
         assert hp_cfg.hp_softmax_classes == 32 and cfg.train.local_epochs == 2
-        recals[run.strategy] = (hp_cfg.recalibration, hp_cfg.recal_source,
-                                hp_cfg.recal_classes_per_step, hp_cfg.recal_recentre)
+        recals[strategy] = (hp_cfg.recalibration, hp_cfg.recal_source,
+                            hp_cfg.recal_classes_per_step, hp_cfg.recal_recentre)
     assert recals == {
         "fedhpro": (True, "moments", 32, False),
         "fedhpro-paper-recal": (True, "gradients", 0, False),
