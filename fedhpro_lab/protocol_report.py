@@ -3,7 +3,8 @@
 Per setting: every method as tuned and as published, the mean over seeds of each run's mean
 accuracy over its last 5 rounds with a 95% Student-t interval, the best round, rounds and
 megabytes (up + down) until a run first reaches 95% of tuned FedAvg's median accuracy, client time,
-and FedHPro minus the method paired by seed with its interval and win / tie / loss; then the
+and FedHPro minus the method paired by seed with its interval and win / tie / loss (a published
+recipe against FedHPro's published one, a tuned one against tuned FedHPro); then the
 convergence check, runs that collapsed, and a plot of every seed's curve.
 """
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from fedhpro_lab import convergence, stats
 from fedhpro_lab.benchmark import SCORED, scored_rounds
-from fedhpro_lab.protocol import SETTINGS
+from fedhpro_lab.protocol import SETTINGS, published_name
 from fedhpro_lab.report import machine
 from fedhpro_lab.suites import run_path
 from fedhpro_lab.tuning import PUBLISHED, read_chosen, trials
@@ -59,7 +60,8 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
         by_variant.setdefault(row["strategy"], {})[int(row["seed"])] = row
     seeds = {v: sorted(runs) for v, runs in by_variant.items()}
     tuned = [m for m in methods if m in by_variant]
-    variants = tuned + [f"{m}-published" for m in methods if f"{m}-published" in by_variant]
+    published = [published_name(m) for m in methods if published_name(m) in by_variant]
+    variants = tuned + published
     held = {v: min(int(float(by_variant[v][s]["rounds"])) for s in seeds[v]) for v in variants}
     rounds, longest = min(held.values()), max(held.values())
     loaded = {v: load_runs(out, setting, v, seeds[v]) for v in variants}
@@ -75,9 +77,9 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
     lines = [f"## {setting}", "",
              f"{rounds} rounds{extending}; target {target:.3f} (95% of tuned {lead}'s, median "
              f"over seeds). Accuracy: mean over seeds of each run's mean over its last 5 rounds, "
-             f"[95% interval]; FedHPro - method in points, paired by seed (the seeds both ran); "
-             f"W / T / L: FedHPro ahead / no difference / behind, by whether that interval "
-             f"excludes 0.", "",
+             f"[95% interval]; FedHPro - method in points, paired by seed (the seeds both ran; "
+             f"a published recipe against FedHPro's published one); W / T / L: FedHPro ahead / "
+             f"no difference / behind, by whether that interval excludes 0.", "",
              "| method | seeds | accuracy | best | rounds to target | MB to target | "
              "client s/round | FedHPro - method | W/T/L |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -90,9 +92,10 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
         mb_cell = f"{stats.mean([mb for _, mb in reached]):.1f}" if reached else "—"
         best = stats.mean([max(row["accuracy"] for row in c) for c in runs])
         client = stats.mean([float(by_variant[variant][s]["client_seconds"]) for s in own])
-        diff_cell, verdict = (("—", "—") if variant == METHOD
-                              else stats.paired_text(last5.get(METHOD, {}), last5[variant]))
-        name = f"**{variant}**" if variant == METHOD else variant
+        against = published_name(METHOD) if variant in published else METHOD
+        diff_cell, verdict = (("—", "—") if variant == against
+                              else stats.paired_text(last5.get(against, {}), last5[variant]))
+        name = f"**{variant}**" if variant == against else variant
         accuracy = stats.interval_text(list(last5[variant].values()))
         lines.append(f"| {name} | {len(own)} | {accuracy} | "
                      f"{best:.3f} | {rounds_cell} | {mb_cell} | {client:.2f} | {diff_cell} | "

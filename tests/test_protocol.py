@@ -105,9 +105,10 @@ def test_the_setting_table_pairs_seeds_and_calls_wins_and_collapses(tmp_path):
         # equal to FedHPro on average, but not paired: a tie
         rows.append(write_run(tmp_path, "s", "fpl", seed, [base + 0.2 + (0.05, -0.05)[seed % 2]
                                                           * (seed != 4)] * 20))
-    rows.append(write_run(tmp_path, "s", "fpl-published", 0, [0.1] * 20))
-    for seed in range(1, 5):
-        rows.append(write_run(tmp_path, "s", "fpl-published", seed, [0.8] * 20))
+    # as published, both collapse on seed 0; FedHPro's is 5 points ahead on every seed
+    for seed, (fpl, fedhpro) in enumerate([(0.1, 0.15)] + [(0.8, 0.85)] * 4):
+        rows.append(write_run(tmp_path, "s", "fpl-published", seed, [fpl] * 20))
+        rows.append(write_run(tmp_path, "s", "fedhpro-published", seed, [fedhpro] * 20))
     lines = "\n".join(setting_section(tmp_path, "s", [{k: str(v) for k, v in r.items()}
                                                       for r in rows],
                                       ["fedhpro", "fedavg", "fpl"]))
@@ -115,7 +116,10 @@ def test_the_setting_table_pairs_seeds_and_calls_wins_and_collapses(tmp_path):
     assert "target 0.589" in lines
     assert "| fedavg | 5 | 0.620 [0.600, 0.640] | 0.620 | 1.0 (5/5) | 2.0 | 1.50 | " \
            "20.0 [20.0, 20.0] | W |" in lines
-    assert lines.count("| T |") == 2  # fpl: no paired difference; published: one seed off
+    assert lines.count("| T |") == 1  # fpl: no paired difference
+    # a published recipe is paired against FedHPro's published one, not against tuned FedHPro
+    assert "| **fedhpro-published** | 5 |" in lines
+    assert "| 5.0 [5.0, 5.0] | W |" in lines.split("| fpl-published |")[1].splitlines()[0]
     assert "fpl-published seed 0 (0.100)" in lines  # named, not averaged away
     assert "(converged:" in lines and (tmp_path / "plots" / "s-seeds.png").stat().st_size
 
