@@ -121,6 +121,9 @@ def test_the_setting_table_pairs_seeds_and_calls_wins_and_collapses(tmp_path):
     assert "| **fedhpro-published** | 5 |" in lines
     assert "| 5.0 [5.0, 5.0] | W |" in lines.split("| fpl-published |")[1].splitlines()[0]
     assert "fpl-published seed 0 (0.100)" in lines  # named, not averaged away
+    # tuned FedHPro minus its published recipe: 65, -4, -3, -2, -1 points; t(4) interval
+    assert "against its published recipe, paired by seed (the seeds both ran): " \
+           "11.0 [-26.5, 48.5] points, T." in lines
     assert "(converged:" in lines and (tmp_path / "plots" / "s-seeds.png").stat().st_size
 
 
