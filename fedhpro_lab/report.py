@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import math
 import os
 import platform
 import sys
@@ -49,6 +50,13 @@ def _by(rows: list[dict[str, str]], *keys: str) -> dict[tuple[str, ...], list[di
     for row in rows:
         groups[tuple(row[k] for k in keys)].append(row)
     return groups
+
+
+def memory_note(rows: list[dict[str, str]]) -> str:
+    """The setting's peak memory, from the runs that measured it (a run read back from its
+    results.json by a resumed bench did not: its row holds nan)."""
+    peaks = [p for p in (_float(r, "peak_rss_mb") for r in rows) if not math.isnan(p)]
+    return f" Peak memory of a run's processes: {max(peaks):.0f} MB." if peaks else ""
 
 
 def balanced_client_seconds(row: dict[str, str]) -> float:
@@ -411,8 +419,7 @@ def write_report(csv_path: Path, command: str) -> Path:
     for (setting,), srows in _by(ok, "setting").items():
         domains = domain_columns(srows)
         rounds = srows[0]["rounds"]
-        peaks = [_float(r, "peak_rss_mb") for r in srows if r.get("peak_rss_mb")]
-        memory = f" Peak memory of a run's processes: {max(peaks):.0f} MB." if peaks else ""
+        memory = memory_note(srows)
         lines += [f"## {setting}", "", f"Suite {srows[0]['suite']}, {rounds} rounds.{memory}",
                   "", *setting_table(srows), ""]
         paired = paired_table(srows, PAIRED_REFERENCE)

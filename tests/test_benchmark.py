@@ -36,7 +36,7 @@ from fedhpro_lab.benchmark import (
     summarize,
     tree_rss_mb,
 )
-from fedhpro_lab.report import goals, plot_scaling, scale_goals, write_report
+from fedhpro_lab.report import goals, memory_note, plot_scaling, scale_goals, write_report
 from fedhpro_lab.simulation import APP_DIR
 from fedhpro_lab.suites import ALL_STRATEGIES, PAPER_RECAL, SUITES, Setting, Suite, Variant
 
@@ -540,3 +540,9 @@ def test_any_experiment_file_is_benchmarked_from_the_command_line(tmp_path):
         ("mine", s, seed, "2") for s in ("fedavg", "fedhpro") for seed in ("0", "1")]
     assert all(r["status"] == "ok" and r["suite"] == "custom" for r in rows)
     assert "## mine" in (out / "RESULTS.md").read_text()
+
+
+def test_peak_memory_is_taken_from_the_runs_that_measured_it():
+    assert memory_note([{"peak_rss_mb": "nan"}, {"peak_rss_mb": "900"}, {"peak_rss_mb": ""}]) \
+        == " Peak memory of a run's processes: 900 MB."
+    assert memory_note([{"peak_rss_mb": "nan"}]) == ""  # read back, never measured
