@@ -104,6 +104,10 @@ def test_a_killed_serverapp_resumes_to_the_uninterrupted_result(federation, stra
     assert message in federation.details(run_id)
     assert message in federation.logs(run_id)
     assert rounds_done(tmp_path) == 2
+    # after the first cleanup the nodes can still start a ClientApp for the stopped run's
+    # round-2 message (they log it as ignored, then start one); in one full test run it lived
+    # 11 minutes and held its node, so that the next test's run timed out: end it too
+    federation.end_clientapps(grace=30)
 
 
 def test_personal_models_outlive_the_flower_run_on_the_nodes_disks(federation, tmp_path):
