@@ -74,40 +74,41 @@ def test_fedhpro_runs_through_flwr_run(straight):
     assert recorded["final_accuracy"] > 0.3  # chance is 0.1
 
 
-def test_a_killed_serverapp_resumes_to_the_uninterrupted_result(federation, straight, tmp_path):
-    run_id = federation.submit(APP_DIR, run_config(tmp_path, rounds=2))
-    wait_for_round(tmp_path, 1)
-    # one round-2 ClientApp frozen: a stopped run's ClientApp that never ends (seen in CI, still
-    # running 300 s after the stop); a node handles one message at a time, so it holds its node
-    wait_until(lambda: bool(federation.clientapp_pids()), "a round-2 ClientApp", 120)
-    frozen = federation.clientapp_pids()[0]
-    os.kill(frozen, signal.SIGSTOP)
-    pids = federation.serverapp_pids()
-    assert pids
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)  # no chance to clean up
-    federation.flwr("stop", str(run_id), CONNECTION)  # as an operator would
-    status = federation.wait(run_id, timeout=60)
-    assert status != COMPLETED and rounds_done(tmp_path) == 1
-    # the operator stops what is still running of the stopped run, and the nodes serve the next
-    assert frozen in federation.end_clientapps(grace=30)
-    assert not federation.clientapp_pids()
+def test_a_killed_serverapp_resumes_to_the_uninterrupted_result(straight, tmp_path):
+    # a federation of its own: a node can still start a ClientApp for the stopped run after
+    # the cleanup below (it logs the message as ignored, then starts one), and in two full
+    # test runs such a ClientApp held its node for 10 minutes, failing the next tests
+    out = tmp_path / "out"
+    with LocalFederation(tmp_path / "fed", NODES) as federation:
+        run_id = federation.submit(APP_DIR, run_config(out, rounds=2))
+        wait_for_round(out, 1)
+        # one round-2 ClientApp frozen: a stopped run's ClientApp that never ends (seen in CI, still
+        # running 300 s after the stop); a node handles one message at a time, so it holds its node
+        wait_until(lambda: bool(federation.clientapp_pids()), "a round-2 ClientApp", 120)
+        frozen = federation.clientapp_pids()[0]
+        os.kill(frozen, signal.SIGSTOP)
+        pids = federation.serverapp_pids()
+        assert pids
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # no chance to clean up
+        federation.flwr("stop", str(run_id), CONNECTION)  # as an operator would
+        status = federation.wait(run_id, timeout=60)
+        assert status != COMPLETED and rounds_done(out) == 1
+        # the operator stops what is still running of the stopped run, and the nodes serve the next
+        assert frozen in federation.end_clientapps(grace=30)
+        assert not federation.clientapp_pids()
 
-    assert federation.run(APP_DIR, run_config(tmp_path, rounds=2, resume=True)) == COMPLETED
-    assert_same_run(tmp_path, straight[1])
+        assert federation.run(APP_DIR, run_config(out, rounds=2, resume=True)) == COMPLETED
+        assert_same_run(out, straight[1])
 
-    # the checkpoint now belongs to this config: another one is refused, nothing is touched
-    run_id = federation.submit(APP_DIR, run_config(tmp_path, rounds=3, resume=True,
-                                                   extra="train.lr=0.5"))
-    assert federation.wait(run_id, timeout=120) == f"{FINISHED}:failed"
-    message = "was written with another experiment config"
-    assert message in federation.details(run_id)
-    assert message in federation.logs(run_id)
-    assert rounds_done(tmp_path) == 2
-    # after the first cleanup the nodes can still start a ClientApp for the stopped run's
-    # round-2 message (they log it as ignored, then start one); in one full test run it lived
-    # 11 minutes and held its node, so that the next test's run timed out: end it too
-    federation.end_clientapps(grace=30)
+        # the checkpoint now belongs to this config: another one is refused, nothing is touched
+        run_id = federation.submit(APP_DIR, run_config(out, rounds=3, resume=True,
+                                                       extra="train.lr=0.5"))
+        assert federation.wait(run_id, timeout=120) == f"{FINISHED}:failed"
+        message = "was written with another experiment config"
+        assert message in federation.details(run_id)
+        assert message in federation.logs(run_id)
+        assert rounds_done(out) == 2
 
 
 def test_personal_models_outlive_the_flower_run_on_the_nodes_disks(federation, tmp_path):
