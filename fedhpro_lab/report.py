@@ -52,11 +52,16 @@ def _by(rows: list[dict[str, str]], *keys: str) -> dict[tuple[str, ...], list[di
     return groups
 
 
-def memory_note(rows: list[dict[str, str]]) -> str:
-    """The setting's peak memory, from the runs that measured it (a run read back from its
-    results.json by a resumed bench did not: its row holds nan)."""
+def peak_mb(rows: list[dict[str, str]]) -> float | None:
+    """The highest peak memory of the runs that measured it (a run read back from its
+    results.json by a resumed bench did not: its row holds nan); None if none did."""
     peaks = [p for p in (_float(r, "peak_rss_mb") for r in rows) if not math.isnan(p)]
-    return f" Peak memory of a run's processes: {max(peaks):.0f} MB." if peaks else ""
+    return max(peaks) if peaks else None
+
+
+def memory_note(rows: list[dict[str, str]]) -> str:
+    peak = peak_mb(rows)
+    return f" Peak memory of a run's processes: {peak:.0f} MB." if peak is not None else ""
 
 
 def balanced_client_seconds(row: dict[str, str]) -> float:
@@ -233,12 +238,9 @@ def _mark(met: bool) -> str:
 def scale_goals(ok: list[dict[str, str]], scaling: list[dict[str, str]]) -> list[str]:
     """Memory with 100 clients against the same data on 10; server step against classes."""
     lines = []
-    many = [r for r in ok if r["suite"] == "scale" and r.get("peak_rss_mb")]
-    few = [r for r in ok if r["suite"] != "scale" and r["setting"] == "mnist-dir0.5"
-           and r.get("peak_rss_mb")]
-    if many and few:
-        big = max(_float(r, "peak_rss_mb") for r in many)
-        small = max(_float(r, "peak_rss_mb") for r in few)
+    big = peak_mb([r for r in ok if r["suite"] == "scale"])
+    small = peak_mb([r for r in ok if r["suite"] != "scale" and r["setting"] == "mnist-dir0.5"])
+    if big is not None and small is not None:
         lines.append(f"| 100 clients, 10% sampled per round: memory bounded (peak of the run's "
                      f"processes at most 1.25x the 10-client peak) | {big:.0f} MB vs {small:.0f} "
                      f"MB ({big / small:.2f}x) | {_mark(big <= 1.25 * small)} |")
