@@ -305,8 +305,8 @@ SUITES: dict[str, Suite] = {s.name: s for s in (
     ),
     Suite(
         "many-class-400", "the many-class suite at 400 glyph classes, long tail; without CReFF, "
-        "whose server step (features matched to C x C x d classifier gradients) takes 68 s a "
-        "round at 400 classes (benchmarks/server_scaling.csv)",
+        "whose server step matches features to C x C x d classifier gradients (FedHPro's paper "
+        "recalibration, the same matching: 73.5 s at 400 classes in benchmarks/server_scaling.csv)",
         (GLYPHS400_LT,),
         tuple(m for m in ALL_STRATEGIES if m != "creff"), (0, 1, 2, 3, 4), rounds=20,
         overrides="train.local_epochs=2",
