@@ -224,6 +224,17 @@ FIRST_DEFAULTS: dict[str, Scalar] = {"fedhpro.recal_source": "gradients",
                                      "fedhpro.hp_softmax_classes": 0}
 
 
+# keys that experiments closed (the project's findings), at the one behaviour that stays: a run
+# recorded (or checkpointed) with another value was made by code this version no longer has
+CLOSED: dict[str, Scalar] = {"fedhpro.init": "normal",
+                             "fedhpro.hp_step": "sgd",
+                             "fedhpro.hp_separate": False,
+                             "fedhpro.hp_target": "feature-grads",
+                             "fedhpro.recal_after_training": False,
+                             "fedhpro.recal_recentre": False,
+                             "fedhpro.recal_to_clients": True}
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment: the YAML file's content after overrides."""
@@ -300,15 +311,18 @@ class ExperimentConfig:
         """How a run of `method` under this config differs from one made under `recorded` (a
         results.json's nested "config"): ``{key: (then, now)}`` over the keys that reach such a
         run, the common ones and its own method's section, less `NOT_SETUP`. A key `recorded`
-        lacks counts at the value it was added with (the run predates it); given the dataset's
-        `num_classes`, a class cap that the classes do not reach counts as no cap."""
+        lacks counts at the value it was added with (the run predates it), one it holds that
+        has since been closed (`CLOSED`) at any other value than the one kept; given the
+        dataset's `num_classes`, a class cap that the classes do not reach counts as no cap."""
         first = self.first_defaults()
         now = {k: v for k, v in self.only(method).to_flat().items() if k not in NOT_SETUP}
         before = flatten(recorded)
         then = {k: before.get(k, first.get(k)) for k in now}
         if num_classes is not None:
             now, then = (without_idle_caps(flat, num_classes) for flat in (now, then))
-        return {k: (then[k], now[k]) for k in now if then[k] != now[k]}
+        closed = {k: (before[k], kept) for k, kept in CLOSED.items()
+                  if k.startswith(f"{method}.") and k in before and before[k] != kept}
+        return {k: (then[k], now[k]) for k in now if then[k] != now[k]} | closed
 
 
 def flatten(nested: Mapping[str, Any]) -> dict[str, Any]:
@@ -345,6 +359,13 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     hints = get_type_hints(cls)
     known = {f.name: f for f in fields(cls) if not f.metadata.get("sections")}
     unknown = sorted(set(raw) - set(known))
+    closed = [prefix + name for name in unknown if prefix + name in CLOSED]
+    if closed:
+        kept = CLOSED[closed[0]]
+        shown = str(kept).lower() if isinstance(kept, bool) else repr(kept)
+        raise ConfigError(
+            f"config key '{closed[0]}' was closed by the experiments that tested it: FedHPro "
+            f"now always runs as with {shown} (the project's findings say why)")
     if unknown:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}'; allowed keys"

@@ -4,13 +4,15 @@
     fedhpro-bench --config conf/mine.yaml --strategies fedhpro,fedproto --seeds 0-4 \
         --rounds 40 --out /tmp/mine
     fedhpro-bench --protocol --out benchmarks/protocol
-    python -m fedhpro_lab.bench_cli --suite default --seeds 0-4 --out benchmarks/default
+    python -m fedhpro_lab.bench_cli --suite default --seeds 0-4 --out benchmarks/default-suite
+    fedhpro-bench measure server-scaling --classes 10 100 400 --repeats 3
 
 A named suite is a preset (settings, strategies, seeds, rounds); `--config` builds one from
 any experiment YAML files, and `--seeds` / `--rounds` / `--overrides` replace a preset's.
 `--protocol` runs the comparison protocol instead: tuning on validation, then the table (see
 `protocol`). A suite runs through `benchmark.run_suite`; when it is done, `report` (or
-`protocol_report`) writes RESULTS.md and the plots.
+`protocol_report`) writes RESULTS.md and the plots. `measure NAME` runs one of the measurements
+of `fedhpro_lab.measure` instead, with its own flags (`fedhpro-bench measure NAME --help`).
 """
 
 from __future__ import annotations
@@ -20,15 +22,29 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
 from fedhpro_flwr.config import ConfigError, parse_overrides
 from fedhpro_flwr.methods import load_experiment
 from fedhpro_lab.benchmark import SCORED, read_rows, run_suite
+from fedhpro_lab.measure import (
+    class_caps,
+    client_overhead,
+    deployment,
+    engine_floor,
+    server_scaling,
+)
 from fedhpro_lab.protocol import run_protocol, select_settings
 from fedhpro_lab.protocol_report import write_protocol_report
 from fedhpro_lab.report import write_report
 from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, select_named
 from fedhpro_lab.tuning import TuningIncomplete
+
+# `fedhpro-bench measure NAME`: each a module with `main(argv, prog)`
+MEASUREMENTS: dict[str, ModuleType] = {
+    "class-caps": class_caps, "client-overhead": client_overhead, "deployment": deployment,
+    "engine-floor": engine_floor, "server-scaling": server_scaling,
+}
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
@@ -88,8 +104,24 @@ def chosen_suite(args: argparse.Namespace) -> tuple[Suite, tuple[str, ...]]:
     return suite, strategies
 
 
+def measure(argv: list[str]) -> int:
+    """`fedhpro-bench measure NAME [its flags]`: the measurement's own command line."""
+    parser = argparse.ArgumentParser(
+        prog="fedhpro-bench measure", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="a measurement of fedhpro_lab.measure:\n" + "\n".join(
+            f"  {name}: {module.__doc__.splitlines()[0]}"
+            for name, module in MEASUREMENTS.items()))
+    parser.add_argument("name", choices=MEASUREMENTS)
+    parser.add_argument("flags", nargs=argparse.REMAINDER, help="its flags (NAME --help)")
+    args = parser.parse_args(argv)
+    MEASUREMENTS[args.name].main(args.flags, prog=f"fedhpro-bench measure {args.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedhpro-bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fedhpro-bench", description=__doc__.splitlines()[0],
+                                     epilog="fedhpro-bench measure NAME [...]: a measurement "
+                                            "instead (fedhpro-bench measure --help)")
     parser.add_argument("--protocol", action="store_true",
                         help="tune every method on validation, then run the 5-seed table")
     parser.add_argument("--suite", choices=sorted(SUITES), help="a preset suite")
@@ -116,11 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["measure"]:
+        return measure(given[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(given)
     if argv is None:  # as a command: `kill` stops the runs under it too (see `benchmark.execute`)
         signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
-    command = " ".join(["fedhpro-bench", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["fedhpro-bench", *given])
     if args.protocol:
         if args.suite or args.config:
             parser.error("--protocol runs its own settings; leave out --suite and --config")

@@ -1,7 +1,7 @@
 """RESULTS.md and plots from a benchmark's results.csv (and its runs' results.json).
 
-    python -m fedhpro_lab.report benchmarks/results.csv [--command "how it was made"]
-    python -m fedhpro_lab.report benchmarks/anchors/results.csv --against fedhpro-fixed-anchors
+    python -m fedhpro_lab.report benchmarks/default-suite/results.csv [--command "how"]
+    python -m fedhpro_lab.report benchmarks/default-suite/results.csv --against fedavg
 
 Per setting: the strategies side by side (mean ± sample std over seeds, `stats.std`, the
 best mean marked),
@@ -326,8 +326,6 @@ SCALING_VARIANTS = (("server_seconds_gradients", " (recalibration from classifie
                     ("server_seconds_moments", " (fedhpro.recal_source=moments recal_solver=sgd)"),
                     ("server_seconds_full_softmax", " (fedhpro.recal_classes_per_step=0 "
                      "hp_softmax_classes=0: every class in every step)"),
-                    ("server_seconds_moments_gaussian", " (fedhpro.recal_source=moments "
-                     "recal_solver=gaussian)"),
                     ("server_seconds_moments_full_batch", " (as configured: class moments, "
                      "full-batch steps on groups of 32 classes, matching over 32 nearest)"),
                     ("server_seconds_no_recal", " (fedhpro.recalibration=false)"))
@@ -348,11 +346,11 @@ def upload_ratio(row: dict[str, str], key: str) -> float:
 def scaling_table(scaling: list[dict[str, str]]) -> list[str]:
     """Server step and a client's upload per number of classes, for each recalibration."""
     lines = ["| classes | server step (s): classifier gradients | class moments "
-             "| class moments, full-batch, every class | class moments, gaussian head "
+             "| class moments, full-batch, every class "
              "| as configured (groups of 32 classes) | no recalibration "
              "| upload / FedAvg's: classifier gradients | their float16 | class moments "
              "| no recalibration |",
-             "|" + "---|" * 11]
+             "|" + "---|" * 10]
     for r in scaling:
         steps = " | ".join(f"{_float(r, key):.3f}" if key in r else "—"
                            for key, _ in SCALING_VARIANTS)
@@ -443,7 +441,9 @@ def write_report(csv_path: Path, command: str) -> Path:
         with open(scaling_path, newline="") as f:
             scaling = list(csv.DictReader(f))
         lines += ["## Server step and upload against the number of classes", "",
-                  f"`python benchmarks/server_scaling.py --csv {scaling_path.name}` (one thread, "
+                  "`fedhpro-bench measure server-scaling --classes "
+                  f"{' '.join(r['classes'] for r in scaling)} --csv DIR/{scaling_path.name}` "
+                  "(DIR: this report's folder; one thread, "
                   "10 clients holding every class, d = 128); a client's upload against FedAvg's "
                   "(its weights alone):", "", *scaling_table(scaling), "",
                   f"![server-scaling](plots/{plot_scaling(out, scaling).name})", ""]

@@ -17,7 +17,6 @@ from fedhpro_flwr.app.checkpoint import CHECKPOINT_NAME, Checkpoint, save_checkp
 from fedhpro_flwr.app.personal_store import PersonalModelStore
 from fedhpro_flwr.config import parse_overrides, resolve_run_config
 from fedhpro_flwr.methods import SECTIONS, load_experiment
-from fedhpro_flwr.methods.fedhpro import FedHProConfig
 from fedhpro_flwr.methods.strategy import busy_seconds
 from fedhpro_lab import proctree
 from fedhpro_lab.bench_cli import build_parser, chosen_suite, config_suite, main, parse_seeds
@@ -51,7 +50,8 @@ def test_smoke_suite_writes_consistent_results_and_resumes(tmp_path, capsys):
     out = tmp_path / "smoke"
     assert main(["--suite", "smoke", "--out", str(out)]) == 0
     rows = read_csv(out / "results.csv")
-    assert [(r["strategy"], r["status"]) for r in rows] == [("fedavg", "ok"), ("fedhpro", "ok")]
+    # every registered method, each through two real rounds
+    assert [(r["strategy"], r["status"]) for r in rows] == [(m, "ok") for m in ALL_STRATEGIES]
     report = (out / "RESULTS.md").read_text()
     for row in rows:
         results = json.loads((out / "runs" / "mnist-dir0.5" / row["strategy"] / "seed0" /
@@ -67,7 +67,7 @@ def test_smoke_suite_writes_consistent_results_and_resumes(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*/results.json")}
     capsys.readouterr()
     assert main(["--suite", "smoke", "--out", str(out)]) == 0
-    assert "2 of 2 runs already done" in capsys.readouterr().out
+    assert f"{len(rows)} of {len(rows)} runs already done" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing re-run
     # a suite cut off before its group's rows were written: finished runs count from their
     # results.json (their checkpoints may not have travelled with them)
@@ -75,7 +75,7 @@ def test_smoke_suite_writes_consistent_results_and_resumes(tmp_path, capsys):
     for path in out.glob("runs/*/*/*/checkpoint.pt"):
         path.unlink()
     assert main(["--suite", "smoke", "--out", str(out), "--no-report"]) == 0
-    assert "2 of 2 runs already done" in capsys.readouterr().out
+    assert f"{len(rows)} of {len(rows)} runs already done" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert [r["final_accuracy"] for r in read_csv(out / "results.csv")] == [
         r["final_accuracy"] for r in rows]
@@ -189,35 +189,6 @@ def test_the_many_class_suites_run_the_glyph_configs_as_they_are(tmp_path):
         assert cfg.model.init == "kaiming" and cfg.train.local_epochs == 2
 
 
-def test_the_anchors_suite_at_400_classes_keeps_the_default_recalibration(tmp_path):
-    experiments = seed0_experiments("anchors-400", tmp_path)
-    assert {setting for setting, _ in experiments} == {"glyphs400-lt"}
-    targets = {}
-    for (_, strategy), cfg in experiments.items():
-        hp_cfg = cfg.section(FedHProConfig)
-        assert hp_cfg.recal_source == "moments" and cfg.diagnostics.consistency
-        targets[strategy] = (hp_cfg.hp_target, hp_cfg.rounds_of_hp)
-    assert targets == {"fedhpro": ("feature-grads", 30), "fedhpro-fixed-anchors": (
-        "feature-grads", 0), "fedhpro-row-anchors": ("row-grads", 30),
-        "fedproto": ("feature-grads", 30)}
-
-
-def test_the_recalibrations_at_400_classes_change_only_the_recalibration(tmp_path):
-    experiments = seed0_experiments("recalibration-400", tmp_path)
-    assert {setting for setting, _ in experiments} == {"glyphs400-lt"}
-    recals = {}
-    for (_, strategy), cfg in experiments.items():
-        hp_cfg = cfg.section(FedHProConfig)
-        assert hp_cfg.hp_softmax_classes == 32 and cfg.train.local_epochs == 2
-        recals[strategy] = (hp_cfg.recalibration, hp_cfg.recal_source,
-                            hp_cfg.recal_classes_per_step, hp_cfg.recal_recentre)
-    assert recals == {
-        "fedhpro": (True, "moments", 32, False),
-        "fedhpro-paper-recal": (True, "gradients", 0, False),
-        "fedhpro-recal-fix": (True, "gradients", 0, True),
-        "fedhpro-no-recalibration": (False, "moments", 32, False)}
-
-
 def test_same_setup_compares_what_reaches_the_run(tmp_path):
     suite = Suite("s", "", (Setting("m", "conf/mnist-dir0.5.yaml"),),
                   ("fedavg", Variant("paper", "fedhpro", PAPER_RECAL)), (0,), rounds=3)
@@ -250,23 +221,16 @@ def test_same_setup_compares_what_reaches_the_run(tmp_path):
     assert same_setup(paper, {**capped, "num_classes": 10})
     assert not same_setup(paper, {**capped, "num_classes": 100})
 
-def test_ablation_variants_run_fedhpro_with_their_own_keys(tmp_path):
-    ablation = SUITES["ablation"]
-    runs = plan(ablation, tmp_path)
-    assert len(runs) == len(ablation.settings) * len(ablation.variants) * 3
-    names = [v.name for v in ablation.variants]
-    assert names[0] == "fedhpro" and len(set(names)) == len(names)
-    configs = {r.strategy: r.run_config(resume=False) for r in runs if r.seed == 0
-               and r.setting.name == "mnist-lt"}
-    assert {c["strategy"] for c in configs.values()} == {"fedhpro"}
-    # measured with the paper's recalibration, the default then: pinned to it
-    assert configs["fedhpro"]["overrides"] == f"train.local_epochs=2 {PAPER_RECAL}"
-    no_recal = configs["fedhpro-no-recalibration"]
-    assert no_recal["overrides"] == "train.local_epochs=2 fedhpro.recalibration=false"
-    assert no_recal["out-dir"].endswith("mnist-lt/fedhpro-no-recalibration/seed0")
-    for config in configs.values():  # every variant's keys are real, valid config keys
-        load_experiment(APP_DIR / config["config"], parse_overrides(config["overrides"]))
-
+def test_every_suites_runs_load_as_valid_experiments(tmp_path):
+    """Each suite's seed-0 runs, with their variants' keys on top: real, valid config keys
+    (a closed experiment's key would fail here), out-dirs named by setting and variant."""
+    for suite in SUITES.values():
+        for run in plan(suite, tmp_path):
+            if run.seed == suite.seeds[0]:
+                config = run.run_config(resume=False)
+                assert config["out-dir"].endswith(f"{run.setting.name}/{run.strategy}/"
+                                                  f"seed{run.seed}")
+                load_experiment(APP_DIR / config["config"], parse_overrides(config["overrides"]))
 
 def test_a_suite_can_be_run_for_some_of_its_strategies(tmp_path):
     runs = plan(SUITES["default"], tmp_path, only=("fedhpro", "fedavg"))
@@ -446,13 +410,13 @@ def test_scale_goals_compare_memory_and_class_growth():
           {"suite": "default", "setting": "mnist-dir0.5", "peak_rss_mb": "1000"}]
     scaling = [{"classes": "10", "server_seconds_gradients": "0.1",
                 "server_seconds_moments": "0.05", "server_seconds_moments_full_batch": "0.02",
-                "server_seconds_moments_gaussian": "0.01", "server_seconds_no_recal": "0.02"},
+                "server_seconds_no_recal": "0.02"},
                {"classes": "100", "server_seconds_gradients": "0.5",
                 "server_seconds_moments": "0.6", "server_seconds_moments_full_batch": "0.1",
-                "server_seconds_moments_gaussian": "0.05", "server_seconds_no_recal": "0.1"},
+                "server_seconds_no_recal": "0.1"},
                {"classes": "400", "server_seconds_gradients": "5.0",
                 "server_seconds_moments": "2.1", "server_seconds_moments_full_batch": "0.7",
-                "server_seconds_moments_gaussian": "0.2", "server_seconds_no_recal": "0.3"}]
+                "server_seconds_no_recal": "0.3"}]
     lines = "\n".join(scale_goals(ok, scaling))
     assert "| 1100 MB vs 1000 MB (1.10x) | met |" in lines
     # judged from 100 classes on
@@ -512,13 +476,13 @@ def test_settings_picks_a_suites_settings_in_its_own_order(tmp_path):
     def bench_args(*argv: str):
         return build_parser().parse_args(["--out", str(tmp_path / "x"), *argv])
 
-    anchors = SUITES["anchors"]
-    suite, _ = chosen_suite(bench_args("--suite", "anchors", "--settings",
-                                       "glyphs100-lt, mnist-lt"))
-    assert [s.name for s in suite.settings] == ["mnist-lt", "glyphs100-lt"]
-    assert (suite.variants, suite.seeds) == (anchors.variants, anchors.seeds)
+    default = SUITES["default"]
+    suite, _ = chosen_suite(bench_args("--suite", "default", "--settings",
+                                       "mnist-lt, digits-offline"))
+    assert [s.name for s in suite.settings] == ["digits-offline", "mnist-lt"]
+    assert (suite.variants, suite.seeds) == (default.variants, default.seeds)
     with pytest.raises(ValueError, match=r"unknown setting\(s\) cifar; choose from digits-offline"):
-        chosen_suite(bench_args("--suite", "anchors", "--settings", "cifar"))
+        chosen_suite(bench_args("--suite", "default", "--settings", "cifar"))
     mine = tmp_path / "mine.yaml"
     mine.write_text("seed: 9\n")
     suite, _ = chosen_suite(bench_args("--config", str(mine), "--settings", "mine"))

@@ -42,19 +42,15 @@ def test_default_yaml_loads_and_round_trips_through_flat_form():
         ({"model.name": "vgg"}, "allowed values are cnn, resnet10"),
         ({"fedhpro.lr_hp": float("nan")}, "finite"),
         ({"fedhpro.recal_source": "means"}, "allowed values are gradients, moments"),
-        ({"fedhpro.recal_solver": "lbfgs"}, "allowed values are sgd, full-batch, gaussian"),
-        ({"fedhpro.recal_source": "moments", "fedhpro.recal_recentre": True},
-         "'fedhpro.recal_recentre' = true re-centres the features matched to classifier"),
-        ({"fedhpro.hp_target": "rows"}, "allowed values are feature-grads, row-grads"),
-        ({"fedhpro.hp_target": "classifier-grads", "fedhpro.recalibration": False,
-          "fedhpro.recal_source": "gradients"},
-         "'fedhpro.hp_target' = classifier-grads matches the clients' classifier gradients"),
+        ({"fedhpro.recal_solver": "lbfgs"}, "allowed values are sgd, full-batch"),
         ({"fedhpro.recal_classes_per_step": 1},
          "'fedhpro.recal_classes_per_step' = 1: a softmax needs at least 2 classes"),
-        ({"fedhpro.hp_target": "classifier-grads"},
-         "'fedhpro.hp_target' = classifier-grads matches the clients' classifier gradients"),
-        ({"fedhpro.hp_target": "classifier-grads", "fedhpro.recal_source": "gradients",
-          "fedhpro.distance": "scalar"}, "matches by cosine or mse"),
+        ({"fedhpro.distance": "scalar"}, "allowed values are cosine, mse"),
+        ({"fedhpro.recal_to_clients": False},
+         "config key 'fedhpro.recal_to_clients' was closed by the experiments that tested it: "
+         "FedHPro now always runs as with true"),
+        ({"fedhpro.hp_target": "row-grads"},
+         "FedHPro now always runs as with 'feature-grads'"),
         ({"fedhpro.hp_softmax_classes": 1},
          "'fedhpro.hp_softmax_classes' = 1: a softmax needs at least 2 classes"),
     ],
@@ -146,3 +142,15 @@ def test_a_key_added_since_counts_at_the_behaviour_before_it():
     source = FIRST_DEFAULTS["fedhpro.recal_source"]
     assert cfg.setup_changes(recorded, "fedhpro") == {
         "fedhpro.recal_source": (source, "moments")}
+
+
+def test_a_closed_key_counts_only_away_from_the_behaviour_kept():
+    # a run recorded while an experiment's key existed is the same run at the value kept,
+    # and not the same at any other (the code that made it is gone)
+    cfg = parse_experiment({})
+    recorded = cfg.to_dict()
+    recorded["fedhpro"] |= {"recal_to_clients": True, "hp_target": "feature-grads"}
+    assert cfg.setup_changes(recorded, "fedhpro") == {}
+    recorded["fedhpro"]["recal_to_clients"] = False
+    assert cfg.setup_changes(recorded, "fedhpro") == {"fedhpro.recal_to_clients": (False, True)}
+    assert cfg.setup_changes(recorded, "fedavg") == {}  # FedAvg never read it

@@ -1,4 +1,4 @@
-"""README's layout section is the tree: every module of the app and the lab is listed there."""
+"""docs/layout.md is the tree: every module of the app and the lab is listed there."""
 
 import re
 from pathlib import Path
@@ -6,10 +6,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_readme_layout_lists_every_module_and_no_other():
-    text = (ROOT / "README.md").read_text()
-    layout = text[text.index("## Layout"):]
-    layout = layout[:layout.index("\n## ", 1)] if "\n## " in layout[1:] else layout
+def test_layout_lists_every_module_and_no_other():
+    layout = (ROOT / "docs" / "layout.md").read_text()
     listed = set(re.findall(r"\b([a-z_0-9]+\.py)\b", layout))
     modules = {p.name for package in ("fedhpro_flwr", "fedhpro_lab")
                for p in (ROOT / package).rglob("*.py") if p.name != "__init__.py"}

@@ -29,6 +29,8 @@ def test_the_app_bundle_carries_the_app_and_its_configs_only():
             "fedhpro_flwr/methods/fedhpro.py", "fedhpro_flwr/algorithms/losses.py",
             "fedhpro_flwr/data/sources.py", "conf/default.yaml"} <= set(shipped)
     assert not [p for p in shipped if p.startswith(("benchmarks/", "tests/", "fedhpro_lab/"))]
+    assert "fedhpro_flwr/README.md" in shipped  # the app's own short README,
+    assert "README.md" not in shipped  # not the project's front door and its findings
     assert [p for p in listed if p.startswith("fedhpro_lab/")]  # the lab exists, left out
     assert sum((ROOT / p).stat().st_size for p in shipped) < 10 * 2**20  # Flower's cap
 

@@ -12,18 +12,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedhpro_flwr.algorithms.models import build_model
+from fedhpro_flwr.algorithms.training import evaluate
 from fedhpro_flwr.app.client import handle_train
 from fedhpro_flwr.app.sharing import sharing_for
 from fedhpro_flwr.config import (
     EXPERIMENT_ID_KEY,
     STRATEGY_KEY,
-    ConfigError,
     ExperimentConfig,
 )
 from fedhpro_flwr.data.federated import dataset_spec, held_out, held_out_data, validation_data
 from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.fedprox import MU_KEY
-from fedhpro_flwr.methods.payload import EXPERIMENT_RECORD, PayloadError, tensors_to_record
+from fedhpro_flwr.methods.payload import EXPERIMENT_RECORD, tensors_to_record
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,86 +149,25 @@ def test_fedhpro_with_moments_uploads_class_moments_and_recalibrates_on_them():
     assert "recal_match_loss_before" not in strategy.report.row()
 
 
-def test_the_row_target_travels_as_class_rows_without_the_classifier_gradients():
-    """With class moments, the row-grads target costs C x d more per client, not C x C x d:
-    the own rows the paper's recalibration would have carried on its diagonal."""
-    rows = {"hp_target": "row-grads", "hp_step": "normalized", "lr_hp": 0.01}
-    lean = parse_experiment({**CFG.to_dict(), "fedhpro": rows})
-    paper = parse_experiment({**CFG.to_dict(), "fedhpro": {**rows, "recal_source": "gradients"}})
-    model = build_model(lean.model, dataset_spec(lean))
-    strategies = [get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10,
-                                                      model.feature_dim) for cfg in (lean, paper)]
-    lean_replies, paper_replies = (client_replies("fedhpro", strategy, model, cfg)
-                                   for strategy, cfg in zip(strategies, (lean, paper), strict=True))
-    assert sorted(lean_replies[0].content.array_records[STATS_RECORD].keys()) == [
-        "classes", "counts", "feature_grads", "feature_means", "feature_vars", "own_row_grads"]
-    for sent, diagonal in zip(lean_replies, paper_replies, strict=True):  # the same samples
-        own = strategies[0].decode_extra(sent.content).own_row_grads
-        assert own.abs().sum() > 0
-        assert torch.allclose(own, strategies[1].decode_extra(diagonal.content).own_row_grads,
-                              atol=1e-6)
-
-    start = strategies[0].hyperprototypes.clone()
-    assert strategies[0].aggregate_train(1, lean_replies)[0] is not None
-    row = strategies[0].report.row()
-    assert row["hp_match_loss_after"] < row["hp_match_loss_before"]
-    assert not torch.equal(strategies[0].hyperprototypes, start)
-    default = parse_experiment({**CFG.to_dict(), "fedhpro": {}})
-    without_rows = client_replies("fedhpro", strategies[0], model, default)[0]
-    with pytest.raises(PayloadError, match=r"missing arrays \['own_row_grads'\]"):
-        strategies[0].decode_extra(without_rows.content)
-
-
-def test_fedhpro_can_evaluate_with_the_recalibrated_classifier_and_send_the_averaged_one():
-    """`recal_to_clients: false` (CReFF's way): the same recalibration scores the round, but the
-    clients get, and next measure at, the averaged classifier."""
+def test_fedhpro_sends_and_evaluates_the_recalibrated_classifier():
+    """The recalibrated classifier replaces the averaged one in what the clients get (as the
+    reference code does) and in what the server scores; the averaged one is scored beside it."""
     model = build_model(CFG.model, dataset_spec(CFG))
-    fedhpro = get_method("fedhpro")
-    sending, keeping = (fedhpro.make_strategy(
-        parse_experiment({**CFG.to_dict(), "fedhpro": {"recal_to_clients": flag}}),
-        model.state_dict(), 10, model.feature_dim) for flag in (True, False))
-    replies = client_replies("fedhpro", sending, model, CFG)
-    sent, kept = (strategy.aggregate_train(1, replies)[0] for strategy in (sending, keeping))
-    assert sent is not None and kept is not None
-    sent_state, kept_state = sent.to_torch_state_dict(), kept.to_torch_state_dict()
-    assert keeping.aggregated_head is not None and sending.recalibrated_head is not None
+    strategy = get_method("fedhpro").make_strategy(CFG, model.state_dict(), 10,
+                                                   model.feature_dim)
+    sent = strategy.aggregate_train(1, client_replies("fedhpro", strategy, model, CFG))[0]
+    assert sent is not None and strategy.aggregated_head is not None
+    state = sent.to_torch_state_dict()
     for key in ("weight", "bias"):
-        averaged = keeping.aggregated_head[key]
-        assert torch.equal(kept_state[f"classifier.{key}"], averaged)
-        assert torch.equal(keeping.head[key], averaged)  # next round's clients measure here
-        assert torch.equal(sent_state[f"classifier.{key}"], sending.recalibrated_head[key])
-        assert not torch.equal(averaged, sending.recalibrated_head[key])
-    assert torch.equal(keeping.recalibrated_head["weight"], sending.recalibrated_head["weight"])
-    assert all(torch.equal(sent_state[k], kept_state[k]) for k in sent_state
-               if not k.startswith("classifier."))
-
+        assert torch.equal(strategy.head[key], state[f"classifier.{key}"])  # measured at next
+        assert not torch.equal(strategy.aggregated_head[key], state[f"classifier.{key}"])
     data = held_out_data(CFG)
-    scores = []
-    for strategy, state in ((sending, sent_state), (keeping, kept_state)):
-        model.load_state_dict(state)
-        scores.append(strategy.evaluate_model(model, data, torch.device("cpu")))
-        assert torch.equal(model.state_dict()["classifier.weight"],
-                           state["classifier.weight"])  # evaluation left the model alone
-    assert scores[0] == scores[1]
-    assert scores[0]["accuracy"] != scores[0]["aggregated_head_accuracy"]
-
-
-def test_recalibrating_for_evaluation_only_trains_as_without_recalibration():
-    """With `recal_to_clients: false` the recalibration reaches nothing the clients train
-    with: the round's model and hyper-prototypes are those of `recalibration: false`."""
-    model = build_model(CFG.model, dataset_spec(CFG))
-    rounds = []
-    for keys in ({"recal_to_clients": False}, {"recalibration": False}):
-        cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {"recal_epochs": 20, **keys}})
-        strategy = get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10,
-                                                       model.feature_dim)
-        arrays = strategy.aggregate_train(1, client_replies("fedhpro", strategy, model, cfg))[0]
-        assert arrays is not None
-        rounds.append((arrays.to_torch_state_dict(), strategy.hyperprototypes))
-    (evaluated, hp_evaluated), (without, hp_without) = rounds
-    assert all(torch.equal(evaluated[k], without[k]) for k in without)
-    assert torch.equal(hp_evaluated, hp_without)
-
+    model.load_state_dict(state)
+    scores = strategy.evaluate_model(model, data, torch.device("cpu"))
+    assert torch.equal(model.state_dict()["classifier.weight"], state["classifier.weight"])
+    assert scores["accuracy"] != scores["aggregated_head_accuracy"]
+    model.classifier.load_state_dict(strategy.aggregated_head)
+    assert scores["aggregated_head_accuracy"] == evaluate(model, data, torch.device("cpu"))[1]
 
 def test_fedhpro_server_step_over_groups_and_nearest_classes():
     """The caps that make the server step linear in the classes: a round with caps below the
@@ -264,84 +203,6 @@ def test_fedhpro_server_step_over_groups_and_nearest_classes():
     assert row["hp_match_loss_after"] < row["hp_match_loss_before"]
 
 
-def test_separated_anchors_need_no_more_classes_than_dimensions():
-    cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {"hp_separate": True}})
-    model = build_model(cfg.model, dataset_spec(cfg))
-    with pytest.raises(ConfigError, match=r"'fedhpro\.hp_separate' = true needs classes <= "
-                                          r"feature dim: 10 classes, 8 dims"):
-        get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10, 8)
-
-
-def test_hyperprototypes_matched_to_the_whole_classifier_gradients():
-    paper_recal = {"recal_source": "gradients", "recal_solver": "sgd", "recal_epochs": 20}
-    cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {**paper_recal,
-                                                         "hp_target": "classifier-grads"}})
-    model = build_model(cfg.model, dataset_spec(cfg))
-    strategy = get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10,
-                                                   model.feature_dim)
-    start = strategy.hyperprototypes.clone()
-    arrays, _ = strategy.aggregate_train(1, client_replies("fedhpro", strategy, model, cfg))
-    assert arrays is not None
-    row = strategy.report.row()
-    assert row["hp_match_loss_after"] < row["hp_match_loss_before"]
-    assert not torch.equal(strategy.hyperprototypes, start)
-
-
-def test_a_closed_form_head_keeps_the_clients_scale():
-    # the Bayes scale of a nearest-class-mean head (one over the feature variance) made the
-    # clients' losses overflow in round 2 of mnist-lt; at the round's own scale they train on
-    cfg = parse_experiment({**CFG.to_dict(), "fedhpro": {"recal_source": "moments",
-                                                         "recal_solver": "gaussian"}})
-    model = build_model(cfg.model, dataset_spec(cfg))
-    strategy = get_method("fedhpro").make_strategy(cfg, model.state_dict(), 10,
-                                                   model.feature_dim)
-    start = model.classifier.weight.detach().clone()
-    arrays, _ = strategy.aggregate_train(1, client_replies("fedhpro", strategy, model, cfg))
-    assert arrays is not None
-    head = arrays.to_torch_state_dict()["classifier.weight"]
-    assert head.norm().item() == pytest.approx(start.norm().item(), rel=1e-5)
-    model.load_state_dict(arrays.to_torch_state_dict())
-    replies = [handle_train(training_message("fedhpro", strategy, arrays, 100 + pid, cfg, 2),
-                            Context(run_id=1, node_id=100 + pid, state=RecordDict(),
-                                    run_config={}, node_config={"partition-id": pid,
-                                                                "num-partitions": NUM_CLIENTS}))
-               for pid in range(NUM_CLIENTS)]
-    assert strategy.aggregate_train(2, replies)[0] is not None
-    assert strategy.report.left_out == []
-    assert all(r.content.metric_records["metrics"]["train_loss"] < 10 for r in replies)
-
-
-def first_round_accuracies(**fedhpro) -> tuple[float, float]:
-    """Round 1 of FedHPro with recalibration: accuracy of the FedAvg'd classifier and of the
-    recalibrated one that replaces it."""
-    cfg = parse_experiment({"partition": {"num_partitions": NUM_CLIENTS},
-                                      "train": {"local_epochs": 1}, "fedhpro": fedhpro})
-    info = dataset_spec(cfg)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, info)
-    strategy = get_method("fedhpro").make_strategy(cfg, model.state_dict(), info.num_classes,
-                                                   model.feature_dim)
-    new_arrays, _ = strategy.aggregate_train(1, client_replies("fedhpro", strategy, model, cfg))
-    assert new_arrays is not None
-    model.load_state_dict(new_arrays.to_torch_state_dict())
-    scores = strategy.evaluate_model(model, held_out_data(cfg), torch.device("cpu"))
-    return scores["aggregated_head_accuracy"], scores["accuracy"]
-
-
-def test_recalibration_fix_keeps_the_first_round_from_collapsing():
-    # The paper's recalibration trains the classifier on features matched to gradients taken
-    # before local training, around zero: the trained extractor's features are neither
-    # (issue 8, Q2). Measuring after training and re-centring on the class means fixes it.
-    paper_recal = {"recal_source": "gradients", "recal_solver": "sgd"}
-    averaged, paper = first_round_accuracies(**paper_recal)
-    same, fixed = first_round_accuracies(**paper_recal, recal_after_training=True,
-                                         recal_recentre=True)
-    print(f"averaged classifier {averaged:.3f}, recalibrated {paper:.3f}, fixed {fixed:.3f}")
-    assert same == averaged  # the fix changes no client's training
-    assert paper < averaged - 0.05  # measured: 0.052 against 0.170
-    assert fixed > averaged and fixed > paper + 0.1  # measured: 0.201
-
-
 def test_the_server_scores_the_validation_share_beside_the_test_set():
     cfg = parse_experiment({**CFG.to_dict(), "data": {"validation_fraction": 0.1}})
     info = dataset_spec(cfg)
@@ -357,3 +218,49 @@ def test_the_server_scores_the_validation_share_beside_the_test_set():
                                                             on_validation["loss"])
     assert (scores["accuracy"], scores["loss"]) == (on_test["accuracy"], on_test["loss"])
     assert scores["val_loss"] != scores["loss"]  # two different sets were scored
+
+
+class WholeGrid:
+    """A grid of `nodes` that all train every round (no partition query is needed)."""
+
+    def __init__(self, nodes: list[int]):
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def test_record_keys_the_strategy_chose_are_read_and_answered_under_on_both_sides():
+    """Flower lets a strategy name its records (`arrayrecord_key`, `configrecord_key`,
+    `weighted_by_key`); the client reads the weights and config under those names and replies
+    under them, so a round with other names runs as with Flower's (FedProx: its mu travels in
+    the config record)."""
+    model = build_model(CFG.model, dataset_spec(CFG))
+    strategies = [get_method("fedprox").make_strategy(CFG, model.state_dict(), 10,
+                                                      model.feature_dim) for _ in range(2)]
+    renamed = strategies[1]
+    renamed.arrayrecord_key, renamed.configrecord_key = "global-weights", "train-config"
+    renamed.metricrecord_key, renamed.weighted_by_key = "client-metrics", "examples"
+    results = []
+    for strategy in strategies:
+        config = ConfigRecord({STRATEGY_KEY: "fedprox", EXPERIMENT_ID_KEY: "keys",
+                               **dataset_spec(CFG).to_config()})
+        messages = list(strategy.configure_train(1, tensors_to_record(model.state_dict()),
+                                                 config, WholeGrid([100, 101, 102])))
+        replies = []
+        for pid, message in enumerate(messages):
+            context = Context(run_id=1, node_id=100 + pid, state=RecordDict(), run_config={},
+                              node_config={"partition-id": pid, "num-partitions": NUM_CLIENTS})
+            replies.append(handle_train(message, context))
+        results.append((messages[0].content, replies[0].content,
+                        strategy.aggregate_train(1, replies)[0]))
+    (_, default_reply, default_arrays), (sent, reply, arrays) = results
+    assert set(sent.array_records) == {"global-weights"}
+    assert {"train-config", EXPERIMENT_RECORD} <= set(sent.config_records)
+    assert set(reply.array_records) == {"global-weights"}
+    assert set(reply.metric_records) == {"client-metrics"}
+    assert reply["client-metrics"]["examples"] == default_reply["metrics"]["num-examples"]
+    assert renamed.report is not None and renamed.report.left_out == []
+    assert default_arrays is not None and arrays is not None
+    want, got = default_arrays.to_torch_state_dict(), arrays.to_torch_state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)

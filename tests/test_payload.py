@@ -33,7 +33,7 @@ def stats():
     means = features.sum(dim=1) / counts.clamp(min=1)[:, None]
     variances = torch.rand(C, generator=generator) * present
     return ClassStatistics(present, counts, grads.feature, grads.weight, grads.bias, means,
-                           variances, grads.own_row)
+                           variances)
 
 
 def encoded(**replace):
@@ -118,24 +118,6 @@ def test_moments_travel_in_place_of_the_classifier_gradients():
     with pytest.raises(PayloadError, match="variance is negative"):
         decode_class_statistics(ArrayRecord({k: Array(v) for k, v in arrays.items()}), C, D,
                                 classifier=False, moments=True)
-
-
-def test_own_rows_travel_alone_or_are_read_off_the_classifier_gradients():
-    original = stats()
-    record = encode_class_statistics(original, classifier=False, moments=True, own_rows=True)
-    assert record["own_row_grads"].numpy().shape == (3, D)
-    alone = decode_class_statistics(record, C, D, classifier=False, moments=True, own_rows=True)
-    assert torch.equal(alone.own_row_grads, original.own_row_grads)
-    with pytest.raises(PayloadError, match="unexpected arrays"):
-        decode_class_statistics(record, C, D, classifier=False, moments=True)
-    with pytest.raises(PayloadError, match="missing arrays"):
-        decode_class_statistics(encode_class_statistics(original, classifier=False, moments=True),
-                                C, D, classifier=False, moments=True, own_rows=True)
-    # with the whole classifier gradients they are not sent twice: their diagonal
-    full = encode_class_statistics(original, own_rows=True)
-    assert "own_row_grads" not in full
-    read_off = decode_class_statistics(full, C, D, own_rows=True).own_row_grads
-    assert torch.allclose(read_off, original.own_row_grads, atol=1e-6)
 
 
 def test_model_weights_stay_float32_only():

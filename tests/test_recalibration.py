@@ -9,13 +9,11 @@ from fedhpro_flwr.algorithms.gradmatch import class_gradients, vector_distance
 from fedhpro_flwr.algorithms.recalibration import (
     FederatedFeatures,
     RecalibrationSettings,
-    class_means_from_gradients,
     classifier_on,
     feature_matching,
     fresh_linear,
     pooled_moments,
     recalibrate,
-    recentred,
     train_linear,
     train_linear_class_groups,
     train_linear_full_batch,
@@ -94,39 +92,6 @@ def test_federated_features_average_over_holders_and_remember_seen_classes():
     federated.recalibrate(weight, bias, [client_statistics(real, weight, bias, [3])], settings, g)
     assert federated.seen.all()  # classes seen in earlier rounds still train the classifier
     assert not torch.equal(federated.features[3], untouched)
-
-
-def test_class_means_are_read_off_the_classifier_gradients():
-    g = torch.Generator().manual_seed(7)
-    features = torch.randn(4, 30, 6, generator=g).relu() + 1.0
-    features[torch.arange(4), :, torch.arange(4)] += 3.0  # class c stands out along axis c
-    weight, bias = torch.randn(4, 6, generator=g) * 0.1, torch.zeros(4)  # an unfitted head
-    grads = class_gradients(features, weight, bias)
-    means, valid = class_means_from_gradients(grads)
-    p = torch.softmax(features @ weight.T + bias, dim=-1)
-    for c in range(4):
-        miss = 1 - p[c, :, c]  # how badly each sample of class c is fitted
-        expected = (miss[:, None] * features[c]).sum(0) / miss.sum()
-        assert torch.allclose(means[c], expected, atol=1e-5)
-    assert valid.all()
-    # once a class is fitted (mean p_c >= 0.5) the weighted mean is no longer its mean
-    fitted = class_gradients(features, torch.eye(4, 6) * 50, bias)
-    assert not class_means_from_gradients(fitted)[1].any()
-
-
-def test_recentred_features_sit_at_the_class_means():
-    g = torch.Generator().manual_seed(8)
-    features = torch.randn(3, 50, 16, generator=g)
-    means = torch.randn(3, 16, generator=g) * 4
-    move = torch.tensor([True, True, False])
-    fresh = torch.tensor([False, True, True])
-    out = recentred(features, means, move, fresh, g)
-    assert torch.allclose(out[:2].mean(dim=1), means[:2], atol=1e-5)
-    assert torch.equal(out[2], features[2])  # not moved, fresh or not
-    # a known class keeps its spread; a fresh one gets noise of norm ~ ||mean|| / 2
-    assert torch.allclose(out[0] - out[0].mean(0), features[0] - features[0].mean(0), atol=1e-5)
-    spread = (out[1] - means[1]).norm(dim=1).mean()
-    assert 0.35 * means[1].norm() < spread < 0.65 * means[1].norm()
 
 
 @pytest.mark.parametrize("distance", ["cosine", "mse"])
@@ -245,11 +210,10 @@ def test_class_groups_train_the_classifier_full_batch_steps_train():
     features = means[:, None] + torch.randn(40, 30, 16, generator=g)
     test = means[:, None] + torch.randn(40, 50, 16, generator=g)
     classes = torch.ones(40, dtype=torch.bool)
-    reference = torch.zeros(40, 16)
 
     def trained(per_step):
         return classifier_on(features, classes, "full-batch", 60, 0.05, 30,
-                             torch.Generator().manual_seed(0), reference, per_step)
+                             torch.Generator().manual_seed(0), per_step)
 
     def accuracy_of(weight, bias):
         return ((test @ weight.T + bias).argmax(dim=-1) == torch.arange(40)[:, None]).float().mean()
@@ -322,25 +286,3 @@ def test_moment_recalibration_needs_moments():
     with pytest.raises(ValueError, match="moments"):
         FederatedFeatures(2, 4, 3, torch.Generator()).recalibrate(
             torch.zeros(2, 3), torch.zeros(2), [bare], settings, torch.Generator())
-
-
-def test_gaussian_head_is_the_nearest_class_mean_rule_at_the_reference_scale():
-    g = torch.Generator().manual_seed(5)
-    features = torch.randn(4, 30, 6, generator=g) + torch.randn(4, 1, 6, generator=g) * 3
-    classes = torch.tensor([True, True, True, False])
-    reference = torch.randn(4, 6, generator=g) * 0.1
-    before = torch.Generator()
-    before.set_state(g.get_state())
-    weight, bias = classifier_on(features, classes, "gaussian", 0, 0.0, 1, g, reference)
-    means = features.mean(dim=1)[:3]
-    z = torch.randn(200, 6, generator=g) * 3
-    logits = (z @ weight.T + bias)[:, :3]
-    assert torch.equal(logits.argmax(dim=1), torch.cdist(z, means).argmin(dim=1))
-    # the logit gaps are the squared-distance gaps, times the scale that gives the rows the
-    # reference's norm
-    assert weight[:3].norm().item() == pytest.approx(reference[:3].norm().item(), rel=1e-5)
-    scale = reference[:3].norm() / means.norm()
-    gaps = -(torch.cdist(z, means) ** 2) / 2 * scale
-    assert torch.allclose(logits - logits[:, :1], gaps - gaps[:, :1], atol=1e-4)
-    fresh_weight, fresh_bias = fresh_linear(4, 6, before)  # the unseen class: a fresh row
-    assert torch.equal(weight[3], fresh_weight[3]) and bias[3] == fresh_bias[3]

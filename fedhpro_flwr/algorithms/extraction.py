@@ -29,8 +29,6 @@ class ClassStatistics:
     feature_means: torch.Tensor | None = None  # (C, d)
     # (C,): mean squared distance of a class's features to their mean, per dimension
     feature_vars: torch.Tensor | None = None
-    # (C, d): row c of the class's gradient w.r.t. the classifier weight, its own row
-    own_row_grads: torch.Tensor | None = None
 
 
 def sample_per_class(
@@ -75,7 +73,7 @@ def extract_class_statistics(
     not send them. Features are computed `chunk` samples at a time, by default 64 on a CPU,
     where batches of a few dozen keep the activations in cache (64 against 512: 0.29 s against
     0.35-0.43 s for a client's 1,138 digits, one thread), and 512 elsewhere, where each batch
-    costs its kernel launches (the size the GPU figures of benchmarks/GPU.md were measured with).
+    costs its kernel launches (the size the project's GPU figures were measured with).
     """
     chunk = chunk or (64 if device.type == "cpu" else 512)
     model.eval()
@@ -101,12 +99,11 @@ def extract_class_statistics(
         means = grid.sum(dim=1) / taken[:, None]
         squares = ((grid - means[:, None]) ** 2 * mask_d[..., None]).sum(dim=(1, 2))
         variances = squares / (taken * grid.shape[2])
-        parts = [grads.feature, means, variances, grads.own_row]
+        parts = [grads.feature, means, variances]
         if classifier:
             parts += [grads.weight, grads.bias]
         sums = parts if sums is None else [a + b for a, b in zip(sums, parts, strict=True)]
     assert sums is not None
-    feature, means, variances, own_rows, *head_grads = (s.cpu() / repeats for s in sums)
+    feature, means, variances, *head_grads = (s.cpu() / repeats for s in sums)
     weight_g, bias_g = head_grads if classifier else (None, None)
-    return ClassStatistics(present, counts, feature, weight_g, bias_g, means, variances,
-                           own_rows)
+    return ClassStatistics(present, counts, feature, weight_g, bias_g, means, variances)

@@ -17,17 +17,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-Distance = Literal["cosine", "mse", "scalar"]
-Step = Literal["sgd", "normalized"]
+Distance = Literal["cosine", "mse"]
 
 
 @dataclass(frozen=True)
 class ClassGradients:
-    """Mean CE gradients per class: w.r.t. the feature (C, d), the class's own classifier row
-    (C, d; row c is ``weight[c, c]``), the weight (C, C, d) and the bias (C, C)."""
+    """Mean CE gradients per class: w.r.t. the feature (C, d), the weight (C, C, d) and the
+    bias (C, C)."""
 
     feature: torch.Tensor
-    own_row: torch.Tensor
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
@@ -55,8 +53,7 @@ def class_gradients(
         weight, bias: the linear classifier, (C, d) and (C,).
         mask: (C, B) bool, which slots hold real samples; None means all of them.
         with_classifier: also return the gradients w.r.t. the classifier's parameters.
-    Rows without any sample come out as zeros; callers mask them. The own rows, O(C B d)
-    where the whole weight gradient is O(C^2 B d), come either way.
+    Rows without any sample come out as zeros; callers mask them.
     """
     num_classes = features.shape[0]
     residual = softmax_residual(features, weight, bias)[1]
@@ -68,32 +65,24 @@ def class_gradients(
     scale = 1.0 / counts.clamp(min=1).to(residual.dtype)
     mean_residual = residual.sum(dim=1) * scale[:, None]  # (C, C)
     feature_grad = mean_residual @ weight  # (C, d)
-    own_residual = torch.diagonal(residual, dim1=0, dim2=2).T  # (C, B): residual[c, b, c]
-    own_row = (own_residual[..., None] * features).sum(dim=1) * scale[:, None]
     if not with_classifier:
-        return ClassGradients(feature_grad, own_row)
+        return ClassGradients(feature_grad)
     weight_grad = torch.bmm(residual.transpose(1, 2), features) * scale[:, None, None]
-    return ClassGradients(feature_grad, own_row, weight_grad, mean_residual)
+    return ClassGradients(feature_grad, weight_grad, mean_residual)
 
 
 def vector_distance(a: torch.Tensor, b: torch.Tensor, kind: Distance) -> torch.Tensor:
     """Distance per leading index between tensors of shape (N, ..., k).
 
     cosine: 1 - cos over the last axis, summed over the axes between (per output row,
-    as in Dataset Condensation's layer-wise distance); mse: summed squared difference;
-    scalar: 1 - cos of every single entry, summed: the FedHPro reference code's loop, which
-    walks the vector one scalar at a time. A scalar's cosine is the product of the signs, so
-    this counts sign disagreements and has no gradient; it exists to reproduce that code.
+    as in Dataset Condensation's layer-wise distance); mse: summed squared difference.
     """
     if kind == "cosine":
         per_row = 1.0 - F.cosine_similarity(a, b, dim=-1, eps=1e-12)
     elif kind == "mse":
         per_row = (a - b).pow(2).sum(dim=-1)
-    elif kind == "scalar":
-        per_row = (1.0 - F.cosine_similarity(a[..., None], b[..., None], dim=-1,
-                                             eps=1e-12)).sum(dim=-1)
     else:
-        raise ValueError(f"unknown distance '{kind}'; allowed: cosine, mse, scalar")
+        raise ValueError(f"unknown distance '{kind}'; allowed: cosine, mse")
     return per_row.reshape(per_row.shape[0], -1).sum(dim=1)
 
 
@@ -117,18 +106,6 @@ def masked_class_mean(
 
 # (loss, its gradient) at a point: what `descend` follows
 LossAndGrad = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-def with_autograd(loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> LossAndGrad:
-    """(loss, gradient) of a scalar loss by autograd."""
-
-    def loss_and_grad(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.detach().requires_grad_(True)
-        loss = loss_fn(x)
-        (grad,) = torch.autograd.grad(loss, x)
-        return loss.detach(), grad
-
-    return loss_and_grad
 
 
 def prepared_target(target: torch.Tensor, present: torch.Tensor, kind: Distance
@@ -176,15 +153,10 @@ def descend(
     loss_and_grad: LossAndGrad,
     steps: int,
     lr: float,
-    step: Step = "sgd",
 ) -> tuple[torch.Tensor, float, float]:
     """Gradient descent from `start` (left as it is): (result, loss at the start, at the end).
 
     The server's two matching problems (hyper-prototypes, federated features) are both this.
-    `step` "sgd" moves by ``lr * gradient``; "normalized" moves every leading-index block
-    (a class) by ``lr * its norm`` along its gradient's direction, whatever the gradient's
-    scale: a cosine distance between gradients that nearly agree has a tiny gradient, and
-    plain steps then barely move the parameters.
     """
     x = start.detach().clone()
     loss, grad = loss_and_grad(x)
@@ -192,10 +164,6 @@ def descend(
     for i in range(steps):
         if i:
             loss, grad = loss_and_grad(x)
-        if step == "normalized":
-            block = tuple(range(1, x.dim()))
-            grad = grad * (x.norm(dim=block, keepdim=True)
-                           / grad.norm(dim=block, keepdim=True).clamp(min=1e-12))
         x.add_(grad, alpha=-lr)
     after = loss_and_grad(x)[0].item() if steps else before
     return x, before, after

@@ -3,14 +3,12 @@
 Clients use them through two derived views (`anchors` for HPCL, `centers` for HPAL); the
 server moves them so that the CE gradients they induce in the global classifier match the
 gradients clients measured on real features (`match_hyperprototypes`): by the paper, the
-gradients w.r.t. the features (`matching_objective`); as a variant, the gradients w.r.t. each
-class's own classifier row (`row_matching_objective`).
+gradients w.r.t. the features (`matching_objective`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,70 +16,19 @@ import torch.nn.functional as F
 from fedhpro_flwr.algorithms.gradmatch import (
     Distance,
     LossAndGrad,
-    Step,
     class_gradients,
     cosine_rows,
     descend,
     distance_and_grad,
     prepared_target,
     vector_distance,
-    with_autograd,
 )
 
-Init = Literal["normal", "orthogonal"]
-# what the hyper-prototypes' induced gradients are matched to: the clients' mean CE gradient
-# w.r.t. a class's features (the paper's), w.r.t. the class's own classifier row, or w.r.t.
-# the whole classifier (weight and bias, as CReFF matches its federated features)
-Target = Literal["feature-grads", "row-grads", "classifier-grads"]
 
-
-def init_hyperprototypes(
-    num_classes: int, per_class: int, dim: int, generator: torch.Generator,
-    kind: Init = "normal",
-) -> torch.Tensor:
-    """(C, L, d) drawn from N(0, 1) (the paper).
-
-    "orthogonal" then moves each class's draws so that their mean points along one of C
-    orthonormal directions (C <= d), keeping its length and the spread within the class:
-    the mean directions of N(0, 1) draws are only nearly orthogonal (cosines of order
-    1/sqrt(d)), which matters when C approaches d.
-    """
-    draws = torch.randn(num_classes, per_class, dim, generator=generator)
-    if kind == "normal":
-        return draws
-    if kind != "orthogonal":
-        raise ValueError(f"unknown initialisation '{kind}'; allowed: normal, orthogonal")
-    if num_classes > dim:
-        raise ValueError(f"orthogonal initialisation needs classes <= feature dim "
-                         f"({num_classes} > {dim})")
-    means = draws.mean(dim=1)  # (C, d)
-    basis, _ = torch.linalg.qr(means.T)  # (d, C) orthonormal; column c spans means[:c+1]
-    directions = basis.T * torch.sign((basis.T * means).sum(dim=1, keepdim=True))
-    target = directions * means.norm(dim=1, keepdim=True)
-    return draws + (target - means)[:, None, :]
-
-
-def separated(hyperprototypes: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """The (C, L, d) hyper-prototypes with the mean of each `present` class moved onto the
-    nearest set of mutually orthogonal directions, each mean keeping its length and each
-    class the spread of its L vectors (C <= d).
-
-    Nearest: the orthonormal rows closest to the unit mean directions in the least-squares
-    sense, ``U V^T`` of their SVD, which moves every class as little as orthogonality allows
-    and favours none (Gram-Schmidt would keep the first class and bend the others). Learned
-    anchors point where the classes lie, so close classes get close anchors; this keeps where
-    they point as far as it can while separating them as far as the dimension allows.
-    """
-    chosen = present.nonzero().squeeze(1)
-    if len(chosen) > hyperprototypes.shape[2]:
-        raise ValueError(f"orthogonal class means need classes <= feature dim "
-                         f"({len(chosen)} > {hyperprototypes.shape[2]})")
-    means = hyperprototypes[chosen].mean(dim=1)  # (P, d)
-    left, _, right = torch.linalg.svd(F.normalize(means, dim=1), full_matrices=False)
-    goal = (left @ right) * means.norm(dim=1, keepdim=True)
-    moved = hyperprototypes.clone()
-    moved[chosen] += (goal - means)[:, None, :]
-    return moved
+def init_hyperprototypes(num_classes: int, per_class: int, dim: int,
+                         generator: torch.Generator) -> torch.Tensor:
+    """(C, L, d) drawn from N(0, 1) (the paper)."""
+    return torch.randn(num_classes, per_class, dim, generator=generator)
 
 
 def anchors(hyperprototypes: torch.Tensor) -> torch.Tensor:
@@ -161,16 +108,11 @@ def matching_objective(
     gradient is ``g_c = mean_l r_cl W``, so ``dL/dr_cl = (dL/dg_c) W^T / L`` for every l, and
     back through the softmax to ``dL/dP_cl = dlogits_cl W``: a dozen small tensor operations
     per step where autograd's graph costs several times more on the server's small problems.
-    "scalar" has no useful gradient (sign agreement) and keeps autograd.
 
     `neighbours` (C, K) (`nearest_classes`) restricts class c's softmax to the classes in its
     row, those holding nearly all its probability: a step costs ``C L K d`` instead of
     ``C L C d``, linear in the classes for a fixed K.
     """
-    if distance == "scalar":
-        if neighbours is not None:
-            raise ValueError("the scalar distance matches over every class; no neighbours")
-        return with_autograd(lambda p: matching_loss(p, weight, bias, target, present, distance))
     prepared = prepared_target(target, present, distance)
     constant = cosine_rows(target, present) if distance == "cosine" else 0
     if neighbours is None:  # every class: one classifier for all, broadcast
@@ -202,54 +144,15 @@ def matching_objective(
     return loss_and_grad
 
 
-def centred_directions(rows: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Unit (C, d) rows minus their mean over the `present` classes; absent rows are zero.
-
-    What tells classes apart: the component shared by every class (real features after a
-    ReLU share one dominant direction) is removed, and each class weighs the same whatever
-    the length of its row."""
-    keep = present[:, None]
-    unit = torch.where(keep, F.normalize(rows, dim=-1), torch.zeros((), dtype=rows.dtype))
-    mean = unit.sum(dim=0) / present.sum().clamp(min=1)
-    return torch.where(keep, unit - mean, torch.zeros((), dtype=rows.dtype))
-
-
-def row_matching_objective(
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    target_rows: torch.Tensor,
-    present: torch.Tensor,
-) -> LossAndGrad:
-    """Cosine distance, summed over present classes, between the centred directions of the
-    hyper-prototypes' own-row gradients (`gradmatch.class_gradients`' `own_row`) and of the
-    clients' mean own-row gradients `target_rows` (C, d), with its gradient by autograd.
-
-    Row c of dCE/dW over class c's samples is minus their (1 - p_c)-weighted mean feature: it
-    carries where the class lies in feature space, which the feature gradient, about -W_c
-    whatever the feature, does not. Centring keeps what separates the classes."""
-    goal = centred_directions(target_rows, present)
-    keep = present.to(weight.dtype)
-
-    def loss(hyperprototypes: torch.Tensor) -> torch.Tensor:
-        own_rows = class_gradients(hyperprototypes, weight, bias, with_classifier=False).own_row
-        induced = centred_directions(own_rows, present)
-        cos = F.cosine_similarity(induced, goal, dim=-1, eps=1e-12)
-        return ((1.0 - cos) * keep).sum()
-
-    return with_autograd(loss)
-
-
 def match_hyperprototypes(
     hyperprototypes: torch.Tensor,
     objective: LossAndGrad,
     steps: int,
     lr: float,
-    step: Step = "sgd",
 ) -> MatchResult:
     """`steps` descent steps on the (C, L, d) hyper-prototypes against a matching
-    `objective` (`matching_objective` or `row_matching_objective`, built at the new global
-    classifier; `step`: see `gradmatch.descend`)."""
+    `objective` (`matching_objective`, built at the new global classifier)."""
     start = hyperprototypes.detach()
-    result, before, after = descend(start, objective, steps, lr, step)
+    result, before, after = descend(start, objective, steps, lr)
     movement = ((result - start).norm() / start.norm().clamp(min=1e-12)).item()
     return MatchResult(result, before, after, movement)

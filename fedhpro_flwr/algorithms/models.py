@@ -155,7 +155,7 @@ def _backbone(cfg: ModelConfig, spec: DataSpec, backbone: tuple[str, int] | None
 def place(model: Backbone, device: torch.device) -> Backbone:
     """`model` moved to `device`; on a CPU with its convolution weights stored channels-last,
     which takes PyTorch's faster CPU convolutions whatever the inputs' layout (local training
-    1.7-2.4x faster for the small CNN, 1.2x for ResNet-10: benchmarks/FINDINGS.md). Only the
+    1.7-2.4x faster for the small CNN, 1.2x for ResNet-10, as measured). Only the
     memory layout changes: values, state dicts and uploads are the same up to float rounding.
     GPUs keep the default layout (not measured there)."""
     if device.type == "cpu":

@@ -32,10 +32,9 @@ from fedhpro_flwr.algorithms.gradmatch import (
     prepared_target,
 )
 
-# how the new classifier is made from the federated features: trained by the reference
-# recipe's minibatch SGD, or by the same schedule as one full-batch step per epoch, or written
-# down in closed form (`gaussian_head`, cost linear in the classes)
-Solver = Literal["sgd", "full-batch", "gaussian"]
+# how the new classifier is trained on the federated features: by the reference recipe's
+# minibatch SGD, or by the same schedule as one full-batch step per epoch
+Solver = Literal["sgd", "full-batch"]
 # what the federated features are made from: matched to the clients' classifier gradients,
 # or drawn from the clients' per-class feature moments
 Source = Literal["gradients", "moments"]
@@ -253,8 +252,7 @@ def recalibrate(
         present: (C,) bool, classes with a target this round.
         train_classes: (C,) bool, classes whose features train the new classifier
             (default: `present`).
-        solver: `train_linear` ("sgd"), `train_linear_full_batch` ("full-batch") or
-            `gaussian_head` ("gaussian").
+        solver: `train_linear` ("sgd") or `train_linear_full_batch` ("full-batch").
         classes_per_step: see `classifier_on`.
     """
     weight, bias = weight.detach(), bias.detach()
@@ -265,41 +263,16 @@ def recalibrate(
 
     classes = present if train_classes is None else train_classes
     new_weight, new_bias = classifier_on(matched, classes, solver, epochs, lr, batch_size,
-                                         generator, weight, classes_per_step)
+                                         generator, classes_per_step)
     return RecalibrationResult(matched, new_weight, new_bias, before, after)
-
-
-def gaussian_head(features: torch.Tensor, classes: torch.Tensor, reference: torch.Tensor,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Bayes classifier of the (C, M, d) features' classes, each modelled as a Gaussian
-    around its mean with one shared isotropic variance, all classes equally likely, at the
-    scale of the `reference` classifier weight (C, d).
-
-    Its logits ``s (mu_c . z - |mu_c|^2 / 2)`` rank classes as the distance from z to their
-    means does (nearest class mean). The Bayes scale, one over the variance, is as large as
-    the features are concentrated and made clients diverge; `s` instead gives the rows of the
-    `classes` the norm the reference's rows have: the rule changes, the confidence the
-    clients train from does not. Rows of other classes are those of a fresh layer, as the
-    trained solvers leave them. O(C M d): no training, no class-by-class products.
-    """
-    weight, bias = fresh_linear(features.shape[0], features.shape[2], generator, features.dtype)
-    means = features[classes].mean(dim=1)
-    scale = reference[classes].norm() / means.norm().clamp(min=1e-12)
-    weight[classes] = means * scale
-    bias[classes] = -(means * means).sum(dim=1) / 2 * scale
-    return weight, bias
 
 
 def classifier_on(features: torch.Tensor, classes: torch.Tensor, solver: Solver, epochs: int,
                   lr: float, batch_size: int, generator: torch.Generator,
-                  reference: torch.Tensor, classes_per_step: int = 0,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fresh linear layer made from the (C, M, d) features of the `classes` (C,) bool
-    (`reference`: the classifier weight it replaces, whose scale `gaussian_head` keeps;
-    `classes_per_step`: with "full-batch", train on groups of that many classes at a time,
+                  classes_per_step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh linear layer trained on the (C, M, d) features of the `classes` (C,) bool
+    (`classes_per_step`: with "full-batch", train on groups of that many classes at a time,
     `train_linear_class_groups`, where more are trained; 0: all in every step)."""
-    if solver == "gaussian":
-        return gaussian_head(features, classes, reference, generator)
     if solver == "full-batch" and 0 < classes_per_step < int(classes.sum()):
         return train_linear_class_groups(features, classes, epochs, lr, batch_size, generator,
                                          classes_per_step)
@@ -319,7 +292,7 @@ def mean_class_gradients(stats: list[ClassStatistics]) -> tuple[ClassGradients, 
     feature, holders = masked_class_mean(torch.stack([s.feature_grads for s in stats]), held)
     weight = masked_class_mean(torch.stack([s.weight_grads for s in stats]), held)[0]
     target = ClassGradients(
-        feature, own_row=torch.diagonal(weight).T, weight=weight,
+        feature, weight=weight,
         bias=masked_class_mean(torch.stack([s.bias_grads for s in stats]), held)[0],
     )
     return target, holders > 0
@@ -353,42 +326,6 @@ def drawn_features(features: torch.Tensor, means: torch.Tensor, variances: torch
     return torch.where(classes[:, None, None], drawn, features)
 
 
-# Re-centre a class only while the classifier gives its samples less than this probability on
-# average: there the (1 - p)-weighted mean below is close to the plain class mean; once the
-# class is fitted, it is the mean of the few samples still misfitted, not where the class lies.
-RECENTRE_BELOW = 0.5
-
-
-def class_means_from_gradients(target: ClassGradients) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each class's mean feature, read off its classifier gradients: (C, d) and (C,) valid.
-
-    For samples z of class c, row c of dCE/dW is mean((p_c - 1) z) and entry c of dCE/db is
-    mean(p_c - 1): their ratio is the class's mean feature, weighted by 1 - p_c (how badly
-    the classifier fits each sample). Valid while mean(p_c) < RECENTRE_BELOW.
-    """
-    assert target.weight is not None and target.bias is not None
-    c = torch.arange(target.bias.shape[0])
-    residual = target.bias[c, c]  # mean(p_c - 1), in [-1, 0]
-    valid = residual < RECENTRE_BELOW - 1.0
-    means = target.weight[c, c] / torch.where(valid, residual, -1.0)[:, None]
-    return means, valid
-
-
-def recentred(features: torch.Tensor, means: torch.Tensor, move: torch.Tensor,
-              fresh: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The features of the classes in `move` shifted so that their mean is `means`.
-
-    A class in `fresh` (seen for the first time) has no spread of its own yet: it starts
-    from its mean plus N(0, s^2) noise, s = ||mean|| / (2 sqrt(d)).
-    """
-    dim = features.shape[-1]
-    noise = torch.randn(features.shape, generator=generator)
-    noise = noise * (means.norm(dim=-1) / (2 * dim**0.5))[:, None, None]
-    start = torch.where((move & fresh)[:, None, None], noise, features)
-    shifted = start - start.mean(dim=1, keepdim=True) + means[:, None, :]
-    return torch.where(move[:, None, None], shifted, features)
-
-
 @dataclass(frozen=True)
 class RecalibrationSettings:
     """The knobs of `recalibrate` that a method's config sets."""
@@ -399,7 +336,6 @@ class RecalibrationSettings:
     lr: float
     batch_size: int
     distance: Distance = "cosine"
-    recentre: bool = False  # put each class's features at its mean feature first
     solver: Solver = "sgd"
     source: Source = "gradients"
     classes_per_step: int = 0  # see `classifier_on`
@@ -427,12 +363,8 @@ class FederatedFeatures:
         """Match against `weight`, `bias` (held fixed), or draw from the moments (see
         `RecalibrationSettings.source`); the features keep the result."""
         if settings.source == "moments":
-            return self.from_moments(weight, stats, settings, generator)
+            return self.from_moments(stats, settings, generator)
         target, present = mean_class_gradients(stats)
-        if settings.recentre:
-            means, valid = class_means_from_gradients(target)
-            self.features = recentred(self.features, means, valid & present, ~self.seen,
-                                      generator)
         self.seen |= present
         result = recalibrate(
             self.features, weight, bias, target, present,
@@ -444,9 +376,8 @@ class FederatedFeatures:
         self.features = result.features
         return result
 
-    def from_moments(self, weight: torch.Tensor, stats: list[ClassStatistics],
-                     settings: RecalibrationSettings, generator: torch.Generator
-                     ) -> RecalibrationResult:
+    def from_moments(self, stats: list[ClassStatistics], settings: RecalibrationSettings,
+                     generator: torch.Generator) -> RecalibrationResult:
         """Features drawn from this round's pooled class moments (classes absent this round
         keep theirs), and a fresh classifier trained on every class seen so far."""
         means, variances, present = pooled_moments(stats)
@@ -454,7 +385,7 @@ class FederatedFeatures:
         self.seen |= present
         new_weight, new_bias = classifier_on(self.features, self.seen, settings.solver,
                                              settings.epochs, settings.lr, settings.batch_size,
-                                             generator, weight, settings.classes_per_step)
+                                             generator, settings.classes_per_step)
         return RecalibrationResult(self.features, new_weight, new_bias, None, None)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -80,7 +80,7 @@ def load_checkpoint(out_dir: Path, strategy: str, experiment: ExperimentConfig) 
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {exc}") from exc
     if experiment.model.backbone_list() and "experiment_id" not in checkpoint.results:
         # measured: such a run resumed at round 31 restored none of its 10 clients' models
-        # and fell from 0.88 to 0.42 (benchmarks/protocol/STATUS.md)
+        # and fell from 0.88 to 0.42 (the protocol benchmark's hetero table, 2026-12)
         raise CheckpointError(
             f"checkpoint {path} is from a run with heterogeneous backbones (model.backbones) "
             "made before its clients saved their personal models for a resume; a continued "

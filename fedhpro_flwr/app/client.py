@@ -15,7 +15,12 @@ from fedhpro_flwr.app.sharing import NodeMemory, claim_node_state, client_seed, 
 from fedhpro_flwr.config import EXPERIMENT_ID_KEY, STRATEGY_KEY, ConfigError, ExperimentConfig
 from fedhpro_flwr.data.federated import DataSpec, TensorData, cached_client_data, local_data
 from fedhpro_flwr.methods import ClientTask, get_method
-from fedhpro_flwr.methods.payload import EXPERIMENT_RECORD, required_record, tensors_to_record
+from fedhpro_flwr.methods.payload import (
+    EXPERIMENT_RECORD,
+    RecordKeys,
+    required_record,
+    tensors_to_record,
+)
 from fedhpro_flwr.methods.sampling import NUM_PARTITIONS_KEY, PARTITION_KEY, QUERY_RECORD
 
 
@@ -66,7 +71,8 @@ def node_data(node_config: dict[str, Any], cfg: ExperimentConfig, spec: DataSpec
 
 def handle_train(msg: Message, context: Context) -> Message:
     """One round of local training for whichever method the server runs."""
-    config: ConfigRecord = msg.content.config_records["config"]
+    keys = RecordKeys.of(msg.content)
+    config: ConfigRecord = msg.content.config_records[keys.config]
     method = get_method(str(config[STRATEGY_KEY]))
     cfg = ExperimentConfig.from_flat(msg.content.config_records[EXPERIMENT_RECORD],
                                      {method.name: method.section})
@@ -83,7 +89,7 @@ def handle_train(msg: Message, context: Context) -> Message:
     claim_node_state(memory.state, memory.experiment_id)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, server_round, partition_id))
     local = mode.client_model(spec, node_data(node_config, cfg, spec, partition_id),
-                              required_record(msg.content, "arrays"), partition_id, node_config,
+                              required_record(msg.content, keys.arrays), partition_id, node_config,
                               memory)
     place(local.model, device)
 
@@ -95,14 +101,14 @@ def handle_train(msg: Message, context: Context) -> Message:
 
     weights, own_metrics = mode.finish(local, partition_id, memory, device)
     metrics = MetricRecord({
-        "num-examples": len(local.data),
+        keys.examples: len(local.data),
         "partition-id": partition_id,
         "client-seconds": seconds,
         "client-started": started,
         **train_metrics,
         **own_metrics,
     })
-    reply = RecordDict({"arrays": tensors_to_record(weights), "metrics": metrics, **extra})
+    reply = RecordDict({keys.arrays: tensors_to_record(weights), keys.metrics: metrics, **extra})
     return Message(content=reply, reply_to=msg)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,15 +13,8 @@ from flwr.app import ArrayRecord
 
 from fedhpro_flwr.algorithms.diagnostics import consistency_metric
 from fedhpro_flwr.algorithms.extraction import ClassStatistics, extract_class_statistics
-from fedhpro_flwr.algorithms.gradmatch import (
-    Distance,
-    LossAndGrad,
-    Step,
-    masked_class_mean,
-)
+from fedhpro_flwr.algorithms.gradmatch import Distance, LossAndGrad, masked_class_mean
 from fedhpro_flwr.algorithms.hyperproto import (
-    Init,
-    Target,
     anchors,
     centers,
     init_hyperprototypes,
@@ -29,21 +22,11 @@ from fedhpro_flwr.algorithms.hyperproto import (
     matching_objective,
     nearest_classes,
     neighbour_agreement,
-    row_matching_objective,
-    separated,
 )
 from fedhpro_flwr.algorithms.losses import RunningClassMeans, hpal, hpcl
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.prototypes import local_prototypes
-from fedhpro_flwr.algorithms.recalibration import (
-    RecalibrationSettings,
-    Solver,
-    Source,
-    mean_class_gradients,
-)
-from fedhpro_flwr.algorithms.recalibration import (
-    matching_objective as classifier_gradient_objective,
-)
+from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings, Solver, Source
 from fedhpro_flwr.algorithms.training import evaluate, train_epochs
 from fedhpro_flwr.config import ConfigError, ExperimentConfig, setting
 from fedhpro_flwr.data.federated import TensorData
@@ -62,7 +45,7 @@ HP_RECORD = "hyperprototypes"
 
 @dataclass(frozen=True)
 class FedHProConfig:
-    """FedHPro's hyper-parameters (names follow ../shared/FEDHPRO.md)."""
+    """FedHPro's hyper-parameters (names follow the paper and its reference code)."""
 
     num_hyperprototypes: int = setting(5, ge=1)  # L per class
     tau: float = setting(0.05, gt=0.0)
@@ -72,26 +55,14 @@ class FedHProConfig:
     margin_momentum: float = setting(0.9, ge=0.0, le=1.0)  # running class-mean update
     batch_real: int = setting(100, ge=1)  # samples per class for gradient extraction
     repeat_num: int = setting(1, ge=1)
-    init: Init = setting("normal")  # hyper-prototypes at start
     rounds_of_hp: int = setting(30, ge=0)  # matching steps per round; 0 = fixed anchors
     lr_hp: float = setting(0.1, gt=0.0)
-    hp_step: Step = setting("sgd")  # see gradmatch.descend
-    # after matching, move the class means of the hyper-prototypes onto the nearest mutually
-    # orthogonal directions (hyperproto.separated; needs classes <= feature dim)
-    hp_separate: bool = setting(False)
-    # the gradients matched: w.r.t. the features (the paper's), w.r.t. each class's own
-    # classifier row (centred directions, see hyperproto.row_matching_objective; C x d more
-    # per client unless the whole classifier gradients travel) or w.r.t. the whole classifier
-    hp_target: Target = setting("feature-grads")
-    # the classes each class's hyper-prototypes are matched over (with the feature-grads
-    # target and a distance other than scalar): itself and the classifier's
+    # the classes each class's hyper-prototypes are matched over: itself and the classifier's
     # hp_softmax_classes - 1 highest-scoring others, so that a step costs C L K d instead of
     # C L C d, linear in the classes; 0: all classes, the paper's (so is any K >= C)
     hp_softmax_classes: int = setting(32, ge=0)
-    # matching distance; "scalar" (the reference code's loop) applies to the hyper-prototypes
-    # only, the recalibration then matches whole rows by cosine as that code does
-    distance: Distance = setting("cosine")
-    float16_upload: bool = setting(False)  # send the per-class gradients as float16
+    distance: Distance = setting("cosine")  # matching distance (the paper's; also mse)
+    float16_upload: bool = setting(False)  # send the per-class statistics as float16
     recalibration: bool = setting(True)
     recal_features: int = setting(50, ge=1)  # M federated features per class
     recal_match_steps: int = setting(100, ge=0)
@@ -101,48 +72,23 @@ class FedHProConfig:
     recal_batch_size: int = setting(50, ge=1)
     # how the new classifier is trained: "sgd", the reference recipe (recal_epochs of minibatch
     # SGD), or "full-batch", the same schedule as one full-batch step per epoch (10x fewer
-    # steps; the default: a tie with "sgd" in every default setting, benchmarks/recal-default)
+    # steps; the default: a tie with "sgd" in every default setting, as measured)
     recal_solver: Solver = setting("full-batch")
     # with "full-batch": train on groups of this many classes at a time (a softmax over the
     # group, corrected as sampled softmax is), so that the cost grows linearly in the
     # classes; 0: every class in every step (so is any number >= the classes)
     recal_classes_per_step: int = setting(32, ge=0)
-    # measure the classifier gradients after local training (at the trained extractor, with
-    # the received classifier) instead of before it, as the paper and CReFF do
-    recal_after_training: bool = setting(False)
-    # move each class's federated features so that their mean is the class's mean feature,
-    # read off the clients' classifier gradients (row c of dCE/dW over dCE/db_c)
-    recal_recentre: bool = setting(False)
     # what the federated features come from: "gradients", matched to the clients' C x C x d
     # classifier gradients (the paper's), or "moments", drawn from the clients' per-class
     # feature means and spreads (C x d + C per client; no matching; cost linear in C; the
-    # default: ahead of the paper's in every default setting, benchmarks/recal-default)
+    # default: ahead of the paper's in every default setting, as measured)
     recal_source: Source = setting("moments")
-    # send the recalibrated classifier to the clients, as the reference code does; false:
-    # evaluate with it but send the averaged one, as CReFF does (early on the recalibrated
-    # classifier trails the averaged one, benchmarks/first-rounds)
-    recal_to_clients: bool = setting(True)
 
     def __post_init__(self) -> None:
         for key in ("recal_classes_per_step", "hp_softmax_classes"):
             if getattr(self, key) == 1:
                 raise ConfigError(f"config key 'fedhpro.{key}' = 1: a softmax needs at least 2 "
                                   f"classes; 0 takes every class")
-        if self.recal_recentre and self.recal_source == "moments":
-            raise ConfigError(
-                "config key 'fedhpro.recal_recentre' = true re-centres the features matched to "
-                "classifier gradients; with 'fedhpro.recal_source' = moments the features are "
-                "drawn around the class means already and no classifier gradients travel: set "
-                "one of the two")
-        if self.hp_target == "classifier-grads" and not sends_classifier_grads(self):
-            raise ConfigError(
-                "config key 'fedhpro.hp_target' = classifier-grads matches the clients' "
-                "classifier gradients, which travel only with 'fedhpro.recalibration' = true "
-                "and 'fedhpro.recal_source' = gradients")
-        if self.hp_target == "classifier-grads" and self.distance == "scalar":
-            raise ConfigError("config key 'fedhpro.hp_target' = classifier-grads matches by "
-                              "cosine or mse; 'fedhpro.distance' = scalar applies to the "
-                              "feature gradients only")
 
 
 def decode_hyperprototypes(record: ArrayRecord, num_classes: int, feature_dim: int,
@@ -160,18 +106,10 @@ def sends_moments(hp_cfg: FedHProConfig) -> bool:
     return hp_cfg.recalibration and hp_cfg.recal_source == "moments"
 
 
-def needs_own_rows(hp_cfg: FedHProConfig) -> bool:
-    """Whether the server needs each class's own row of the classifier gradients (the
-    row-grads target); the codec sends them alone only where the whole gradients do not
-    carry them (`payload.encode_class_statistics`)."""
-    return hp_cfg.hp_target == "row-grads"
-
-
 def sends_feature_grads(hp_cfg: FedHProConfig) -> bool:
-    """Whether the feature gradients travel: not when the server can rebuild them from bias
-    gradients measured at the same model, i.e. with classifier gradients measured before
-    training (see `payload.encode_class_statistics`)."""
-    return not sends_classifier_grads(hp_cfg) or hp_cfg.recal_after_training
+    """Whether the feature gradients travel: not when the server can rebuild them from the
+    bias gradients measured at the same model (see `payload.encode_class_statistics`)."""
+    return not sends_classifier_grads(hp_cfg)
 
 
 def upload_record(stats: ClassStatistics, hp_cfg: FedHProConfig) -> ArrayRecord:
@@ -179,7 +117,7 @@ def upload_record(stats: ClassStatistics, hp_cfg: FedHProConfig) -> ArrayRecord:
     dtype = torch.float16 if hp_cfg.float16_upload else torch.float32
     return encode_class_statistics(stats, dtype, classifier=sends_classifier_grads(hp_cfg),
                                    feature_grads=sends_feature_grads(hp_cfg),
-                                   moments=sends_moments(hp_cfg), own_rows=needs_own_rows(hp_cfg))
+                                   moments=sends_moments(hp_cfg))
 
 
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
@@ -193,7 +131,6 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
         classifier=sends_classifier_grads(hp_cfg),
     )
     class_anchors, class_centers = anchors(hp), centers(hp)
-    head = (model.classifier.weight.detach().clone(), model.classifier.bias.detach().clone())
     assert stats.feature_means is not None
     running = RunningClassMeans(stats.feature_means.to(task.device),
                                 stats.present.to(task.device), hp_cfg.margin_momentum)
@@ -214,13 +151,6 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
 
     metrics = train_epochs(model, data, task.cfg.train, task.generator, task.device, regulariser)
     metrics["margin"] = margin_sum.item() / batches if batches else 0.0
-    if hp_cfg.recalibration and hp_cfg.recal_after_training:
-        # the trained extractor's features, seen through the classifier the server matches at
-        after = extract_class_statistics(model, data, hp_cfg.batch_real, hp_cfg.repeat_num,
-                                         task.generator, task.device, head=head,
-                                         classifier=sends_classifier_grads(hp_cfg))
-        stats = replace(stats, weight_grads=after.weight_grads, bias_grads=after.bias_grads,
-                        feature_means=after.feature_means, feature_vars=after.feature_vars)
     if task.cfg.diagnostics.consistency:
         protos, counts = local_prototypes(model, data, task.device)
         metrics |= consistency_metric(protos, counts > 0, class_anchors,
@@ -241,30 +171,23 @@ class FedHProStrategy(RecalibratingStrategy):
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int):
         hp_cfg = cfg.section(FedHProConfig)
-        if hp_cfg.hp_separate and num_classes > feature_dim:
-            raise ConfigError(f"config key 'fedhpro.hp_separate' = true needs classes <= "
-                              f"feature dim: {num_classes} classes, {feature_dim} dims")
         generator = torch.Generator().manual_seed(cfg.seed)
-        hyperprototypes = init_hyperprototypes(
-            num_classes, hp_cfg.num_hyperprototypes, feature_dim, generator,
-            hp_cfg.init,
-        )
+        hyperprototypes = init_hyperprototypes(num_classes, hp_cfg.num_hyperprototypes,
+                                               feature_dim, generator)
         settings = RecalibrationSettings(
             hp_cfg.recal_match_steps, hp_cfg.recal_feature_lr, hp_cfg.recal_epochs,
-            hp_cfg.recal_lr, hp_cfg.recal_batch_size,
-            "cosine" if hp_cfg.distance == "scalar" else hp_cfg.distance,
-            recentre=hp_cfg.recal_recentre, solver=hp_cfg.recal_solver,
-            source=hp_cfg.recal_source, classes_per_step=hp_cfg.recal_classes_per_step,
+            hp_cfg.recal_lr, hp_cfg.recal_batch_size, hp_cfg.distance,
+            solver=hp_cfg.recal_solver, source=hp_cfg.recal_source,
+            classes_per_step=hp_cfg.recal_classes_per_step,
         )
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
                          settings, generator, classifier_gradients=sends_classifier_grads(hp_cfg),
                          feature_gradients=sends_feature_grads(hp_cfg),
-                         moments=sends_moments(hp_cfg), own_rows=needs_own_rows(hp_cfg))
+                         moments=sends_moments(hp_cfg))
         self.hyperprototypes = hyperprototypes
-        # this round's classifiers, once a recalibration has run: the averaged one and the
-        # one re-trained on federated features, which evaluation uses
+        # this round's averaged classifier, once a recalibration has replaced it: evaluation
+        # also reports its accuracy
         self.aggregated_head: dict[str, torch.Tensor] | None = None
-        self.recalibrated_head: dict[str, torch.Tensor] | None = None
 
     def train_records(self) -> dict[str, ArrayRecord]:
         return {HP_RECORD: tensors_to_record({"hp": self.hyperprototypes})}
@@ -284,19 +207,15 @@ class FedHProStrategy(RecalibratingStrategy):
             # matched at the classifier the gradients were measured at, as the authors' code
             result = self.recalibrate(replies)
             self.aggregated_head = {"weight": weights[w_key], "bias": weights[b_key]}
-            self.recalibrated_head = {"weight": result.weight, "bias": result.bias}
-            if hp_cfg.recal_to_clients:
-                weights = {**weights, w_key: result.weight, b_key: result.bias}
+            weights = {**weights, w_key: result.weight, b_key: result.bias}
             diagnostics |= result.diagnostics()
 
         # matched at the classifier the clients train with next
         weight, bias = weights[w_key].detach(), weights[b_key].detach()
         objective = self.matching_objective(hp_cfg, stats, weight, bias, diagnostics)
         match = match_hyperprototypes(self.hyperprototypes, objective, hp_cfg.rounds_of_hp,
-                                      hp_cfg.lr_hp, hp_cfg.hp_step)
+                                      hp_cfg.lr_hp)
         self.hyperprototypes = match.hyperprototypes
-        if hp_cfg.hp_separate:
-            self.hyperprototypes = separated(self.hyperprototypes, present)
         self.head = {"weight": weights[w_key].clone(), "bias": weights[b_key].clone()}
         diagnostics |= {"hp_match_loss_before": match.loss_before,
                         "hp_match_loss_after": match.loss_after,
@@ -307,39 +226,26 @@ class FedHProStrategy(RecalibratingStrategy):
     def matching_objective(self, hp_cfg: FedHProConfig, stats: list[ClassStatistics],
                            weight: torch.Tensor, bias: torch.Tensor,
                            diagnostics: dict[str, float]) -> LossAndGrad:
-        """What the hyper-prototypes descend this round (`fedhpro.hp_target`): the distance
-        of the gradients they induce at the new classifier to the clients' mean ones."""
-        if hp_cfg.hp_target == "classifier-grads":
-            target, present = mean_class_gradients(stats)
-            return classifier_gradient_objective(weight, bias, target, present,
-                                                 hp_cfg.distance)
+        """What the hyper-prototypes descend this round: the distance of the feature gradients
+        they induce at the new classifier to the clients' mean ones."""
         held = torch.stack([s.present for s in stats])
-
-        def mean_of(values: list[torch.Tensor]) -> torch.Tensor:
-            return masked_class_mean(torch.stack(values), held)[0]
-
-        present = held.any(dim=0)
-        if hp_cfg.hp_target == "row-grads":
-            own_rows = mean_of([s.own_row_grads for s in stats])
-            return row_matching_objective(weight, bias, own_rows, present)
-        feature_target = mean_of([s.feature_grads for s in stats])
+        target = masked_class_mean(torch.stack([s.feature_grads for s in stats]), held)[0]
         neighbours = None
-        if 0 < hp_cfg.hp_softmax_classes < self.num_classes and hp_cfg.distance != "scalar":
+        if 0 < hp_cfg.hp_softmax_classes < self.num_classes:
             neighbours = nearest_classes(self.hyperprototypes, weight, bias,
                                          hp_cfg.hp_softmax_classes)
             diagnostics["hp_neighbour_cosine"] = neighbour_agreement(
                 self.hyperprototypes, weight, bias, neighbours)
-        return matching_objective(weight, bias, feature_target, present, hp_cfg.distance,
+        return matching_objective(weight, bias, target, held.any(dim=0), hp_cfg.distance,
                                   neighbours)
 
     def evaluate_model(self, model: Backbone, data: TensorData,
                        device: torch.device) -> dict[str, float]:
-        """With the recalibrated classifier, whichever one the clients were sent; also the
-        accuracy with the averaged one: whether recalibration paid this round."""
-        if self.aggregated_head is None or self.recalibrated_head is None:
-            return super().evaluate_model(model, data, device)
-        scores = super().evaluate_model(with_classifier(model, self.recalibrated_head), data,
-                                        device)
+        """With the recalibrated classifier the clients were sent; also the accuracy with the
+        averaged one: whether recalibration paid this round."""
+        scores = super().evaluate_model(model, data, device)
+        if self.aggregated_head is None:
+            return scores
         averaged = with_classifier(model, self.aggregated_head)
         scores["aggregated_head_accuracy"] = evaluate(averaged, data, device)[1]
         return scores

@@ -18,7 +18,7 @@ from fedhpro_flwr.algorithms.losses import proximal_term
 from fedhpro_flwr.algorithms.training import train_epochs
 from fedhpro_flwr.config import ExperimentConfig, setting
 from fedhpro_flwr.methods.base import ClientTask, Method
-from fedhpro_flwr.methods.payload import PayloadError
+from fedhpro_flwr.methods.payload import PayloadError, RecordKeys
 from fedhpro_flwr.methods.strategy import ClientReply, ExperimentStrategy, mean_metric
 
 MU_KEY = "proximal-mu"  # where Flower's FedProx puts mu, and so this strategy
@@ -33,7 +33,7 @@ class FedProxConfig:
 
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
     """CE plus the proximal term to the global weights received this round."""
-    mu = task.content.config_records["config"].get(MU_KEY)
+    mu = task.content.config_records[RecordKeys.of(task.content).config].get(MU_KEY)
     if not isinstance(mu, int | float) or not math.isfinite(mu) or mu < 0:
         raise PayloadError(f"training config's '{MU_KEY}' must be a finite number >= 0 "
                            f"(the FedProx server sends it), got {mu!r}")

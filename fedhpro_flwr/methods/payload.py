@@ -9,18 +9,53 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Error, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, RecordDict
 from flwr.common.constant import ErrorCode
 
 from fedhpro_flwr.algorithms.extraction import ClassStatistics
 
 # the experiment's config (common sections and the running method's), flat, in every
-# training message beside Flower's own "config" record
+# training message beside Flower's own config record
 EXPERIMENT_RECORD = "experiment"
+# the names under which the strategy sends the weights and its config, and wants the reply's
+# weights, metrics and example count (`RecordKeys`), in every training message
+RECORD_KEYS_RECORD = "record-keys"
+
+
+@dataclass(frozen=True)
+class RecordKeys:
+    """The record keys Flower's strategies let a user choose (`FedAvg`'s `arrayrecord_key`,
+    `configrecord_key`, `weighted_by_key`, and the reply's metrics), at Flower's defaults.
+    The strategy sends them with every training message, so that a client reads and replies
+    under the keys that strategy chose."""
+
+    arrays: str = "arrays"
+    config: str = "config"
+    metrics: str = "metrics"
+    examples: str = "num-examples"  # the metric weighting a reply in the average
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def of(cls, content: RecordDict) -> RecordKeys:
+        """The keys a training message names; Flower's defaults if it names none."""
+        if RECORD_KEYS_RECORD not in content.config_records:
+            return cls()
+        named = content.config_records[RECORD_KEYS_RECORD]
+        values = {f.name: named.get(f.name) for f in fields(cls)}
+        wrong = {k: v for k, v in values.items() if not isinstance(v, str) or not v}
+        if wrong:
+            raise PayloadError(f"the server's '{RECORD_KEYS_RECORD}' record must name every "
+                               f"record key as a non-empty string; got {wrong}")
+        return cls(**values)
+
+
+FLOWER_KEYS = RecordKeys()  # Flower's defaults
 
 
 class PayloadError(ValueError):
@@ -204,7 +239,7 @@ def with_own_class(grads: torch.Tensor) -> torch.Tensor:
 
 def encode_class_statistics(stats: ClassStatistics, dtype: torch.dtype = torch.float32,
                             classifier: bool = True, feature_grads: bool = True,
-                            moments: bool = False, own_rows: bool = False) -> ArrayRecord:
+                            moments: bool = False) -> ArrayRecord:
     """Only the classes the client holds, and nothing the server can recompute.
 
     The classifier gradients (C x C x d per client, the bulk at many classes) travel only when
@@ -212,8 +247,7 @@ def encode_class_statistics(stats: ClassStatistics, dtype: torch.dtype = torch.f
     travel only when `feature_grads`: for a linear head, dCE/dz = W^T dCE/db, so a server that
     knows the classifier weight W the client measured at rebuilds them from the bias
     gradients (`decode_class_statistics`'s `measured_at`). The features' class means and
-    spreads (C x d and C) travel when `moments`; each class's own row of the classifier
-    gradients (C x d) when `own_rows` and not `classifier`, which carries it already."""
+    spreads (C x d and C) travel when `moments`."""
     if not (classifier or feature_grads or moments):
         raise ValueError("class statistics need the classifier or the feature gradients, or "
                          "the moments")
@@ -228,22 +262,17 @@ def encode_class_statistics(stats: ClassStatistics, dtype: torch.dtype = torch.f
         assert stats.feature_means is not None and stats.feature_vars is not None
         rows["feature_means"] = stats.feature_means
         rows["feature_vars"] = stats.feature_vars
-    if own_rows and not classifier:
-        assert stats.own_row_grads is not None
-        rows["own_row_grads"] = stats.own_row_grads
     return encode_class_rows(stats.present, rows, stats.counts, dtype)
 
 
 def decode_class_statistics(
     record: ArrayRecord, num_classes: int, feature_dim: int, what: str = "class statistics",
     classifier: bool = True, measured_at: torch.Tensor | None = None, moments: bool = False,
-    own_rows: bool = False,
 ) -> ClassStatistics:
     """Inverse of `encode_class_statistics`, with absent classes back as zero rows.
 
     `measured_at`: the (C, d) classifier weight the client measured its gradients at; given,
-    the record must not carry the feature gradients, which are rebuilt from it. The own rows
-    come back whenever the classifier gradients do (their diagonal), else when `own_rows`."""
+    the record must not carry the feature gradients, which are rebuilt from it."""
     c, d = num_classes, feature_dim
     shapes: dict[str, tuple[int, ...]] = {}
     if measured_at is None:
@@ -254,8 +283,6 @@ def decode_class_statistics(
         shapes |= {"weight_grads": (c - 1, d), "bias_grads": (c - 1,)}
     if moments:
         shapes |= {"feature_means": (d,), "feature_vars": ()}
-    if own_rows and not classifier:
-        shapes["own_row_grads"] = (d,)
     decoded = decode_class_rows(record, c, shapes, what, with_counts=True)
     assert decoded.counts is not None
     rows = decoded.rows
@@ -268,7 +295,5 @@ def decode_class_statistics(
     else:
         assert bias_grads is not None
         feature = bias_grads @ measured_at
-    own_row_grads = (torch.diagonal(weight_grads).T if weight_grads is not None
-                     else rows.get("own_row_grads"))
     return ClassStatistics(decoded.present, decoded.counts, feature, weight_grads, bias_grads,
-                           rows.get("feature_means"), rows.get("feature_vars"), own_row_grads)
+                           rows.get("feature_means"), rows.get("feature_vars"))

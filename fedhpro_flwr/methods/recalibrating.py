@@ -32,13 +32,12 @@ class RecalibratingStrategy(ExperimentStrategy):
                  num_classes: int, feature_dim: int, features_per_class: int,
                  settings: RecalibrationSettings, generator: torch.Generator,
                  classifier_gradients: bool = True, feature_gradients: bool = False,
-                 moments: bool = False, own_rows: bool = False):
+                 moments: bool = False):
         super().__init__(cfg, reference_state)
         # what replies carry; feature gradients that do not travel are rebuilt at `head`
         self.classifier_gradients = classifier_gradients
         self.feature_gradients = feature_gradients
         self.moments = moments
-        self.own_rows = own_rows
         self.num_classes, self.feature_dim = num_classes, feature_dim
         self.settings = settings
         self.rng = generator
@@ -53,7 +52,7 @@ class RecalibratingStrategy(ExperimentStrategy):
             required_record(content, STATS_RECORD, "reply"), self.num_classes, self.feature_dim,
             classifier=self.classifier_gradients,
             measured_at=None if self.feature_gradients else self.head["weight"],
-            moments=self.moments, own_rows=self.own_rows)
+            moments=self.moments)
 
     def recalibrate(self, replies: list[ClientReply]) -> RecalibrationResult:
         """Match the features at `head` to the replies' gradients (or draw them from the

@@ -36,8 +36,11 @@ from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods.payload import (
     EXPERIMENT_RECORD,
+    FLOWER_KEYS,
+    RECORD_KEYS_RECORD,
     NonFinite,
     PayloadError,
+    RecordKeys,
     check_state_dict,
     error_reason,
     record_nbytes,
@@ -50,7 +53,8 @@ from fedhpro_flwr.methods.sampling import (
     wait_for_nodes,
 )
 
-REQUIRED_METRICS = ("num-examples", "partition-id", "client-seconds", "train_loss")
+# every reply's metrics hold these, and the strategy's example count (`weighted_by_key`)
+REQUIRED_METRICS = ("partition-id", "client-seconds", "train_loss")
 
 
 @dataclass(frozen=True)
@@ -209,14 +213,19 @@ class ExperimentStrategy(FedAvg):
     partition).
     """
 
-    def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor]):
+    def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
+                 record_keys: RecordKeys = FLOWER_KEYS):
         fed = cfg.federation
         super().__init__(
             fraction_train=fed.fraction_train,
             fraction_evaluate=0.0,  # the global model is evaluated on the server
             min_train_nodes=fed.min_train_nodes,
             min_available_nodes=fed.min_train_nodes,
+            weighted_by_key=record_keys.examples,
+            arrayrecord_key=record_keys.arrays,
+            configrecord_key=record_keys.config,
         )
+        self.metricrecord_key = record_keys.metrics  # where replies carry their metrics
         self.cfg = cfg
         # each node's partition id, learnt when a round samples fewer than all nodes
         self.directory = PartitionDirectory(cfg.partition.num_partitions, fed.round_timeout)
@@ -303,14 +312,12 @@ class ExperimentStrategy(FedAvg):
         self._round_started = time.time()
         round_ = self.absolute_round(server_round)
         config["server-round"] = round_
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        messages = list(self._construct_messages(record, self.sample(round_, grid),
-                                                 MessageType.TRAIN))
         extra = self.train_records()
-        for message in messages:
-            message.content[EXPERIMENT_RECORD] = ConfigRecord(self.cfg.to_flat())
-            for key, record in extra.items():
-                message.content[key] = record
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config,
+                              EXPERIMENT_RECORD: ConfigRecord(self.cfg.to_flat()),
+                              RECORD_KEYS_RECORD: self.record_keys.to_record(), **extra})
+        messages = [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node)
+                    for node in self.sample(round_, grid)]
         payload = record_nbytes(arrays) + sum(record_nbytes(r) for r in extra.values())
         self._bytes_down = payload * len(messages)
         self._sent = messages
@@ -422,19 +429,25 @@ class ExperimentStrategy(FedAvg):
         log(INFO, "round %d: %d replies used, %d left out", round_, len(valid), len(left_out))
         return valid, left_out, non_finite
 
+    @property
+    def record_keys(self) -> RecordKeys:
+        """The record keys this strategy sends and reads (Flower's `FedAvg` attributes)."""
+        return RecordKeys(self.arrayrecord_key, self.configrecord_key, self.metricrecord_key,
+                          self.weighted_by_key)
+
     def _decode(self, node: int, message: Message) -> ClientReply:
-        content = message.content
-        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            raise PayloadError("reply lacks the 'arrays' or 'metrics' record")
-        metrics = dict(content.metric_records["metrics"])
-        for key in REQUIRED_METRICS:
+        content, keys = message.content, self.record_keys
+        if keys.arrays not in content.array_records or keys.metrics not in content.metric_records:
+            raise PayloadError(f"reply lacks the '{keys.arrays}' or '{keys.metrics}' record")
+        metrics = dict(content.metric_records[keys.metrics])
+        for key in (keys.examples, *REQUIRED_METRICS):
             value = metrics.get(key)
             if not isinstance(value, int | float) or not math.isfinite(value):
                 error = NonFinite if isinstance(value, int | float) else PayloadError
                 raise error(f"metric '{key}' is missing or not a finite number: {value!r}")
-        if metrics["num-examples"] <= 0:
-            raise PayloadError(f"num-examples must be positive, got {metrics['num-examples']}")
-        weights = check_state_dict(content.array_records["arrays"], self.reference_state,
+        if metrics[keys.examples] <= 0:
+            raise PayloadError(f"{keys.examples} must be positive, got {metrics[keys.examples]}")
+        weights = check_state_dict(content.array_records[keys.arrays], self.reference_state,
                                    "model weights")
-        return ClientReply(node, int(metrics["partition-id"]), int(metrics["num-examples"]),
+        return ClientReply(node, int(metrics["partition-id"]), int(metrics[keys.examples]),
                            weights, metrics, self.decode_extra(content))
