@@ -128,15 +128,17 @@ class LocalFederation:
         if tls is not None:
             for index in range(len(self.node_configs)):
                 self.flwr("supernode", "register", f"{tls.node_key(index)}.pub", CONNECTION)
-        for index, node_config in enumerate(self.node_configs):
-            args = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
-                    "--port", str(free_port()), "--node-config", node_config]
-            if tls is None:
-                args.append("--insecure")
-            else:
-                args += ["--root-certificates", str(tls.ca_cert),
-                         "--auth-supernode-private-key", str(tls.node_key(index))]
-            self.supernodes.append(self._spawn(args, f"supernode{index}"))
+        for index in range(len(self.node_configs)):
+            self.supernodes.append(self._spawn(self._node_args(index), f"supernode{index}"))
+
+    def _node_args(self, index: int) -> list[str]:
+        tls = self.credentials
+        args = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(free_port()), "--node-config", self.node_configs[index]]
+        if tls is None:
+            return [*args, "--insecure"]
+        return [*args, "--root-certificates", str(tls.ca_cert),
+                "--auth-supernode-private-key", str(tls.node_key(index))]
 
     def start_superlink(self) -> None:
         """Start the SuperLink on this federation's port (again, after `kill_superlink`)."""
@@ -182,6 +184,26 @@ class LocalFederation:
         for pid in proctree.tree(self.supernodes[index].pid):
             proctree.send(pid, signal.SIGCONT)
 
+    def restart_node(self, index: int, timeout: float = 30.0) -> None:
+        """Stop SuperNode `index` as an operator does (SIGTERM: it deactivates itself at the
+        SuperLink, and the context state it held in memory is gone; SIGKILL what is left after
+        `timeout`), then start it again with the same node config (and key: with SuperNode
+        authentication it comes back under its node id). A paused node is resumed to act on
+        the SIGTERM. Its log goes on in a file of its own (`node_log` reads them all)."""
+        process = self.supernodes[index]
+        pids = proctree.tree(process.pid)  # its SuperExec and ClientApps too
+        process.terminate()
+        for pid in pids:
+            proctree.send(pid, signal.SIGCONT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout)
+        for pid in pids:
+            proctree.send(pid, signal.SIGKILL)
+        process.wait()
+        restarts = len(self._node_logs(index))
+        self.supernodes[index] = self._spawn(self._node_args(index),
+                                             f"supernode{index}-restart{restarts}")
+
     def kill_node(self, index: int) -> None:
         """SIGKILL SuperNode `index` and its processes: a machine that loses power. It stays
         dead; its heartbeats stop, and the SuperLink declares it unavailable."""
@@ -196,8 +218,15 @@ class LocalFederation:
 
     def node_log(self, index: int) -> str:
         """What SuperNode `index` logged so far (e.g. one "Receiving: train message" line per
-        message it pulled)."""
-        return (self.workdir / "logs" / f"supernode{index}.log").read_text()
+        message it pulled), over its restarts."""
+        return "".join(path.read_text() for path in self._node_logs(index))
+
+    def _node_logs(self, index: int) -> list[Path]:
+        """SuperNode `index`'s log files, the first start's first."""
+        logs = self.workdir / "logs"
+        restarts = sorted(logs.glob(f"supernode{index}-restart*.log"),
+                          key=lambda p: int(p.stem.rpartition("restart")[2]))
+        return [logs / f"supernode{index}.log", *restarts]
 
     def node_id(self, index: int) -> int:
         """The node id the SuperLink gave SuperNode `index` (as its log names it)."""

@@ -38,6 +38,10 @@ KNOBS: dict[str, tuple[str, tuple[float, ...]]] = {
     "fedtgp": ("fedtgp.lam", (1.0, 10.0)),
     "fpl": ("fpl.tau", (0.02, 0.1)),
     "creff": ("creff.lr", (0.01, 0.1)),  # the classifier re-training's learning rate
+    "moon": ("moon.mu", (1.0, 5.0)),  # its main.py default, its README's CIFAR-10 example
+    # its main.py default, and prototypes that move five times faster towards the class means
+    "fednh": ("fednh.rho", (0.9, 0.5)),
+    "fedsa": ("fedsa.lam", (1.0, 10.0)),  # its main.py default, its scripts' lam
 }
 TRIALS = len(LEARNING_RATES) * len(MOMENTA) * 2
 RUNGS = ((0.25, 2), (0.5, 1))  # (share of the rounds, how many trials go on)
@@ -56,6 +60,15 @@ PUBLISHED: dict[str, str] = {
     "fedtgp": "train.lr=0.01 train.momentum=0.0 fedtgp.lam=10.0",  # its main.py
     "fpl": "train.lr=0.01 train.momentum=0.9 train.weight_decay=0.00001 fpl.tau=0.02",
     "creff": "train.lr=0.1 train.momentum=0.0 creff.lr=0.01",  # its options.py
+    # its main.py's SGD (momentum 0.9, weight decay 1e-5) at its README's CIFAR-10 example
+    # (lr 0.01, mu 5; main.py's default mu is 1)
+    "moon": "train.lr=0.01 train.momentum=0.9 train.weight_decay=0.00001 moon.mu=5.0",
+    # experiments/FedNH_dir.sh's SGD (less its diminishing learning rate: the train section
+    # has no schedule) and main.py's smoothing
+    "fednh": "train.lr=0.01 train.momentum=0.9 train.weight_decay=0.00001 fednh.rho=0.9",
+    # its scripts' runs ("system/cross-device setting.sh": lam 10, mcl 1, cc 1 at lr 0.01;
+    # main.py's defaults are lam 1, lr 0.005), its clients' plain SGD
+    "fedsa": "train.lr=0.01 train.momentum=0.0 fedsa.lam=10.0",
 }
 
 

@@ -79,7 +79,7 @@ def test_backbones_are_dealt_in_turn_or_named_by_the_node():
 @pytest.mark.parametrize("name", [n for n in METHODS if n not in PERSONAL])
 def test_weight_averaging_methods_are_refused(name):
     with pytest.raises(ConfigError, match=f"strategy '{name}' averages the clients' model "
-                                          "weights.*use one of fedhpro, fedproto, fedtgp"):
+                                          "weights.*use one of fedhpro, fedproto, fedsa, fedtgp"):
         sharing_for(CFG, get_method(name))
 
 

@@ -13,6 +13,8 @@ from fedhpro_flwr.data.federated import TensorData
 
 # extra loss term from (features, labels); methods add their regularisers through it
 Regulariser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# a batch's loss from (inputs, labels): (the loss to step on, its cross-entropy part)
+BatchLoss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def train_epochs(
@@ -22,8 +24,30 @@ def train_epochs(
     generator: torch.Generator,
     device: torch.device,
     regulariser: Regulariser | None = None,
+    max_grad_norm: float | None = None,
 ) -> dict[str, float]:
-    """SGD for ``cfg.local_epochs`` on CE (+ the regulariser); returns mean losses."""
+    """SGD for ``cfg.local_epochs`` on CE (+ the regulariser), each step's gradient clipped to
+    `max_grad_norm` when given (FedNH's clients); returns mean losses."""
+
+    def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = model.features(x)
+        ce = F.cross_entropy(model.classifier(z), y)
+        return (ce if regulariser is None else ce + regulariser(z, y)), ce
+
+    return train_batches(model, data, cfg, generator, device, batch_loss, max_grad_norm)
+
+
+def train_batches(
+    model: Backbone,
+    data: TensorData,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    device: torch.device,
+    batch_loss: BatchLoss,
+    max_grad_norm: float | None = None,
+) -> dict[str, float]:
+    """`train_epochs`' loop on any batch loss: for a loss that needs the inputs themselves
+    (MOON runs its frozen models on them); returns mean losses."""
     model.train()
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -39,12 +63,11 @@ def train_epochs(
             batch = order[start : start + cfg.batch_size]
             if len(batch) < 2 and len(data) >= 2:
                 continue  # BatchNorm cannot train on a single sample
-            x, y = x_all[batch], y_all[batch]
-            z = model.features(x)
-            ce = F.cross_entropy(model.classifier(z), y)
-            loss = ce if regulariser is None else ce + regulariser(z, y)
+            loss, ce = batch_loss(x_all[batch], y_all[batch])
             optimizer.zero_grad()
             loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
             total += loss.detach()
             ce_total += ce.detach()

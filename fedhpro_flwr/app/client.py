@@ -11,6 +11,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedhpro_flwr.algorithms.models import place
+from fedhpro_flwr.app.kept import NodeKeptModel
 from fedhpro_flwr.app.sharing import NodeMemory, claim_node_state, client_seed, sharing_for
 from fedhpro_flwr.config import EXPERIMENT_ID_KEY, STRATEGY_KEY, ConfigError, ExperimentConfig
 from fedhpro_flwr.data.federated import DataSpec, TensorData, cached_client_data, local_data
@@ -95,7 +96,8 @@ def handle_train(msg: Message, context: Context) -> Message:
 
     started, start = time.time(), time.perf_counter()  # wall clock, for the server's timeline
     extra, train_metrics = method.client_train(
-        ClientTask(local.model, local.data, msg.content, cfg, device, generator)
+        ClientTask(local.model, local.data, msg.content, cfg, device, generator,
+                   NodeKeptModel(cfg, memory, partition_id))
     )
     seconds = time.perf_counter() - start
 

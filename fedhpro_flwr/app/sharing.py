@@ -70,6 +70,13 @@ class Sharing:
     def __init__(self, cfg: ExperimentConfig, method: Method):
         self.cfg, self.method = cfg, method
 
+    def build(self, spec: DataSpec, backbone: tuple[str, int] | None = None) -> Backbone:
+        """The configured backbone (or `backbone`, one of `model.backbones`) with what the
+        method adds to it (`Method.extend_model`)."""
+        model = build_model(self.cfg.model, spec, backbone)
+        extend = self.method.extend_model
+        return model if extend is None else extend(model, self.cfg)
+
     # ---- server ---------------------------------------------------------------------------
     def server_model(self, spec: DataSpec) -> Backbone:
         """The model the server evaluates with (and the shapes replies are checked against)."""
@@ -110,7 +117,7 @@ class GlobalModel(Sharing):
     global_model = True
 
     def server_model(self, spec: DataSpec) -> Backbone:
-        return build_model(self.cfg.model, spec)
+        return self.build(spec)
 
     def shared(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(state)
@@ -128,7 +135,7 @@ class GlobalModel(Sharing):
     def client_model(self, spec: DataSpec, data: TensorData, received: ArrayRecord,
                      partition_id: int, node_config: Mapping[str, Any],
                      memory: NodeMemory) -> ClientModel:
-        model = build_model(self.cfg.model, spec)
+        model = self.build(spec)
         model.load_state_dict(check_state_dict(received, model.state_dict(),
                                                "global model weights"))
         return ClientModel(model, data)
@@ -157,7 +164,7 @@ class PersonalModels(Sharing):
 
     def server_model(self, spec: DataSpec) -> Backbone:
         # the server holds no extractor of its own: any backbone gives the shared part's shapes
-        return build_model(self.cfg.model, spec, self.cfg.model.backbone_list()[0])
+        return self.build(spec, self.cfg.model.backbone_list()[0])
 
     def shared(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: state[k] for k in self.keys}
@@ -254,7 +261,7 @@ class PersonalModels(Sharing):
         its own; and whether it was restored."""
         with torch.random.fork_rng():
             torch.manual_seed(client_seed(self.cfg.seed, 0, partition_id))
-            model = build_model(self.cfg.model, spec, backbone)
+            model = self.build(spec, backbone)
         if LOCAL_MODEL in memory.state.array_records:
             record = memory.state.array_records[LOCAL_MODEL]
         else:

@@ -11,12 +11,23 @@ from pathlib import Path
 from typing import Any
 
 from fedhpro_flwr.config import ExperimentConfig, read_experiment
-from fedhpro_flwr.methods import creff, fedavg, fedhpro, fedproto, fedprox, fedtgp, fpl
+from fedhpro_flwr.methods import (
+    creff,
+    fedavg,
+    fedhpro,
+    fednh,
+    fedproto,
+    fedprox,
+    fedsa,
+    fedtgp,
+    fpl,
+    moon,
+)
 from fedhpro_flwr.methods.base import ClientTask, Method
 
 METHODS: dict[str, Method] = {
     module.METHOD.name: module.METHOD
-    for module in (fedhpro, fedavg, fedprox, fedproto, fedtgp, fpl, creff)
+    for module in (fedhpro, fedavg, fedprox, fedproto, fedtgp, fpl, creff, moon, fednh, fedsa)
 }
 # each method's config section (None: it has none), by name: what configs are checked against
 SECTIONS: dict[str, type | None] = {name: m.section for name, m in METHODS.items()}

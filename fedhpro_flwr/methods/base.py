@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
@@ -12,6 +13,19 @@ from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods.strategy import ExperimentStrategy
+
+
+class KeptModel(Protocol):
+    """The client's own model as it left the last round it trained, kept on its node between
+    rounds (MOON's previous model); the ClientApp's is `app.kept.NodeKeptModel`."""
+
+    def load(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """(the round it was trained in, its weights); None before the client's first round."""
+        ...
+
+    def save(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Keep `state` as the client's model of this round."""
+        ...
 
 
 @dataclass
@@ -24,6 +38,7 @@ class ClientTask:
     cfg: ExperimentConfig
     device: torch.device
     generator: torch.Generator
+    kept: KeptModel | None = None  # None: nothing outlives this training (no node behind it)
 
 
 # returns (extra ArrayRecords for the reply, train metrics); trains task.model in place
@@ -47,6 +62,9 @@ class Method:
     # linear head, or () when only class-level knowledge leaves a client; None: the method
     # averages whole models, which personal models of different shapes cannot do
     personal_weights: tuple[str, ...] | None = None
+    # the method's model around the configured backbone (MOON: a projection head before the
+    # classifier), on the server and every client; None: the backbone as it is
+    extend_model: Callable[[Backbone, ExperimentConfig], Backbone] | None = None
 
     def make_strategy(self, cfg: ExperimentConfig, reference: Mapping[str, torch.Tensor],
                       num_classes: int, feature_dim: int) -> ExperimentStrategy:
