@@ -3,16 +3,21 @@
     fedhpro-bench --suite smoke --out /tmp/bench
     fedhpro-bench --config conf/mine.yaml --strategies fedhpro,fedproto --seeds 0-4 \
         --rounds 40 --out /tmp/mine
-    fedhpro-bench --protocol --out benchmarks/protocol
+    fedhpro-bench --protocol --out benchmarks/comparison
+    fedhpro-bench --protocol --config conf/mine.yaml --strategies fedhpro,fedavg,creff \
+        --trials 4 --seeds 0-4 --out /tmp/mine-protocol
     python -m fedhpro_lab.bench_cli --suite default --seeds 0-4 --out benchmarks/default-suite
     fedhpro-bench measure server-scaling --classes 10 100 400 --repeats 3
 
 A named suite is a preset (settings, strategies, seeds, rounds); `--config` builds one from
 any experiment YAML files, and `--seeds` / `--rounds` / `--overrides` replace a preset's.
-`--protocol` runs the comparison protocol instead: tuning on validation, then the table (see
-`protocol`). A suite runs through `benchmark.run_suite`; when it is done, `report` (or
-`protocol_report`) writes RESULTS.md and the plots. `measure NAME` runs one of the measurements
-of `fedhpro_lab.measure` instead, with its own flags (`fedhpro-bench measure NAME --help`).
+`--protocol` runs the comparison protocol instead (see `protocol`): tuning on validation, then
+the table, on its built-in settings or on the `--config` files, with `--trials` a method and
+the table on `--seeds`; `--rounds` fixes every length, else the convergence rule grows each
+table up to `--max-rounds`. A suite runs through `benchmark.run_suite`; when it is done,
+`report` (or `protocol_report`) writes RESULTS.md and the plots. `measure NAME` runs one of
+the measurements of `fedhpro_lab.measure` instead, with its own flags (`fedhpro-bench measure
+NAME --help`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from types import ModuleType
 from fedhpro_flwr.config import ConfigError, parse_overrides
 from fedhpro_flwr.methods import load_experiment
 from fedhpro_lab.benchmark import SCORED, read_rows, run_suite
+from fedhpro_lab.convergence import MAX_ROUNDS
 from fedhpro_lab.measure import (
     class_caps,
     client_overhead,
@@ -34,11 +40,11 @@ from fedhpro_lab.measure import (
     engine_floor,
     server_scaling,
 )
-from fedhpro_lab.protocol import run_protocol, select_settings
+from fedhpro_lab.protocol import SEEDS, Budget, config_settings, run_protocol, select_settings
 from fedhpro_lab.protocol_report import write_protocol_report
 from fedhpro_lab.report import write_report
 from fedhpro_lab.suites import ALL_STRATEGIES, SUITES, Setting, Suite, select_named
-from fedhpro_lab.tuning import TuningIncomplete
+from fedhpro_lab.tuning import TRIALS, TuningIncomplete, check_budget
 
 # `fedhpro-bench measure NAME`: each a module with `main(argv, prog)`
 MEASUREMENTS: dict[str, ModuleType] = {
@@ -143,8 +149,38 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated settings to run of the protocol's, the "
                              "suite's or the --config files' (default: all), e.g. 'hetero' "
                              "to take one table first")
+    parser.add_argument("--trials", type=int, default=TRIALS,
+                        help=f"with --protocol: trials a method in every setting (1-{TRIALS}, "
+                             f"default {TRIALS})")
+    parser.add_argument("--max-rounds", type=int, default=MAX_ROUNDS,
+                        help="with --protocol --config: the longest a table may grow to "
+                             f"(default {MAX_ROUNDS})")
     parser.add_argument("--no-report", action="store_true", help="skip RESULTS.md and plots")
     return parser
+
+
+def protocol_plan(args: argparse.Namespace) -> tuple[tuple, Budget]:
+    """The settings and budget of `--protocol`: the built-in settings (or those named by
+    --settings), or the --config files."""
+    strategies = tuple(name for name in args.strategies.split(",") if name)
+    if args.suite:
+        raise ValueError("--protocol runs its own settings or the --config files; leave out "
+                         "--suite")
+    if args.config:
+        settings = config_settings(args.config, strategies, args.rounds or None,
+                                   args.max_rounds)
+        if args.settings:
+            settings = select_named(settings, args.settings, lambda e: e.setting.name,
+                                    "setting")
+    else:
+        if strategies or args.rounds:
+            raise ValueError("--strategies and --rounds go with --protocol --config; the "
+                             "built-in protocol runs every method at its own lengths")
+        settings = select_settings(args.settings)
+    check_budget(args.trials)
+    seeds = parse_seeds(args.seeds) if args.seeds else SEEDS
+    return settings, Budget(args.trials, seeds)
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,15 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     command = " ".join(["fedhpro-bench", *given])
     if args.protocol:
-        if args.suite or args.config:
-            parser.error("--protocol runs its own settings; leave out --suite and --config")
         out = args.out.resolve()
         try:
-            settings = select_settings(args.settings)
-        except ValueError as exc:
+            settings, budget = protocol_plan(args)
+        except (ValueError, ConfigError) as exc:
             parser.error(str(exc))
         try:
-            csv_path = run_protocol(out, run_suite, args.run_timeout, settings)
+            csv_path = run_protocol(out, run_suite, args.run_timeout, settings, budget)
         except TuningIncomplete as exc:
             print(f"fedhpro-bench: stopped: {exc}", file=sys.stderr, flush=True)
             return 1

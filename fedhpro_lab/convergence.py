@@ -1,9 +1,11 @@
 """When a setting's curves have flattened: how long the protocol's tables run, and the check
 its report prints.
 
-The rule (issue #18): the mean over seeds of the baseline's accuracy curve, smoothed over 5
-rounds, moved less than `CONVERGED_POINTS` over the last 10 rounds. The baseline is FedAvg, or
-FedProto where FedAvg does not run (heterogeneous backbones share no weights).
+The rule (issue #18): the baseline's accuracy curve, smoothed over 5 rounds, moved less than
+`CONVERGED_POINTS` over the last 10 rounds: its validation curve on the tuning's re-check seed
+decides the table's length (`tuning.Tuning.check_at_length`), the mean of its test curves over
+the table's seeds is the report's check. The baseline is FedAvg, or FedProto where FedAvg does
+not run (heterogeneous backbones share no weights).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ MAX_ROUNDS = 80  # where it stops growing, flattened or not (the report says whi
 
 
 def baseline(methods: tuple[str, ...] | list[str]) -> str:
-    """The method whose curve decides a setting's length."""
-    return "fedavg" if "fedavg" in methods else "fedproto"
+    """The method whose curve decides a setting's length: FedAvg, else FedProto, else the
+    first one named."""
+    return next((m for m in ("fedavg", "fedproto") if m in methods), methods[0])
 
 
 def mean_curve(runs: list[list[dict[str, Any]]]) -> list[float]:

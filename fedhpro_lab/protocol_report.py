@@ -19,12 +19,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fedhpro_lab import convergence, stats
+from fedhpro_lab import archive, convergence, stats
 from fedhpro_lab.benchmark import SCORED, scored_rounds
-from fedhpro_lab.protocol import SETTINGS, published_name
+from fedhpro_lab.protocol import published_name, read_plan
 from fedhpro_lab.report import machine
+from fedhpro_lab.stability import collapse
 from fedhpro_lab.suites import run_path
-from fedhpro_lab.tuning import PUBLISHED, read_chosen, trials
+from fedhpro_lab.tuning import FINALISTS, PUBLISHED, read_chosen, trials
 
 METHOD = "fedhpro"
 # of the median over seeds of the tuned baseline's accuracy (`convergence.baseline`): a seed
@@ -102,7 +103,7 @@ def setting_section(out: Path, setting: str, rows: list[dict[str, str]],
                      f"{verdict} |")
     lines += ["", *tuned_against_published(last5),
               *convergence_lines({m: full[m] for m in tuned}, longest),
-              *collapses(last5, loaded, loaded[variants[0]][0]["num_classes"]),
+              *collapses(last5, loaded, curves, loaded[variants[0]][0]["num_classes"]),
               f"![{setting}](plots/{setting}-seeds.png)", ""]
     plot_seeds(out, setting, {m: full[m] for m in tuned})
     return lines
@@ -129,33 +130,31 @@ def convergence_lines(curves: dict[str, list[list[dict[str, Any]]]], rounds: int
     if lead not in changes:
         return ["Convergence: too few rounds to check.", ""]
     holds = convergence.flattened(convergence.mean_curve(curves[lead]))
-    verdict = ("converged" if holds else
-               f"NOT converged{' at the cap' if rounds >= convergence.MAX_ROUNDS else ''}")
+    verdict = "converged" if holds else "NOT converged"
     cells = ", ".join(f"{m} {c:+.2f}" for m, c in changes.items())
-    return [f"Convergence: {lead}'s 5-round mean moved {changes[lead]:+.2f} points over the "
-            f"last 10 rounds ({verdict}: the criterion is under "
-            f"{convergence.CONVERGED_POINTS}; the table runs until it holds, "
-            f"{convergence.MAX_ROUNDS} rounds at most); the others: {cells}.", ""]
+    return [f"Convergence on the test curves, mean over seeds: {lead}'s 5-round mean moved "
+            f"{changes[lead]:+.2f} points over the last 10 of {rounds} rounds ({verdict}: the "
+            f"criterion is under {convergence.CONVERGED_POINTS}; the length was set by the "
+            f"same rule on {lead}'s validation re-check, up to the setting's cap); the "
+            f"others: {cells}.", ""]
 
 
 def collapses(last5: dict[str, dict[int, float]], loaded: dict[str, list[dict[str, Any]]],
-              num_classes: int) -> list[str]:
-    """Runs that ended near chance (under twice 1 / classes) or whose training diverged:
-    named with their seed, not averaged away."""
-    floor = 2 / num_classes
+              curves: dict[str, list[list[dict[str, Any]]]], num_classes: int) -> list[str]:
+    """Every table run that collapsed (`stability.collapse` on its test curve: diverged, never
+    left chance, or fell back), named with its seed and cause, not averaged away."""
     found = []
     for variant, scores in last5.items():
-        for (seed, value), results in zip(scores.items(), loaded[variant], strict=True):
-            diverged = results.get("diverged_round")
-            if value < floor or diverged:
-                how = f", training diverged in round {diverged}" if diverged else ""
-                found.append(f"{variant} seed {seed} ({value:.3f}{how})")
+        for seed, results, curve in zip(scores, loaded[variant], curves[variant], strict=True):
+            cause = collapse([row["accuracy"] for row in curve], num_classes,
+                             results.get("diverged_round"))
+            if cause:
+                found.append(f"{variant} seed {seed} ({cause}; last 5 {scores[seed]:.3f})")
     if not found:
-        return []
-    return [f"Collapsed runs (last-5 accuracy under {floor:.2f}, twice chance) and diverged "
-            f"ones (every client's training turned NaN; the run stops there and its last "
-            f"accuracy stands for the rounds left, so it stays in its row's mean): "
-            f"{', '.join(found)}; their curves are in the plot.", ""]
+        return ["Collapsed runs: none.", ""]
+    return [f"Collapsed runs (a diverged one stops there and its last accuracy stands for the "
+            f"rounds left, so it stays in its row's mean): {'; '.join(found)}. Their curves "
+            f"are in the plot.", ""]
 
 
 def plot_seeds(out: Path, setting: str, curves: dict[str, list[list[dict[str, Any]]]]) -> None:
@@ -182,23 +181,36 @@ def plot_seeds(out: Path, setting: str, curves: dict[str, list[list[dict[str, An
 
 
 def trials_table(records: dict[str, Any]) -> list[str]:
-    """TRIALS.md: every trial's keys and score at every rung it reached, the winner marked."""
+    """TRIALS.md: every trial's keys and score at every rung it reached (a collapsed one
+    marked), the re-checks at full length with their causes, the winner marked."""
     lines = ["# Tuning trials", "",
              "Scores: mean validation accuracy over a trial's last 5 rounds at each rung of "
-             "successive halving (8 trials for a quarter of the rounds, then the best 2 to half "
-             "of them); the better of those is the method's tuned recipe.", ""]
+             "successive halving (every trial for a quarter of the rounds, then the best "
+             f"{FINALISTS} to half of them; ✗ collapsed at that rung). Then each method's "
+             "candidates in rank order are re-checked at the table's full length on a second "
+             "seed: the first that does not collapse is the method's recipe.", ""]
     for setting, record in records.items():
-        lines += [f"## {setting} (seed {record['seed']}, {record['rounds']} rounds)", "",
+        lines += [f"## {setting} (seed {record['seed']}, re-check seed {record['recheck_seed']}"
+                  f", the table {record['length']} rounds)", "",
                   "| trial | keys | " + " | ".join(f"{r['rounds']} rounds"
-                                                  for r in record["rungs"]) + " |",
-                  "|---|---|" + "---|" * len(record["rungs"])]
+                                                  for r in record["rungs"])
+                  + " | re-check | |",
+                  "|---|---|" + "---|" * (len(record["rungs"]) + 2)]
         for method, overrides in record["chosen"].items():
-            for trial in trials(method):
-                cells = [f"{r['scores'][trial.name]:.4f}" if trial.name in r["scores"] else ""
-                         for r in record["rungs"]]
-                mark = " **chosen**" if trial.overrides == overrides else ""
-                lines.append(f"| {trial.name}{mark} | `{trial.overrides}` | "
-                             + " | ".join(cells) + " |")
+            checks = {c["trial"]: c for c in record["rechecks"].get(method, [])}
+            for trial in trials(method, record["budget"]):
+                cells = [(f"{r['scores'][trial.name]:.4f}"
+                          + (" ✗" if trial.name in r.get("collapsed", {}) else ""))
+                         if trial.name in r["scores"] else "" for r in record["rungs"]]
+                check = checks.get(trial.name)
+                cells.append("" if check is None else
+                             f"{check['score']:.4f} at {check['rounds']}"
+                             + (f": {check['collapse']}" if check["collapse"] else ""))
+                mark = "**chosen**" if trial.overrides == overrides else ""
+                if mark and method in record["unstable"]:
+                    mark = "**chosen, unstable** (every candidate collapsed)"
+                lines.append(f"| {trial.name} | `{trial.overrides}` | "
+                             + " | ".join(cells) + f" | {mark} |")
         lines.append("")
     return lines
 
@@ -209,22 +221,30 @@ def write_protocol_report(out: Path, command: str) -> Path:
     records = json.loads((out / "tuning" / "trials.json").read_text())
     (out / "tuning" / "TRIALS.md").write_text("\n".join(trials_table(records)))
     chosen = read_chosen(out / "tuning" / "chosen.yaml")
+    plan = read_plan(out)
     lines = ["# The comparison protocol", "",
              f"- command: `{command}`", f"- machine: {machine()}",
              f"- date: {datetime.date.today().isoformat()}", "",
              "Every method was tuned on a validation share (10% of the training pool, "
-             "stratified, seeded; never the test set) with the same budget: 8 trials of local "
-             "learning rate x momentum x the method's own knob, by successive halving, on a "
-             "seed no table run uses ([trials](tuning/TRIALS.md), "
-             "[chosen keys](tuning/chosen.yaml)). The table runs each tuned recipe on 5 other "
-             "seeds and each authors' published recipe on 3 of them; every run holds the "
-             "validation share out. Accuracy is on the test set (heterogeneous clients: each "
-             "client's own model on its own test split, averaged).", "",
+             f"stratified, seeded; never the test set) with the same budget: {plan['trials']} "
+             "trials of local learning rate x momentum x the method's own knob, by successive "
+             "halving on one seed; then its candidates, in rank order, re-checked at the "
+             "table's full length on a second seed, the first that neither diverged, stayed "
+             "at chance nor fell back being its recipe; the baseline's re-check also set the "
+             "table's length, grown until its validation curve flattened "
+             "([trials](tuning/TRIALS.md), [chosen keys](tuning/chosen.yaml); "
+             "docs/benchmarking.md). The table runs each tuned recipe on "
+             f"{len(plan['seeds'])} other seeds and each authors' published recipe on "
+             f"{len(plan['published_seeds'])} of them; every run holds the validation share "
+             "out. Accuracy is on the test set (heterogeneous clients: each client's own model "
+             "on its own test split, averaged).", "",
              "Published recipes (optimiser and the method's keys; rounds, local epochs and "
              "batch are the setting's): "
-             + "; ".join(f"{m}: `{o}`" for m, o in PUBLISHED.items()) + ".", ""]
+             + "; ".join(f"{m}: `{PUBLISHED[m]}`" for m in
+                         dict.fromkeys(m for ms in plan["settings"].values() for m in ms))
+             + ".", ""]
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    missing = [e.setting.name for e in SETTINGS if e.setting.name not in settings]
+    missing = [name for name in plan["settings"] if name not in settings]
     if missing:
         lines += [f"Not run yet: {', '.join(missing)} (a table's seeds column shows what a "
                   f"row holds so far).", ""]
@@ -244,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--command", default="fedhpro-bench --protocol --out OUT",
                         help="the command that made the runs, for RESULTS.md")
     args = parser.parse_args(argv)
+    archive.unpack(args.out.resolve())  # a fresh clone holds the runs packed
     print(write_protocol_report(args.out.resolve(), args.command))
     return 0
 
