@@ -171,6 +171,11 @@ class FederationConfig:
     min_replies: int = setting(1, ge=1)  # fewer usable replies in a round stop the run
     round_timeout: float = setting(3600.0, gt=0.0)  # seconds to wait for replies
     server_threads: int = setting(1, ge=0)  # torch threads of the ServerApp; 0 = torch's default
+    # how the server pools the clients' uploads: "mean" (each method's own average), or the
+    # coordinate-wise "median" / "trimmed-mean" of the weights and the class statistics, one
+    # vote a client (algorithms/robust.py)
+    aggregation: str = setting("mean", choices=("mean", "median", "trimmed-mean"))
+    trim_fraction: float = setting(0.1, ge=0.0, le=0.49)  # trimmed-mean: share cut at each end
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,9 @@ class FedNHStrategy(ExperimentStrategy):
     """FedAvg that holds the prototypes P, sends them, smooths them towards the uploaded class
     means and evaluates the global model with them."""
 
+    # its scaled class means are averaged by its own smoothing only
+    pools_statistics = False
+
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int):
         super().__init__(cfg, reference_state)

@@ -27,9 +27,13 @@ class FedProtoConfig:
 class FedProtoStrategy(PrototypeStrategy):
     """Global prototypes = count-weighted, masked per-class means of this round's uploads."""
 
+    # its prototypes: `pooled_classes`
+    pools_statistics = True
+
     def update_prototypes(self, server_round: int, replies: list[ClientReply]) -> dict[str, float]:
         protos, counts = self.stacked(replies)
-        self.prototypes, self.present = weighted_class_mean(protos, counts)
+        mean, self.present = weighted_class_mean(protos, counts)
+        self.prototypes = self.pooled_classes(protos, counts > 0, mean)
         return {}
 
 

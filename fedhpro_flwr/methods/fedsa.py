@@ -114,6 +114,9 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
 class FedSAStrategy(PrototypeStrategy):
     """Holds the semantic anchors beside the averaged prototypes; sends the anchors."""
 
+    # its prototypes, and so the anchors they move: `pooled_classes`
+    pools_statistics = True
+
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int):
         super().__init__(cfg, reference_state, num_classes, feature_dim)
@@ -124,7 +127,8 @@ class FedSAStrategy(PrototypeStrategy):
 
     def update_prototypes(self, server_round: int, replies: list[ClientReply]) -> dict[str, float]:
         protos, counts = self.stacked(replies)
-        self.prototypes, holders = masked_class_mean(protos, counts > 0)  # unweighted
+        mean, holders = masked_class_mean(protos, counts > 0)  # unweighted
+        self.prototypes = self.pooled_classes(protos, counts > 0, mean)
         self.present = holders > 0
         self.anchors = move_anchors(self.anchors, self.prototypes, self.present,
                                     self.cfg.section(FedSAConfig).anchor_momentum)

@@ -72,6 +72,9 @@ def prototype_mse_trainer(weight: Callable[[ExperimentConfig], float]) -> Client
 class PrototypeStrategy(ExperimentStrategy):
     """Holds the global prototypes; subclasses say how the clients' prototypes update them."""
 
+    # each method says whether `update_prototypes` pools by `federation.aggregation`
+    pools_statistics = False
+
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int):
         super().__init__(cfg, reference_state)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -31,8 +31,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedhpro_flwr.algorithms.diagnostics import anchor_cosines, relative_change, spread
 from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.robust import pool_classes, pool_states
 from fedhpro_flwr.algorithms.training import domain_accuracies, evaluate
-from fedhpro_flwr.config import ExperimentConfig
+from fedhpro_flwr.config import ConfigError, ExperimentConfig
 from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods.payload import (
     EXPERIMENT_RECORD,
@@ -213,9 +214,19 @@ class ExperimentStrategy(FedAvg):
     partition).
     """
 
+    # whether the method's uploads beyond the weights are pooled by `federation.aggregation`
+    # too (`pooled_classes`); one that does not refuses a robust rule instead of half-applying it
+    pools_statistics: ClassVar[bool] = True
+
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  record_keys: RecordKeys = FLOWER_KEYS):
         fed = cfg.federation
+        if fed.aggregation != "mean" and not self.pools_statistics:
+            raise ConfigError(
+                f"config key 'federation.aggregation' = '{fed.aggregation}': "
+                f"{type(self).__name__} pools its class statistics by its own average only; "
+                f"the robust rules cover every method's weights and the statistics of "
+                f"FedProto and FedSA so far")
         super().__init__(
             fraction_train=fed.fraction_train,
             fraction_evaluate=0.0,  # the global model is evaluated on the server
@@ -343,7 +354,7 @@ class ExperimentStrategy(FedAvg):
             )
         valid.sort(key=lambda r: r.partition_id)  # fixed summation order: reproducible runs
         counts = [float(r.num_examples) for r in valid]
-        weights = weighted_average([r.weights for r in valid], counts)
+        weights = self.pooled_weights([r.weights for r in valid], counts)
         weights, diagnostics = self.server_step(round_, weights, valid)
         diagnostics |= self._anchor_diagnostics(valid)
         personal = personal_accuracy(valid)
@@ -373,6 +384,24 @@ class ExperimentStrategy(FedAvg):
         )
         metrics = MetricRecord({"train_loss": train_loss, "clients": len(valid)})
         return tensors_to_record(weights), metrics
+
+    def pooled_weights(self, states: list[dict[str, torch.Tensor]],
+                       counts: list[float]) -> dict[str, torch.Tensor]:
+        """The round's weights: sample-weighted mean, or the robust rule configured."""
+        fed = self.cfg.federation
+        if fed.aggregation == "mean":
+            return weighted_average(states, counts)
+        return pool_states(states, fed.aggregation, fed.trim_fraction)  # type: ignore[arg-type]
+
+    def pooled_classes(self, values: torch.Tensor, present: torch.Tensor,
+                       own: torch.Tensor) -> torch.Tensor:
+        """Per-class statistics (K, C, ...) of the clients holding each class (`present`,
+        (K, C)): the method's `own` average under "mean", else the robust rule over holders."""
+        fed = self.cfg.federation
+        if fed.aggregation == "mean":
+            return own
+        return pool_classes(values, present, fed.aggregation,  # type: ignore[arg-type]
+                            fed.trim_fraction)[0]
 
     def _anchor_diagnostics(self, replies: list[ClientReply]) -> dict[str, float]:
         """Separation and movement of the anchors, and the clients' consistency with the

@@ -1,0 +1,163 @@
+"""Robust pooling (`algorithms.robust`): the median and trimmed mean on hand-made replies with
+an outlier, Flower's and numpy's arithmetic, per-class pooling over the holders only, and the
+rule as the strategies apply it (`federation.aggregation`)."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord
+from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+from replies import LIVE, grid_with_nodes, trained
+from simulate import OVERRIDES, simulate
+
+from fedhpro_flwr.algorithms.robust import pool, pool_classes, pool_states
+from fedhpro_flwr.config import ConfigError
+from fedhpro_flwr.methods import get_method, parse_experiment
+from fedhpro_flwr.methods.payload import ClassRows, tensors_to_record
+from fedhpro_flwr.methods.strategy import ClientReply, ExperimentStrategy
+
+
+def test_one_outlier_of_five_moves_the_mean_but_neither_robust_rule():
+    honest = torch.tensor([[1.0, -2.0], [1.2, -2.2], [0.8, -1.8], [1.1, -2.1]])
+    liar = torch.tensor([[1000.0, 1000.0]])
+    replies = torch.cat([honest, liar])
+    assert replies.mean(0)[0] > 200  # the plain average follows the liar
+    assert torch.allclose(pool(replies, "median"), torch.tensor([1.1, -2.0]))
+    # 5 values, trim 0.2: one dropped at each end of each coordinate, (1.0, 1.1, 1.2) and
+    # (-2.1, -2.0, -1.8) are left
+    assert torch.allclose(pool(replies, "trimmed-mean", 0.2),
+                          torch.tensor([3.3 / 3, -5.9 / 3]))
+
+
+def test_an_even_count_takes_the_middle_two_and_trim_zero_is_the_mean():
+    values = torch.tensor([[4.0], [1.0], [3.0], [2.0]])
+    assert pool(values, "median").item() == 2.5
+    assert pool(values, "trimmed-mean", 0.0).item() == 2.5
+    assert pool(values, "trimmed-mean", 0.25).item() == 2.5  # drops 1 and 4
+    assert pool(values, "trimmed-mean", 0.49).item() == 2.5  # int(0.49 * 4) = 1 a side
+
+
+def test_the_arithmetic_is_flowers_and_numpys():
+    generator = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 10):
+        values = torch.randn(n, 3, 4, generator=generator, dtype=torch.float64)
+        assert np.allclose(pool(values, "median").numpy(), np.median(values.numpy(), axis=0))
+        for trim in (0.0, 0.1, 0.3):
+            assert np.allclose(pool(values, "trimmed-mean", trim).numpy(),
+                               trim_mean(values.numpy(), trim))
+
+
+def test_bad_rules_and_fractions_are_refused():
+    with pytest.raises(ValueError, match=r"trim fraction 0\.5"):
+        pool(torch.zeros(3, 2), "trimmed-mean", 0.5)
+    with pytest.raises(ValueError, match="unknown robust rule 'mean'"):
+        pool(torch.zeros(3, 2), "mean")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="no values"):
+        pool(torch.zeros(0, 2), "median")
+
+
+def test_states_keep_their_dtypes_and_integer_buffers_stay_integers():
+    states = [{"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)},
+              {"w": torch.tensor([2.0, 9.0]), "n": torch.tensor(4)},
+              {"w": torch.tensor([3.0, 4.0]), "n": torch.tensor(100)}]
+    pooled = pool_states(states, "median")
+    assert pooled["w"].tolist() == [2.0, 4.0] and pooled["w"].dtype == torch.float32
+    assert pooled["n"].item() == 4 and pooled["n"].dtype == torch.int64
+
+
+def test_a_class_is_pooled_over_the_clients_holding_it_only():
+    # 3 clients, 3 classes, d = 1. Class 0: all three hold it, one lies (50). Class 1: only
+    # clients 0 and 1 (client 2's row is zeros, not a vote). Class 2: nobody.
+    values = torch.tensor([[[1.0], [4.0], [0.0]],
+                           [[2.0], [6.0], [0.0]],
+                           [[50.0], [0.0], [0.0]]])
+    present = torch.tensor([[True, True, False], [True, True, False], [True, False, False]])
+    pooled, holders = pool_classes(values, present, "median")
+    assert pooled.flatten().tolist() == [2.0, 5.0, 0.0]
+    assert holders.tolist() == [3, 2, 0]
+    trimmed, _ = pool_classes(values, present, "trimmed-mean", 0.34)  # int(0.34 * 3) = 1
+    assert trimmed.flatten().tolist() == [2.0, 5.0, 0.0]  # class 1: int(0.68) = 0, the mean
+
+
+# ---- wired into the strategies: one liar among the replies ---------------------------------
+
+LIAR = 1000.0
+
+
+def robust_cfg(rule: str, **federation):
+    return parse_experiment({"federation": {"aggregation": rule, "trim_fraction": 0.2,
+                                            **federation}})
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+@pytest.mark.parametrize(("rule", "expected"), [
+    ("mean", (1.0 + 1.2 + 0.8 + 1.1 + LIAR) / 5),  # every reply holds 10 examples
+    ("median", 1.1),
+    ("trimmed-mean", (1.0 + 1.1 + 1.2) / 3),  # 0.8 and the liar cut
+])
+def test_a_round_pools_the_weights_by_the_rule_configured(rule, expected):
+    """Through Flower's in-memory grid: the strategy sends, five nodes answer, one lies."""
+    state = {"w": torch.zeros(3)}
+    strategy = ExperimentStrategy(robust_cfg(rule, min_train_nodes=5, round_timeout=30), state)
+    grid, _ = grid_with_nodes([LIVE] * 5)
+    messages = list(strategy.configure_train(1, tensors_to_record(state), ConfigRecord(), grid))
+    grid.push_messages(messages)
+    values = (1.0, 1.2, 0.8, 1.1, LIAR)
+    replies = [trained(m, i, torch.full((3,), v)) for i, (m, v) in
+               enumerate(zip(messages, values, strict=True))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((3,), expected))
+
+
+def prototype_replies() -> list[ClientReply]:
+    """Three clients, two classes, d = 2; the third lies about class 0 and claims a huge count
+    (under a count-weighted rule it would own the class)."""
+    def reply(pid: int, protos: list[list[float]], counts: list[int]) -> ClientReply:
+        counts_t = torch.tensor(counts)
+        rows = ClassRows(counts_t > 0, {"prototypes": torch.tensor(protos)}, counts_t)
+        return ClientReply(100 + pid, pid, int(counts_t.sum()), {}, {"fedsa_gap": 1.0}, rows)
+
+    return [reply(0, [[1.0, 0.0], [0.0, 1.0]], [10, 10]),
+            reply(1, [[0.8, 0.2], [0.2, 0.8]], [10, 10]),
+            reply(2, [[LIAR, -LIAR], [0.0, 0.0]], [10**6, 0])]
+
+
+@pytest.mark.parametrize("method", ["fedproto", "fedsa"])
+def test_the_class_statistics_are_pooled_over_the_holders_one_vote_each(method):
+    strategy = get_method(method).make_strategy(robust_cfg("median"), {}, 2, 2)
+    strategy.server_step(1, {}, prototype_replies())
+    # class 0: median of (1, 0.8, 1000) and (0, 0.2, -1000); class 1: its two holders' mean
+    assert torch.allclose(strategy.prototypes, torch.tensor([[1.0, 0.0], [0.1, 0.9]]))
+    mean = get_method(method).make_strategy(parse_experiment({}), {}, 2, 2)
+    mean.server_step(1, {}, prototype_replies())
+    assert mean.prototypes[0, 0] > 300  # the method's own average follows the liar
+
+
+@pytest.mark.parametrize("method", ["fedhpro", "creff", "fpl", "fedtgp", "fednh"])
+def test_a_method_whose_statistics_are_not_pooled_robustly_refuses_a_robust_rule(method):
+    with pytest.raises(ConfigError, match=r"federation\.aggregation.*median"):
+        get_method(method).make_strategy(robust_cfg("median"), {"w": torch.zeros(1)}, 10, 8)
+
+
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "moon", "fedproto", "fedsa"])
+def test_the_methods_covered_take_every_rule(method):
+    for rule in ("mean", "median", "trimmed-mean"):
+        get_method(method).make_strategy(robust_cfg(rule), {"w": torch.zeros(1)}, 10, 8)
+
+
+@pytest.mark.parametrize(("key", "value"), [("aggregation", "max"), ("trim_fraction", 0.5),
+                                            ("trim_fraction", -0.1)])
+def test_bad_robust_settings_are_refused_by_name(key, value):
+    with pytest.raises(ConfigError, match=rf"federation\.{key}"):
+        parse_experiment({"federation": {key: value}})
+
+
+@pytest.mark.slow
+def test_a_simulation_runs_fedproto_with_the_median(tmp_path):
+    """Flower's simulation engine, 2 rounds: the rule reaches the ServerApp from the run's
+    overrides and the run learns."""
+    results = simulate(tmp_path, 2, strategy="fedproto",
+                       overrides=f"{OVERRIDES} federation.aggregation=median")
+    assert results["config"]["federation"]["aggregation"] == "median"
+    assert len(results["rounds"]) == 2
+    assert results["rounds"][-1]["accuracy"] > 0.2  # 10 classes: above chance
