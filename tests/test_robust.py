@@ -10,7 +10,9 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from replies import LIVE, grid_with_nodes, trained
 from simulate import OVERRIDES, simulate
 
-from fedhpro_flwr.algorithms.robust import pool, pool_classes, pool_states
+from fedhpro_flwr.algorithms.extraction import ClassStatistics
+from fedhpro_flwr.algorithms.recalibration import mean_class_gradients, pooled_moments
+from fedhpro_flwr.algorithms.robust import Pooling, pool, pool_classes, pool_states
 from fedhpro_flwr.config import ConfigError
 from fedhpro_flwr.methods import get_method, parse_experiment
 from fedhpro_flwr.methods.payload import ClassRows, tensors_to_record
@@ -133,16 +135,19 @@ def test_the_class_statistics_are_pooled_over_the_holders_one_vote_each(method):
     assert mean.prototypes[0, 0] > 300  # the method's own average follows the liar
 
 
-@pytest.mark.parametrize("method", ["fedhpro", "creff", "fpl", "fedtgp", "fednh"])
+@pytest.mark.parametrize("method", ["fpl", "fedtgp", "fednh"])
 def test_a_method_whose_statistics_are_not_pooled_robustly_refuses_a_robust_rule(method):
     with pytest.raises(ConfigError, match=r"federation\.aggregation.*median"):
-        get_method(method).make_strategy(robust_cfg("median"), {"w": torch.zeros(1)}, 10, 8)
+        get_method(method).make_strategy(robust_cfg("median"), {}, 10, 8)
 
 
-@pytest.mark.parametrize("method", ["fedavg", "fedprox", "moon", "fedproto", "fedsa"])
+@pytest.mark.parametrize("method", ["fedavg", "fedprox", "moon", "fedproto", "fedsa",
+                                    "fedhpro", "creff"])
 def test_the_methods_covered_take_every_rule(method):
+    head = {"classifier.weight": torch.zeros(10, 8), "classifier.bias": torch.zeros(10)}
     for rule in ("mean", "median", "trimmed-mean"):
-        get_method(method).make_strategy(robust_cfg(rule), {"w": torch.zeros(1)}, 10, 8)
+        strategy = get_method(method).make_strategy(robust_cfg(rule), head, 10, 8)
+        assert (strategy.pooling is None) == (rule == "mean")
 
 
 @pytest.mark.parametrize(("key", "value"), [("aggregation", "max"), ("trim_fraction", 0.5),
@@ -153,11 +158,48 @@ def test_bad_robust_settings_are_refused_by_name(key, value):
 
 
 @pytest.mark.slow
-def test_a_simulation_runs_fedproto_with_the_median(tmp_path):
+@pytest.mark.parametrize(("strategy", "rule"), [("fedproto", "median"),
+                                                ("fedhpro", "trimmed-mean")])
+def test_a_simulation_runs_with_a_robust_rule(tmp_path, strategy, rule):
     """Flower's simulation engine, 2 rounds: the rule reaches the ServerApp from the run's
     overrides and the run learns."""
-    results = simulate(tmp_path, 2, strategy="fedproto",
-                       overrides=f"{OVERRIDES} federation.aggregation=median")
-    assert results["config"]["federation"]["aggregation"] == "median"
+    results = simulate(tmp_path, 2, strategy=strategy,
+                       overrides=f"{OVERRIDES} federation.aggregation={rule}")
+    assert results["config"]["federation"]["aggregation"] == rule
     assert len(results["rounds"]) == 2
     assert results["rounds"][-1]["accuracy"] > 0.2  # 10 classes: above chance
+
+
+def moment_stats() -> list[ClassStatistics]:
+    """Three clients, one class, d = 2: two honest ones and a liar with a huge count."""
+    def stats(mean: list[float], var: float, count: int, grad: list[float]) -> ClassStatistics:
+        return ClassStatistics(present=torch.tensor([True]), counts=torch.tensor([count]),
+                               feature_grads=torch.tensor([grad]),
+                               weight_grads=torch.tensor([[grad]]),
+                               bias_grads=torch.tensor([[grad[0]]]),
+                               feature_means=torch.tensor([mean]),
+                               feature_vars=torch.tensor([var]))
+
+    return [stats([1.0, 1.0], 0.5, 10, [0.1, 0.2]), stats([3.0, 1.0], 0.7, 10, [0.3, 0.2]),
+            stats([LIAR, LIAR], 9.0, 10**6, [LIAR, -LIAR])]
+
+
+def test_fedhpros_moments_pool_robustly_with_the_same_total_variance():
+    means, variances, present = pooled_moments(moment_stats(), Pooling("median"))
+    # the median of the three means per dimension: (3, 1)
+    assert means.tolist() == [[3.0, 1.0]] and present.tolist() == [True]
+    # each holder's variance plus its mean's squared distance to (3, 1), averaged over d:
+    # 0.5 + (4 + 0) / 2 = 2.5; 0.7 + 0 = 0.7; the liar's is huge: the median is 2.5
+    assert variances.tolist() == [2.5]
+    weighted, _, _ = pooled_moments(moment_stats())
+    assert weighted[0, 0] > 900  # count-weighted, the liar's million samples own the class
+
+
+def test_the_classifier_gradients_pool_robustly():
+    target, present = mean_class_gradients(moment_stats(), Pooling("median"))
+    assert present.tolist() == [True]
+    assert torch.allclose(target.feature, torch.tensor([[0.3, 0.2]]))
+    assert torch.allclose(target.weight, torch.tensor([[[0.3, 0.2]]]))
+    assert torch.allclose(target.bias, torch.tensor([[0.3]]))
+    averaged, _ = mean_class_gradients(moment_stats())
+    assert averaged.feature[0, 0] > 300

@@ -31,6 +31,7 @@ from fedhpro_flwr.algorithms.gradmatch import (
     masked_class_mean,
     prepared_target,
 )
+from fedhpro_flwr.algorithms.robust import Pooling
 
 # how the new classifier is trained on the federated features: by the reference recipe's
 # minibatch SGD, or by the same schedule as one full-batch step per epoch
@@ -283,35 +284,47 @@ def classifier_on(features: torch.Tensor, classes: torch.Tensor, solver: Solver,
                  epochs, lr, batch_size, generator)
 
 
-def mean_class_gradients(stats: list[ClassStatistics]) -> tuple[ClassGradients, torch.Tensor]:
+def mean_class_gradients(stats: list[ClassStatistics], pooling: Pooling | None = None
+                         ) -> tuple[ClassGradients, torch.Tensor]:
     """The clients' per-class CE gradients (feature, classifier weight and bias), each class
-    averaged over the clients holding it, and which classes any client holds (C,)."""
+    averaged over the clients holding it (or pooled by `pooling`), and which classes any
+    client holds (C,)."""
     if any(s.weight_grads is None or s.bias_grads is None for s in stats):
         raise ValueError("recalibration needs the classifier gradients of every reply")
     held = torch.stack([s.present for s in stats])
-    feature, holders = masked_class_mean(torch.stack([s.feature_grads for s in stats]), held)
-    weight = masked_class_mean(torch.stack([s.weight_grads for s in stats]), held)[0]
-    target = ClassGradients(
-        feature, weight=weight,
-        bias=masked_class_mean(torch.stack([s.bias_grads for s in stats]), held)[0],
-    )
-    return target, holders > 0
+
+    def pooled(values: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack(values)
+        if pooling is None:
+            return masked_class_mean(stacked, held)[0]
+        return pooling.classes(stacked, held)
+
+    target = ClassGradients(pooled([s.feature_grads for s in stats]),
+                            weight=pooled([s.weight_grads for s in stats]),
+                            bias=pooled([s.bias_grads for s in stats]))
+    return target, held.any(dim=0)
 
 
-def pooled_moments(stats: list[ClassStatistics]) -> tuple[torch.Tensor, torch.Tensor,
-                                                          torch.Tensor]:
+def pooled_moments(stats: list[ClassStatistics], pooling: Pooling | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each class's feature mean and variance over all clients holding it: (C, d), (C,)
     and which classes any client holds (C,).
 
     Means are weighted by the clients' class counts; the variance adds the spread of the
     clients' means around the pooled one to their own spreads (the law of total variance),
-    per dimension."""
+    per dimension. With `pooling`, the same two steps with the robust rule in place of the
+    count-weighted mean, one vote a holder."""
     if any(s.feature_means is None or s.feature_vars is None for s in stats):
         raise ValueError("moment recalibration needs the feature moments of every reply")
     counts = torch.stack([s.counts * s.present for s in stats]).to(torch.float32)  # (K, C)
     means = torch.stack([s.feature_means for s in stats])  # (K, C, d)
     variances = torch.stack([s.feature_vars for s in stats])  # (K, C)
     totals = counts.sum(dim=0)
+    if pooling is not None:
+        held = counts > 0
+        pooled = pooling.classes(means, held)
+        between = ((means - pooled) ** 2).mean(dim=2)
+        return pooled, pooling.classes(variances + between, held), totals > 0
     weights = counts / totals.clamp(min=1)
     pooled = (weights[..., None] * means).sum(dim=0)
     between = ((means - pooled) ** 2).mean(dim=2)
@@ -339,6 +352,7 @@ class RecalibrationSettings:
     solver: Solver = "sgd"
     source: Source = "gradients"
     classes_per_step: int = 0  # see `classifier_on`
+    pooling: Pooling | None = None  # the clients' statistics pooled robustly; None: averaged
 
 
 class FederatedFeatures:
@@ -364,7 +378,7 @@ class FederatedFeatures:
         `RecalibrationSettings.source`); the features keep the result."""
         if settings.source == "moments":
             return self.from_moments(stats, settings, generator)
-        target, present = mean_class_gradients(stats)
+        target, present = mean_class_gradients(stats, settings.pooling)
         self.seen |= present
         result = recalibrate(
             self.features, weight, bias, target, present,
@@ -380,7 +394,7 @@ class FederatedFeatures:
                      generator: torch.Generator) -> RecalibrationResult:
         """Features drawn from this round's pooled class moments (classes absent this round
         keep theirs), and a fresh classifier trained on every class seen so far."""
-        means, variances, present = pooled_moments(stats)
+        means, variances, present = pooled_moments(stats, settings.pooling)
         self.features = drawn_features(self.features, means, variances, present, generator)
         self.seen |= present
         new_weight, new_bias = classifier_on(self.features, self.seen, settings.solver,

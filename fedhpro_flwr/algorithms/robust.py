@@ -15,6 +15,7 @@ numpy's (tests/test_robust.py checks it), so that algorithm code stays free of F
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -65,3 +66,23 @@ def pool_classes(values: torch.Tensor, present: torch.Tensor, rule: Rule,
     for c in torch.nonzero(holders).flatten().tolist():
         out[c] = pool(values[present[:, c], c], rule, trim)
     return out, holders
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """A robust rule and its trim fraction, as the server applies it to every upload."""
+
+    rule: Rule
+    trim: float = 0.0
+
+    @staticmethod
+    def of(rule: str, trim: float) -> Pooling | None:
+        """The configured rule; None for "mean", each method's own average."""
+        return None if rule == "mean" else Pooling(rule, trim)  # type: ignore[arg-type]
+
+    def states(self, states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return pool_states(states, self.rule, self.trim)
+
+    def classes(self, values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """(K, C, ...) per-class values pooled over each class's holders (`present`, (K, C))."""
+        return pool_classes(values, present, self.rule, self.trim)[0]

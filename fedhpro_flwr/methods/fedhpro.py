@@ -27,6 +27,7 @@ from fedhpro_flwr.algorithms.losses import RunningClassMeans, hpal, hpcl
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.prototypes import local_prototypes
 from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings, Solver, Source
+from fedhpro_flwr.algorithms.robust import Pooling
 from fedhpro_flwr.algorithms.training import evaluate, train_epochs
 from fedhpro_flwr.config import ConfigError, ExperimentConfig, setting
 from fedhpro_flwr.data.federated import TensorData
@@ -179,6 +180,7 @@ class FedHProStrategy(RecalibratingStrategy):
             hp_cfg.recal_lr, hp_cfg.recal_batch_size, hp_cfg.distance,
             solver=hp_cfg.recal_solver, source=hp_cfg.recal_source,
             classes_per_step=hp_cfg.recal_classes_per_step,
+            pooling=Pooling.of(cfg.federation.aggregation, cfg.federation.trim_fraction),
         )
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
                          settings, generator, classifier_gradients=sends_classifier_grads(hp_cfg),
@@ -229,7 +231,8 @@ class FedHProStrategy(RecalibratingStrategy):
         """What the hyper-prototypes descend this round: the distance of the feature gradients
         they induce at the new classifier to the clients' mean ones."""
         held = torch.stack([s.present for s in stats])
-        target = masked_class_mean(torch.stack([s.feature_grads for s in stats]), held)[0]
+        grads = torch.stack([s.feature_grads for s in stats])
+        target = self.pooled_classes(grads, held, masked_class_mean(grads, held)[0])
         neighbours = None
         if 0 < hp_cfg.hp_softmax_classes < self.num_classes:
             neighbours = nearest_classes(self.hyperprototypes, weight, bias,

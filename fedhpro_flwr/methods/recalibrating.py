@@ -28,9 +28,6 @@ STATS_RECORD = "class-stats"
 class RecalibratingStrategy(ExperimentStrategy):
     """Decodes class statistics and owns the federated features, `head` and the RNG `rng`."""
 
-    # its class statistics (gradients, moments) are averaged by the method's own rule only
-    pools_statistics = False
-
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int, features_per_class: int,
                  settings: RecalibrationSettings, generator: torch.Generator,

@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedhpro_flwr.algorithms.diagnostics import anchor_cosines, relative_change, spread
 from fedhpro_flwr.algorithms.models import Backbone
-from fedhpro_flwr.algorithms.robust import pool_classes, pool_states
+from fedhpro_flwr.algorithms.robust import Pooling
 from fedhpro_flwr.algorithms.training import domain_accuracies, evaluate
 from fedhpro_flwr.config import ConfigError, ExperimentConfig
 from fedhpro_flwr.data.federated import TensorData
@@ -226,7 +226,9 @@ class ExperimentStrategy(FedAvg):
                 f"config key 'federation.aggregation' = '{fed.aggregation}': "
                 f"{type(self).__name__} pools its class statistics by its own average only; "
                 f"the robust rules cover every method's weights and the statistics of "
-                f"FedProto and FedSA so far")
+                f"FedHPro, CReFF, FedProto and FedSA so far")
+        # how the uploads are pooled: None, each method's own average (`federation.aggregation`)
+        self.pooling = Pooling.of(fed.aggregation, fed.trim_fraction)
         super().__init__(
             fraction_train=fed.fraction_train,
             fraction_evaluate=0.0,  # the global model is evaluated on the server
@@ -388,20 +390,15 @@ class ExperimentStrategy(FedAvg):
     def pooled_weights(self, states: list[dict[str, torch.Tensor]],
                        counts: list[float]) -> dict[str, torch.Tensor]:
         """The round's weights: sample-weighted mean, or the robust rule configured."""
-        fed = self.cfg.federation
-        if fed.aggregation == "mean":
+        if self.pooling is None:
             return weighted_average(states, counts)
-        return pool_states(states, fed.aggregation, fed.trim_fraction)  # type: ignore[arg-type]
+        return self.pooling.states(states)
 
     def pooled_classes(self, values: torch.Tensor, present: torch.Tensor,
                        own: torch.Tensor) -> torch.Tensor:
         """Per-class statistics (K, C, ...) of the clients holding each class (`present`,
         (K, C)): the method's `own` average under "mean", else the robust rule over holders."""
-        fed = self.cfg.federation
-        if fed.aggregation == "mean":
-            return own
-        return pool_classes(values, present, fed.aggregation,  # type: ignore[arg-type]
-                            fed.trim_fraction)[0]
+        return own if self.pooling is None else self.pooling.classes(values, present)
 
     def _anchor_diagnostics(self, replies: list[ClientReply]) -> dict[str, float]:
         """Separation and movement of the anchors, and the clients' consistency with the
