@@ -31,6 +31,7 @@ from types import ModuleType
 
 from fedhpro_flwr.config import ConfigError, parse_overrides
 from fedhpro_flwr.methods import load_experiment
+from fedhpro_lab.attacks import Attack
 from fedhpro_lab.benchmark import SCORED, read_rows, run_suite
 from fedhpro_lab.convergence import MAX_ROUNDS
 from fedhpro_lab.measure import (
@@ -104,6 +105,9 @@ def chosen_suite(args: argparse.Namespace) -> tuple[Suite, tuple[str, ...]]:
         suite = replace(suite, seeds=parse_seeds(args.seeds))
     if args.rounds is not None:
         suite = replace(suite, rounds=args.rounds)
+    if args.attack:
+        Attack.parse(args.attack)  # reject a malformed one before anything runs
+        suite = replace(suite, attack=args.attack)
     if args.overrides:
         parse_overrides(args.overrides)  # reject a malformed one before anything runs
         suite = replace(suite, overrides=f"{suite.overrides} {args.overrides}".strip())
@@ -155,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-rounds", type=int, default=MAX_ROUNDS,
                         help="with --protocol --config: the longest a table may grow to "
                              f"(default {MAX_ROUNDS})")
+    parser.add_argument("--attack", default="", metavar="KIND:CLIENTS[:FACTOR]",
+                        help="with --suite or --config: the first CLIENTS partitions send "
+                             "scaled, sign-flipped or class-swapped weights and statistics "
+                             "(scale, sign-flip, class-swap; factor 10), e.g. sign-flip:2")
     parser.add_argument("--no-report", action="store_true", help="skip RESULTS.md and plots")
     return parser
 
@@ -163,9 +171,9 @@ def protocol_plan(args: argparse.Namespace) -> tuple[tuple, Budget]:
     """The settings and budget of `--protocol`: the built-in settings (or those named by
     --settings), or the --config files."""
     strategies = tuple(name for name in args.strategies.split(",") if name)
-    if args.suite:
-        raise ValueError("--protocol runs its own settings or the --config files; leave out "
-                         "--suite")
+    if args.suite or args.attack:
+        raise ValueError("--protocol runs its own settings or the --config files, honestly; "
+                         "leave out --suite and --attack")
     if args.config:
         settings = config_settings(args.config, strategies, args.rounds or None,
                                    args.max_rounds)

@@ -319,6 +319,8 @@ def execute(group: list[Run], first: int, progress: Progress,
                "--run-config", json.dumps(configs), "--supernodes", str(group[0].supernodes),
                "--cpus-per-client", str(group[0].suite.cpus_per_client),
                "--gpus-per-client", str(group[0].suite.gpus_per_client)]
+    if group[0].suite.attack:
+        command += ["--attack", group[0].suite.attack]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
     peak = 0.0

@@ -61,9 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--supernodes", type=int, required=True)
     parser.add_argument("--cpus-per-client", type=float, default=1.0)
     parser.add_argument("--gpus-per-client", type=float, default=0.0)
+    parser.add_argument("--attack", default="",
+                        help="KIND:CLIENTS[:FACTOR]: the first CLIENTS partitions lie "
+                             "(fedhpro_lab.attacks)")
     args = parser.parse_args(argv)
+    client_app = None
+    if args.attack:
+        from fedhpro_lab.attacks import Attack, attacking_app
+
+        client_app = attacking_app(Attack.parse(args.attack))
     simulate(json.loads(args.run_config), args.supernodes, cpus_per_client=args.cpus_per_client,
-             gpus_per_client=args.gpus_per_client)
+             gpus_per_client=args.gpus_per_client, client_app=client_app)
     return 0
 
 

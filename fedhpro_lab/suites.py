@@ -67,6 +67,7 @@ class Suite:
     overrides: str = ""  # applied to every setting (the suite's sizing)
     cpus_per_client: float = 1.0
     gpus_per_client: float = 0.0
+    attack: str = ""  # KIND:CLIENTS[:FACTOR] of `attacks.Attack`: clients that lie in every run
 
     @property
     def variants(self) -> tuple[Variant, ...]:
