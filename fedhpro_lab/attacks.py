@@ -103,7 +103,7 @@ def attacking_app(attack: Attack) -> ClientApp:
         reply = handle_train(msg, context)
         if reply.has_error():
             return reply
-        metrics: MetricRecord = next(iter(reply.content.metric_records.values()))
+        metrics: MetricRecord = reply.content[RecordKeys.of(msg.content).metrics]
         if int(metrics["partition-id"]) < attack.clients:
             return lie(attack, msg, reply)
         return reply

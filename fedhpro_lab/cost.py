@@ -14,14 +14,14 @@ which the range leaves out (at most `tuning.RECHECKS` a method).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedhpro_lab import convergence, stats
 from fedhpro_lab.benchmark import read_results, read_rows
 from fedhpro_lab.plan import Budget, ProtocolSetting
 from fedhpro_lab.suites import Suite, run_path
-from fedhpro_lab.tuning import FINALISTS, RUNGS, VALIDATION, RunSuite, rung_rounds
+from fedhpro_lab.tuning import FINALISTS, RUNGS, RunSuite, rung_rounds, with_validation
 
 PROBE_ROUNDS = 2
 PROBE = "probe.json"
@@ -45,9 +45,8 @@ def probe(entries: tuple[ProtocolSetting, ...], out: Path, run_suite: RunSuite, 
         name = entry.setting.name
         if name in held and set(entry.methods) <= set(held[name]["round_seconds"]):
             continue
-        setting = replace(entry.setting,
-                          overrides=f"{entry.setting.overrides} {VALIDATION}".strip())
-        suite = Suite("probe", f"probe of {name}", (setting,), entry.methods, (seed,),
+        suite = Suite("probe", f"probe of {name}", (with_validation(entry.setting),),
+                      entry.methods, (seed,),
                       PROBE_ROUNDS, overrides=overrides)
         print(f"protocol: measuring a round of each method on {name} ({PROBE_ROUNDS} rounds "
               f"each, for the cost estimate)", flush=True)

@@ -38,10 +38,10 @@ from fedhpro_lab.suites import (
 from fedhpro_lab.tuning import (
     PUBLISHED,
     TRIALS,
-    VALIDATION,
     RunSuite,
     Tuning,
     read_chosen,
+    with_validation,
     write_chosen,
 )
 
@@ -108,8 +108,7 @@ def table_suites(entry: ProtocolSetting, chosen: dict[str, str], rounds: int,
                  budget: Budget) -> tuple[Suite, Suite]:
     """The setting's final runs: every method as tuned (named as the method) on the budget's
     seeds, and as published on its published seeds, `rounds` long."""
-    setting = Setting(entry.setting.name, entry.setting.config,
-                      f"{entry.setting.overrides} {VALIDATION}".strip())
+    setting = with_validation(entry.setting)
     tuned = tuple(Variant(m, m, chosen[m]) for m in entry.methods)
     published = tuple(Variant(published_name(m), m, PUBLISHED[m]) for m in entry.methods)
     return (Suite("protocol", f"{entry.setting.name}: the tuned recipes", (setting,), tuned,

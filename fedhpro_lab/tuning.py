@@ -109,6 +109,12 @@ class Trial:
         return Variant(self.name, self.method, self.overrides)
 
 
+def with_validation(setting: Setting) -> Setting:
+    """The setting with `VALIDATION` held out: how every protocol run sees its data (the
+    tuning's, the probe's and the table's, so that all train on the same clients' data)."""
+    return replace(setting, overrides=f"{setting.overrides} {VALIDATION}".strip())
+
+
 def check_budget(budget: int) -> None:
     if not 1 <= budget <= TRIALS:
         raise ValueError(f"--trials {budget}: between 1 and {TRIALS} (the grid of learning "
@@ -201,8 +207,7 @@ class Tuning:
 
     def suite(self, alive: list[Trial], rounds: int, seed: int | None = None) -> Suite:
         return Suite("tuning", f"tuning on {self.setting.name}",
-                     (replace(self.setting, overrides=f"{self.setting.overrides} "
-                                                      f"{VALIDATION}".strip()),),
+                     (with_validation(self.setting),),
                      tuple(t.variant() for t in alive), (self.seed if seed is None else seed,),
                      rounds, overrides=self.overrides)
 

@@ -320,15 +320,16 @@ def pooled_moments(stats: list[ClassStatistics], pooling: Pooling | None = None
     means = torch.stack([s.feature_means for s in stats])  # (K, C, d)
     variances = torch.stack([s.feature_vars for s in stats])  # (K, C)
     totals = counts.sum(dim=0)
-    if pooling is not None:
-        held = counts > 0
-        pooled = pooling.classes(means, held)
-        between = ((means - pooled) ** 2).mean(dim=2)
-        return pooled, pooling.classes(variances + between, held), totals > 0
     weights = counts / totals.clamp(min=1)
-    pooled = (weights[..., None] * means).sum(dim=0)
-    between = ((means - pooled) ** 2).mean(dim=2)
-    return pooled, (weights * (variances + between)).sum(dim=0), totals > 0
+
+    def pooled(values: torch.Tensor) -> torch.Tensor:  # (K, C) or (K, C, d) -> (C, ...)
+        if pooling is not None:
+            return pooling.classes(values, counts > 0)
+        return ((weights if values.dim() == 2 else weights[..., None]) * values).sum(dim=0)
+
+    mean = pooled(means)
+    between = ((means - mean) ** 2).mean(dim=2)
+    return mean, pooled(variances + between), totals > 0
 
 
 def drawn_features(features: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,

@@ -21,7 +21,6 @@ from typing import Literal
 import torch
 
 Rule = Literal["median", "trimmed-mean"]
-RULES: tuple[str, ...] = ("mean", "median", "trimmed-mean")  # "mean": each method's own average
 
 
 def pool(values: torch.Tensor, rule: Rule, trim: float = 0.0) -> torch.Tensor:

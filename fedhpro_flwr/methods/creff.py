@@ -18,7 +18,6 @@ from flwr.app import ArrayRecord
 from fedhpro_flwr.algorithms.extraction import extract_class_statistics
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings
-from fedhpro_flwr.algorithms.robust import Pooling
 from fedhpro_flwr.algorithms.training import train_epochs
 from fedhpro_flwr.config import ExperimentConfig, setting
 from fedhpro_flwr.data.federated import TensorData
@@ -69,10 +68,8 @@ class CReFFStrategy(RecalibratingStrategy):
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int):
         creff = cfg.section(CReFFConfig)
-        settings = RecalibrationSettings(
-            creff.match_steps, creff.feature_lr, creff.epochs, creff.lr,
-            creff.batch_size or cfg.train.batch_size,
-            pooling=Pooling.of(cfg.federation.aggregation, cfg.federation.trim_fraction))
+        settings = RecalibrationSettings(creff.match_steps, creff.feature_lr, creff.epochs,
+                                         creff.lr, creff.batch_size or cfg.train.batch_size)
         super().__init__(cfg, reference_state, num_classes, feature_dim, creff.features,
                          settings, torch.Generator().manual_seed(cfg.seed))
 

@@ -27,7 +27,6 @@ from fedhpro_flwr.algorithms.losses import RunningClassMeans, hpal, hpcl
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.prototypes import local_prototypes
 from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings, Solver, Source
-from fedhpro_flwr.algorithms.robust import Pooling
 from fedhpro_flwr.algorithms.training import evaluate, train_epochs
 from fedhpro_flwr.config import ConfigError, ExperimentConfig, setting
 from fedhpro_flwr.data.federated import TensorData
@@ -180,7 +179,6 @@ class FedHProStrategy(RecalibratingStrategy):
             hp_cfg.recal_lr, hp_cfg.recal_batch_size, hp_cfg.distance,
             solver=hp_cfg.recal_solver, source=hp_cfg.recal_source,
             classes_per_step=hp_cfg.recal_classes_per_step,
-            pooling=Pooling.of(cfg.federation.aggregation, cfg.federation.trim_fraction),
         )
         super().__init__(cfg, reference_state, num_classes, feature_dim, hp_cfg.recal_features,
                          settings, generator, classifier_gradients=sends_classifier_grads(hp_cfg),

@@ -7,6 +7,7 @@ the clients measured their gradients at: the one sent at the start of the round 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -39,7 +40,8 @@ class RecalibratingStrategy(ExperimentStrategy):
         self.feature_gradients = feature_gradients
         self.moments = moments
         self.num_classes, self.feature_dim = num_classes, feature_dim
-        self.settings = settings
+        # the clients' statistics pooled as the weights are (`federation.aggregation`)
+        self.settings = replace(settings, pooling=self.pooling)
         self.rng = generator
         self.federated = FederatedFeatures(num_classes, features_per_class, feature_dim,
                                            generator)
