@@ -7,6 +7,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedProx
+from replies import LIVE, grid_with_nodes, trained
 from torch import nn
 
 from fedhpro_flwr.algorithms.finch import finch, linked_components
@@ -22,6 +23,9 @@ from fedhpro_flwr.algorithms.tgp import (
 from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods import METHODS, get_method, parse_experiment
 from fedhpro_flwr.methods.fedprox import MU_KEY, FedProxStrategy
+from fedhpro_flwr.methods.payload import encode_class_rows, tensors_to_record
+from fedhpro_flwr.methods.prototype import LOCAL_RECORD
+from fedhpro_flwr.methods.strategy import TrainingDiverged
 
 
 def test_registry_holds_every_strategy_and_names_them_on_a_typo():
@@ -195,3 +199,29 @@ def test_fpl_loss_is_zero_without_global_prototypes():
                     torch.zeros(2, dtype=torch.bool), 0.02)
     assert loss.item() == 0.0
     loss.backward()  # still part of the graph
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_fedtgp_ends_the_run_before_an_exploded_generator_reaches_the_clients():
+    """Finite replies can still blow the server's generator up (the comparison's digits-offline
+    FedTGP seed 2, round 45): the round is refused as diverged, nothing NaN is kept to send."""
+    cfg = parse_experiment({"federation": {"min_train_nodes": 3, "round_timeout": 30},
+                            "fedtgp": {"server_epochs": 5}})
+    state = {"w": torch.zeros(3)}
+    strategy = get_method("fedtgp").make_strategy(cfg, state, 2, 2)
+    grid, _ = grid_with_nodes([LIVE] * 3)
+    messages = list(strategy.configure_train(1, tensors_to_record(state), ConfigRecord(), grid))
+    grid.push_messages(messages)
+    counts = torch.tensor([10, 10])
+
+    def prototypes(scale: float) -> dict:
+        rows = {"prototypes": torch.eye(2) * scale}
+        return {LOCAL_RECORD: encode_class_rows(counts > 0, rows, counts)}
+
+    sane = [trained(m, i, torch.zeros(3), prototypes(1.0)) for i, m in enumerate(messages)]
+    strategy.aggregate_train(1, sane)
+    assert torch.isfinite(strategy.prototypes).all()
+    exploded = [trained(m, i, torch.zeros(3), prototypes(3e37)) for i, m in enumerate(messages)]
+    with pytest.raises(TrainingDiverged, match=r"round 1: the server step over 3 usable "
+                                               r"replies gave NaN or Inf in the global anchors"):
+        strategy.aggregate_train(1, exploded)

@@ -79,9 +79,10 @@ class TooFewReplies(RuntimeError):
 
 
 class TrainingDiverged(TooFewReplies):
-    """Every sampled node replied and every reply held NaN or Inf: training from the global
-    model has diverged, and a later round would start from the same model. The run's outcome,
-    not a fault of the federation."""
+    """Training from the global model has diverged: every sampled node replied and every reply
+    held NaN or Inf, or the server step turned the usable replies into NaN or Inf. A later
+    round would start from the same state, so the run ends with the last good round's
+    checkpoint. The run's outcome, not a fault of the federation."""
 
 
 def weighted_average(
@@ -358,6 +359,7 @@ class ExperimentStrategy(FedAvg):
         counts = [float(r.num_examples) for r in valid]
         weights = self.pooled_weights([r.weights for r in valid], counts)
         weights, diagnostics = self.server_step(round_, weights, valid)
+        self._refuse_non_finite(round_, weights, len(valid))
         diagnostics |= self._anchor_diagnostics(valid)
         personal = personal_accuracy(valid)
         train_loss = example_mean(valid, counts, "train_loss")
@@ -386,6 +388,21 @@ class ExperimentStrategy(FedAvg):
         )
         metrics = MetricRecord({"train_loss": train_loss, "clients": len(valid)})
         return tensors_to_record(weights), metrics
+
+    def _refuse_non_finite(self, round_: int, weights: dict[str, torch.Tensor],
+                           replies: int) -> None:
+        """End the run before a NaN or Inf that finite but exploding replies made on the server
+        (an averaged weight, a trained anchor) is sent out or checkpointed."""
+        bad = [name for name, value in weights.items()
+               if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+        found = self.global_anchors()
+        if found is not None and not bool(torch.isfinite(found[0][found[1]]).all()):
+            bad.append("the global anchors")
+        if bad:
+            raise TrainingDiverged(
+                round_, f"training diverged: round {round_}: the server step over {replies} "
+                f"usable replies gave NaN or Inf in {', '.join(bad[:3])}"
+                + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""))
 
     def pooled_weights(self, states: list[dict[str, torch.Tensor]],
                        counts: list[float]) -> dict[str, torch.Tensor]:
