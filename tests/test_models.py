@@ -91,3 +91,17 @@ def test_a_model_placed_on_the_cpu_computes_the_same_in_channels_last(name):
     reloaded.load_state_dict(ArrayRecord(placed.state_dict()).to_torch_state_dict())
     for a, b in zip(reloaded.state_dict().values(), placed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_resnet_too_narrow_for_channels_last_keeps_its_layout_and_trains():
+    """At width 4, ResNet-10's first strided shortcut sees 4 channels, whose channels-last
+    backward aborts the process on AVX2-only CPUs (`models.channels_last_breaks`): placed, it
+    keeps the default layout, and a backward pass through it completes."""
+    spec = DataSpec((1, 28, 28), SEVEN)
+    model = place(build_model(ModelConfig(name="resnet10", width=4), spec), torch.device("cpu"))
+    convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                   for w in convs)
+    x = torch.randn(16, 1, 28, 28, requires_grad=True)
+    torch.nn.functional.cross_entropy(model(x), torch.zeros(16, dtype=torch.long)).backward()
+    assert torch.isfinite(x.grad).all()

@@ -157,7 +157,17 @@ def place(model: Backbone, device: torch.device) -> Backbone:
     which takes PyTorch's faster CPU convolutions whatever the inputs' layout (local training
     1.7-2.4x faster for the small CNN, 1.2x for ResNet-10, as measured). Only the
     memory layout changes: values, state dicts and uploads are the same up to float rounding.
-    GPUs keep the default layout (not measured there)."""
-    if device.type == "cpu":
+    GPUs keep the default layout (not measured there), and so does a model with a layer that
+    channels-last breaks (`channels_last_breaks`)."""
+    if device.type == "cpu" and not any(channels_last_breaks(m) for m in model.modules()):
         return model.to(device, memory_format=torch.channels_last)
     return model.to(device)
+
+
+def channels_last_breaks(module: nn.Module) -> bool:
+    """A strided 1x1 convolution over fewer than 8 channels (ResNet-10's first shortcut at width
+    4): oneDNN's channels-last backward of it corrupts the heap on AVX2-only CPUs (torch
+    2.14.1: "double free or corruption", the process aborts; fine with oneDNN off, or at 8
+    channels)."""
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+            and module.stride != (1, 1) and module.in_channels < 8)
