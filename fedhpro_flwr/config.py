@@ -179,6 +179,28 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Record-level differential privacy of everything a client sends (algorithms/privacy.py):
+    DP-SGD for the weights, Gaussian noise on each class statistic and count. Off at 0."""
+
+    # DP-SGD's noise, a multiple of `max_grad_norm`; > 0 turns privacy on for the whole upload
+    noise_multiplier: float = setting(0.0, ge=0.0)
+    max_grad_norm: float = setting(1.0, gt=0.0)  # each record's gradient is clipped to this
+    # the class statistics' noise, a multiple of their bound; 0 = `noise_multiplier`
+    stats_noise_multiplier: float = setting(0.0, ge=0.0)
+    stats_clip: float = setting(1.0, gt=0.0)  # each part of a record's statistic: at most this
+    delta: float = setting(1e-5, gt=0.0, le=0.1)  # the (epsilon, delta) guarantee's delta
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0.0
+
+    @property
+    def stats_noise(self) -> float:
+        return self.stats_noise_multiplier or self.noise_multiplier
+
+
+@dataclass(frozen=True)
 class DiagnosticsConfig:
     """Measurements that cost extra work; what comes free is always in results.json."""
 
@@ -251,10 +273,23 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     # each method's own section (its YAML section of the same name), by method name; a
     # method without one here takes its section's defaults (see `section`)
     methods: Mapping[str, Any] = field(default_factory=dict, hash=False,
                                        metadata={"sections": True})
+
+    def __post_init__(self) -> None:
+        if not self.privacy.enabled:
+            return
+        backbones = {self.model.name, *(name for name, _ in self.model.backbone_list())}
+        if "resnet10" in backbones:
+            raise ConfigError("privacy.noise_multiplier > 0 needs a model without BatchNorm, "
+                              "whose per-sample gradients mix the batch: model 'cnn' or 'text', "
+                              "not 'resnet10'")
+        if self.diagnostics.consistency:
+            raise ConfigError("diagnostics.consistency reports a statistic of the training "
+                              "records outside the privacy accounting; turn one of them off")
 
     def section(self, kind: type[T]) -> T:
         """The method section of type `kind`: as configured, else its defaults."""

@@ -1,8 +1,8 @@
 """Clients that lie, for measuring robust pooling: a benchmark option, never part of the app.
 
-`attacking_app(attack)` is the app's ClientApp with one step added after training: the first
-`attack.clients` partitions rewrite what they send. Three lies, each of a well-formed reply
-(the server's validation passes it):
+`attacking_app(attack)` is the app's ClientApp whose first `attack.clients` partitions lie.
+Three lies rewrite what they send after training, each a well-formed reply (the server's
+validation passes it):
 
 - ``scale``: the weight update and every real-valued class statistic multiplied by `factor`;
 - ``sign-flip``: the same multiplied by ``-factor`` (the update points the other way; a
@@ -11,21 +11,26 @@
   (its prototypes, gradients and moments of class a are sent as those of class b) and the
   classifier's rows reversed to match.
 
+and one poisons the data before it: ``label-flip`` trains on labels c -> C - 1 - c, so every
+upload is an honest client's, of the wrong data.
+
 Integer arrays (class indices, counts, BatchNorm counters) are kept, except the relabelling.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
-from fedhpro_flwr.app.client import handle_query, handle_train
+from fedhpro_flwr.app.client import DataView, handle_query, handle_train
+from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods.payload import RecordKeys
 
-KINDS = ("scale", "sign-flip", "class-swap")
+KINDS = ("scale", "sign-flip", "class-swap", "label-flip")
 CLASSIFIER = "classifier.weight", "classifier.bias"
 
 
@@ -94,14 +99,26 @@ def lie(attack: Attack, received: Message, reply: Message) -> Message:
     return reply
 
 
+def flipped_labels(attack: Attack) -> DataView:
+    """The data view of `label-flip`: the attackers' labels reversed, the others' kept."""
+
+    def view(data: TensorData, partition: int) -> TensorData:
+        if partition >= attack.clients:
+            return data
+        return dataclasses.replace(data, y=data.num_classes - 1 - data.y)
+
+    return view
+
+
 def attacking_app(attack: Attack) -> ClientApp:
     """The app's ClientApp, whose first `attack.clients` partitions lie."""
     app = ClientApp()
+    poisons = attack.kind == "label-flip"
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        reply = handle_train(msg, context)
-        if reply.has_error():
+        reply = handle_train(msg, context, flipped_labels(attack) if poisons else None)
+        if reply.has_error() or poisons:
             return reply
         metrics: MetricRecord = reply.content[RecordKeys.of(msg.content).metrics]
         if int(metrics["partition-id"]) < attack.clients:

@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default {MAX_ROUNDS})")
     parser.add_argument("--attack", default="", metavar="KIND:CLIENTS[:FACTOR]",
                         help="with --suite or --config: the first CLIENTS partitions send "
-                             "scaled, sign-flipped or class-swapped weights and statistics "
-                             "(scale, sign-flip, class-swap; factor 10), e.g. sign-flip:2")
+                             "scaled, sign-flipped or class-swapped weights and statistics, "
+                             "or train on flipped labels (scale, sign-flip, class-swap, "
+                             "label-flip; factor 10), e.g. sign-flip:2")
     parser.add_argument("--no-report", action="store_true", help="skip RESULTS.md and plots")
     return parser
 

@@ -10,12 +10,12 @@ from test_method_round import CFG, training_message
 
 from fedhpro_flwr.algorithms.models import build_model
 from fedhpro_flwr.app.client import handle_train
-from fedhpro_flwr.data.federated import dataset_spec
+from fedhpro_flwr.data.federated import TensorData, dataset_spec
 from fedhpro_flwr.methods import get_method
 from fedhpro_flwr.methods.payload import tensors_to_record
 from fedhpro_flwr.methods.prototype import LOCAL_RECORD
 from fedhpro_flwr.methods.recalibrating import STATS_RECORD
-from fedhpro_lab.attacks import Attack, attacking_app, lie
+from fedhpro_lab.attacks import Attack, attacking_app, flipped_labels, lie
 
 pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
@@ -80,6 +80,24 @@ def test_a_class_swap_relabels_the_rows_and_reverses_the_classifier():
     weights, told_weights = arrays(honest, "arrays"), arrays(lied, "arrays")
     assert np.array_equal(told_weights["classifier.weight"], weights["classifier.weight"][::-1])
     assert len(protos["classes"]) > 1  # a swap that moves something
+
+
+def test_a_label_flipper_trains_on_reversed_labels_and_sends_what_that_data_gives():
+    received, honest, _ = round_trip("fedproto")
+    context = Context(run_id=1, node_id=100, node_config={"partition-id": 0,
+                      "num-partitions": 3, "device": "cpu"}, state=RecordDict(),
+                      run_config={})
+    flipped = handle_train(received, context, flipped_labels(Attack("label-flip", 1)))
+    protos, told = arrays(honest, LOCAL_RECORD), arrays(flipped, LOCAL_RECORD)
+    held = dict(zip(protos["classes"], protos["counts"], strict=True))
+    assert dict(zip(told["classes"], told["counts"], strict=True)) == {
+        9 - c: n for c, n in held.items()}  # the histogram reversed: 10 classes
+    weights, told_weights = arrays(honest, "arrays"), arrays(flipped, "arrays")
+    assert not np.allclose(told_weights["classifier.weight"], weights["classifier.weight"])
+    # a partition past the attackers trains on its own labels
+    data = TensorData(torch.zeros(3, 1), torch.tensor([0, 4, 9]), num_classes=10)
+    view = flipped_labels(Attack("label-flip", 2))
+    assert view(data, 1).y.tolist() == [9, 5, 0] and view(data, 2) is data
 
 
 @pytest.mark.slow

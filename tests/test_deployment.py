@@ -198,14 +198,24 @@ def test_a_killed_superlink_restarts_and_the_run_resumes_to_the_same_result(stra
     assert_same_run(out, straight[1])
 
 
-def test_tls_and_supernode_authentication(tmp_path):
+def test_tls_and_supernode_authentication_with_and_without_privacy(tmp_path):
     credentials = Credentials.create(tmp_path / "credentials", num_nodes=2)
+    private = "privacy.noise_multiplier=1.0 privacy.stats_noise_multiplier=4.0"
     with LocalFederation(tmp_path / "fed", NODES, credentials) as fed:
         status = fed.run(APP_DIR, run_config(tmp_path / "out", rounds=2))
         listed = json.loads(fed.flwr("supernode", "ls", CONNECTION, "--format", "json"))
+        run_id = fed.submit(APP_DIR, run_config(tmp_path / "private", rounds=2, extra=private))
+        private_status, log = fed.wait(run_id, 600), fed.logs(run_id)
     assert status == COMPLETED
     assert [r["participants"] for r in results(tmp_path / "out")["rounds"]] == [[0, 1]] * 2
     assert len(listed["nodes"]) == 2
+    # FedHPro with DP on both SuperNodes: epsilon grows each round; each node's own ledger
+    assert private_status == COMPLETED
+    recorded = results(tmp_path / "private")
+    epsilons = [r["epsilon"] for r in recorded["rounds"]]
+    assert 0 < epsilons[0] < epsilons[1] == recorded["privacy"]["epsilon"]
+    assert set(recorded["privacy"]["clients"]) == {"0", "1"}
+    assert f"[round 2/2] privacy: epsilon {epsilons[1]:.3f}" in log
 
 
 def test_heterogeneous_nodes_keep_their_models_between_rounds(tmp_path):

@@ -135,14 +135,33 @@ def test_the_class_statistics_are_pooled_over_the_holders_one_vote_each(method):
     assert mean.prototypes[0, 0] > 300  # the method's own average follows the liar
 
 
-@pytest.mark.parametrize("method", ["fpl", "fedtgp", "fednh"])
+def test_fednh_pools_its_clients_class_directions_one_vote_each():
+    """Class 0: two clients point along x, a third (claiming a huge count, which FedNH's own
+    sum weights by) points the other way. At rho 0 the prototype is the pooled direction."""
+    def reply(pid: int, direction: list[float], count: int) -> ClientReply:
+        counts = torch.tensor([count, 10])
+        means = torch.tensor([direction, [0.0, 1.0]]) * counts[:, None]  # FedNH's upload
+        rows = ClassRows(counts > 0, {"scaled_means": means}, counts)
+        return ClientReply(100 + pid, pid, int(counts.sum()), {}, {}, rows)
+
+    replies = [reply(0, [1.0, 0.1], 10), reply(1, [1.0, -0.1], 10), reply(2, [-1.0, 0.0], 10**6)]
+    weights = {"classifier.scale": torch.tensor(1.0)}
+    for rule, expected_x in (("median", 1.0), ("mean", -1.0)):
+        cfg = parse_experiment({"federation": {"aggregation": rule}, "fednh": {"rho": 0.0}})
+        strategy = get_method("fednh").make_strategy(cfg, weights, 2, 2)
+        strategy.server_step(1, weights, replies)
+        assert strategy.prototypes[0, 0].item() == pytest.approx(expected_x, abs=0.01), rule
+        assert torch.allclose(strategy.prototypes[1], torch.tensor([0.0, 1.0]), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fpl", "fedtgp"])
 def test_a_method_whose_statistics_are_not_pooled_robustly_refuses_a_robust_rule(method):
     with pytest.raises(ConfigError, match=r"federation\.aggregation.*median"):
         get_method(method).make_strategy(robust_cfg("median"), {}, 10, 8)
 
 
 @pytest.mark.parametrize("method", ["fedavg", "fedprox", "moon", "fedproto", "fedsa",
-                                    "fedhpro", "creff"])
+                                    "fedhpro", "creff", "fednh"])
 def test_the_methods_covered_take_every_rule(method):
     head = {"classifier.weight": torch.zeros(10, 8), "classifier.bias": torch.zeros(10)}
     for rule in ("mean", "median", "trimmed-mean"):

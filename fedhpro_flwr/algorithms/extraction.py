@@ -11,9 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from fedhpro_flwr.algorithms.gradmatch import class_gradients
 from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.privacy import ClientPrivacy, clip_rows
 from fedhpro_flwr.data.federated import TensorData
 
 
@@ -107,3 +109,43 @@ def extract_class_statistics(
     feature, means, variances, *head_grads = (s.cpu() / repeats for s in sums)
     weight_g, bias_g = head_grads if classifier else (None, None)
     return ClassStatistics(present, counts, feature, weight_g, bias_g, means, variances)
+
+
+@torch.no_grad()
+def private_class_statistics(
+    model: Backbone,
+    data: TensorData,
+    privacy: ClientPrivacy,
+    device: torch.device,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
+    classifier: bool = True,
+    chunk: int = 512,
+) -> ClassStatistics:
+    """`extract_class_statistics` as differential privacy releases it: measured once on every
+    record (so one record is in one class's sums, where sampling `per_class` could swap it for
+    another), with each record's parts clipped and noised by `privacy`: its CE gradient w.r.t.
+    the logits (the bias gradient; the feature gradient is W^T of it, computed after the
+    release), its feature and squared feature norm (the moments), and with `classifier` its
+    gradient w.r.t. the classifier weight."""
+    model.eval()
+    num_classes, bound = data.num_classes, privacy.cfg.stats_clip
+    if head is None:
+        head = (model.classifier.weight, model.classifier.bias)
+    weight, bias = (t.detach().to(device) for t in head)
+    sums = privacy.class_sums(num_classes)
+    for start in range(0, len(data), chunk):
+        y = data.y[start : start + chunk].to(device)
+        z = model.features(data.x[start : start + chunk].to(device))
+        residual = torch.softmax(z @ weight.T + bias, dim=1) - F.one_hot(y, num_classes)
+        clipped = clip_rows(z, bound)
+        parts = [residual, clipped, clipped.pow(2).sum(dim=1, keepdim=True) / bound]
+        if classifier:
+            parts.append((residual[:, :, None] * z[:, None, :]).flatten(1))
+        sums.add(parts, y)
+    release = sums.release()
+    bias_g, means, squares, *rest = (m.to(device) for m in release.means)
+    spread = (squares[:, 0] * bound - means.pow(2).sum(dim=1)) / means.shape[1]
+    variances = torch.where(release.present.to(device), spread.clamp(min=0.0), 0.0)
+    weight_g = rest[0].view(num_classes, num_classes, -1).cpu() if classifier else None
+    return ClassStatistics(release.present, release.counts, (bias_g @ weight).cpu(), weight_g,
+                           bias_g.cpu() if classifier else None, means.cpu(), variances.cpu())

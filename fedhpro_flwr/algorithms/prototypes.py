@@ -8,22 +8,33 @@ from __future__ import annotations
 import torch
 
 from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.privacy import ClientPrivacy
 from fedhpro_flwr.data.federated import TensorData
 
 
 @torch.no_grad()
 def local_prototypes(
-    model: Backbone, data: TensorData, device: torch.device, chunk: int = 512
+    model: Backbone, data: TensorData, device: torch.device,
+    privacy: ClientPrivacy | None = None, chunk: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, d) mean feature of each class in `data` (eval mode) and the (C,) class counts.
+    """(C, d) mean feature of each class in `data` (eval mode) and the (C,) class counts; under
+    `privacy`, both as released (each feature clipped, noisy sums over noisy counts).
 
-    Rows of classes the data lacks are zeros; the counts say which they are.
+    Rows of classes the data lacks (or, under privacy, does not report) are zeros; the counts
+    say which they are.
     """
     model.eval()
     sums = torch.zeros(data.num_classes, model.feature_dim, device=device)
+    private = privacy.class_sums(data.num_classes) if privacy is not None else None
     for start in range(0, len(data), chunk):
         z = model.features(data.x[start : start + chunk].to(device))
-        sums.index_add_(0, data.y[start : start + chunk].to(device), z)
+        if private is not None:
+            private.add([z], data.y[start : start + chunk])
+        else:
+            sums.index_add_(0, data.y[start : start + chunk].to(device), z)
+    if private is not None:
+        release = private.release()
+        return release.means[0], release.counts
     counts = data.class_counts()
     means = sums.cpu() / counts.clamp(min=1)[:, None].to(sums.dtype)
     return means, counts

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
 
 from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.privacy import ClientPrivacy
 from fedhpro_flwr.config import TrainConfig
 from fedhpro_flwr.data.federated import TensorData
 
@@ -25,16 +27,19 @@ def train_epochs(
     device: torch.device,
     regulariser: Regulariser | None = None,
     max_grad_norm: float | None = None,
+    privacy: ClientPrivacy | None = None,
 ) -> dict[str, float]:
     """SGD for ``cfg.local_epochs`` on CE (+ the regulariser), each step's gradient clipped to
-    `max_grad_norm` when given (FedNH's clients); returns mean losses."""
+    `max_grad_norm` when given (FedNH's clients), or DP-SGD under `privacy`; returns mean
+    losses."""
 
     def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = model.features(x)
         ce = F.cross_entropy(model.classifier(z), y)
         return (ce if regulariser is None else ce + regulariser(z, y)), ce
 
-    return train_batches(model, data, cfg, generator, device, batch_loss, max_grad_norm)
+    return train_batches(model, data, cfg, generator, device, batch_loss, max_grad_norm,
+                         privacy)
 
 
 def train_batches(
@@ -45,6 +50,7 @@ def train_batches(
     device: torch.device,
     batch_loss: BatchLoss,
     max_grad_norm: float | None = None,
+    privacy: ClientPrivacy | None = None,
 ) -> dict[str, float]:
     """`train_epochs`' loop on any batch loss: for a loss that needs the inputs themselves
     (MOON runs its frozen models on them); returns mean losses."""
@@ -57,12 +63,20 @@ def train_batches(
     total = torch.zeros((), dtype=torch.float64, device=device)
     ce_total = torch.zeros((), dtype=torch.float64, device=device)
     steps = 0
-    for _ in range(cfg.local_epochs):
-        order = torch.randperm(len(data), generator=generator).to(device)
-        for start in range(0, len(data), cfg.batch_size):
-            batch = order[start : start + cfg.batch_size]
-            if len(batch) < 2 and len(data) >= 2:
+    if privacy is None:
+        batches = shuffled_batches(len(data), cfg.batch_size, cfg.local_epochs, generator)
+        stepping: AbstractContextManager[torch.optim.Optimizer] = nullcontext(optimizer)
+    else:  # per-sample clipping instead of FedNH's clipping of the whole step
+        batches = privacy.poisson_batches(len(data), cfg.batch_size, cfg.local_epochs,
+                                          generator)
+        stepping, max_grad_norm = privacy.training(model, optimizer, cfg.batch_size), None
+    with stepping as optimizer:
+        for batch in batches:
+            if privacy is None and len(batch) < 2 and len(data) >= 2:
                 continue  # BatchNorm cannot train on a single sample
+            if len(batch) == 0:
+                continue  # an empty Poisson draw: the accountant counted it as a step
+            batch = batch.to(device)
             loss, ce = batch_loss(x_all[batch], y_all[batch])
             optimizer.zero_grad()
             loss.backward()
@@ -74,6 +88,15 @@ def train_batches(
             steps += 1
     steps = max(steps, 1)
     return {"train_loss": total.item() / steps, "train_ce": ce_total.item() / steps}
+
+
+def shuffled_batches(n: int, batch_size: int, epochs: int,
+                     generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Each epoch, the records in a fresh random order, `batch_size` at a time."""
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ and tell the server this node's partition id when it asks (to sample partitions)
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedhpro_flwr.algorithms.models import place
+from fedhpro_flwr.algorithms.privacy import ClientPrivacy
 from fedhpro_flwr.app.kept import NodeKeptModel
 from fedhpro_flwr.app.sharing import NodeMemory, claim_node_state, client_seed, sharing_for
 from fedhpro_flwr.config import EXPERIMENT_ID_KEY, STRATEGY_KEY, ConfigError, ExperimentConfig
@@ -70,7 +72,12 @@ def node_data(node_config: dict[str, Any], cfg: ExperimentConfig, spec: DataSpec
     return cached_client_data(cfg, partition_id)
 
 
-def handle_train(msg: Message, context: Context) -> Message:
+# what a benchmark makes of a node's training data before it trains (fedhpro_lab.attacks:
+# flipped labels), given the data and the node's partition id
+DataView = Callable[[TensorData, int], TensorData]
+
+
+def handle_train(msg: Message, context: Context, data_view: DataView | None = None) -> Message:
     """One round of local training for whichever method the server runs."""
     keys = RecordKeys.of(msg.content)
     config: ConfigRecord = msg.content.config_records[keys.config]
@@ -89,16 +96,22 @@ def handle_train(msg: Message, context: Context) -> Message:
     memory = NodeMemory(context.state, str(config[EXPERIMENT_ID_KEY]), server_round)
     claim_node_state(memory.state, memory.experiment_id)
     generator = torch.Generator().manual_seed(client_seed(cfg.seed, server_round, partition_id))
-    local = mode.client_model(spec, node_data(node_config, cfg, spec, partition_id),
+    data = node_data(node_config, cfg, spec, partition_id)
+    if data_view is not None:
+        data = data_view(data, partition_id)
+    local = mode.client_model(spec, data,
                               required_record(msg.content, keys.arrays), partition_id, node_config,
                               memory)
     place(local.model, device)
 
+    privacy = ClientPrivacy.of(cfg.privacy, generator)
     started, start = time.time(), time.perf_counter()  # wall clock, for the server's timeline
     extra, train_metrics = method.client_train(
         ClientTask(local.model, local.data, msg.content, cfg, device, generator,
-                   NodeKeptModel(cfg, memory, partition_id))
+                   NodeKeptModel(cfg, memory, partition_id), privacy)
     )
+    if privacy is not None:
+        train_metrics = privacy.reply_metrics(train_metrics)
     seconds = time.perf_counter() - start
 
     weights, own_metrics = mode.finish(local, partition_id, memory, device)

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from fedhpro_flwr.algorithms.diagnostics import embedding_of
 from fedhpro_flwr.algorithms.models import Backbone, place
+from fedhpro_flwr.algorithms.privacy import PrivacyLedger
 from fedhpro_flwr.app.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -94,6 +95,8 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
         strategy.load_state_dict(checkpoint.strategy_state)
         checkpoint.restore_rng()
         results.restore(checkpoint.results)
+        if strategy.ledger is not None:
+            strategy.ledger = PrivacyLedger(cfg.privacy, checkpoint.results.get("privacy"))
         arrays = tensors_to_record(restored)
         strategy.round_offset = checkpoint.round
         log(INFO, "resuming from %s/checkpoint.pt after round %d", settings.out_dir,
@@ -130,6 +133,11 @@ def run_experiment(grid: Grid, settings: RunSettings) -> dict[str, Any]:
                      report: RoundReport) -> None:
         results.add_round({"round": round_, **scores, "eval_seconds": eval_seconds,
                            **report.row()})
+        if strategy.ledger is not None:
+            results.data["privacy"] = strategy.ledger.to_json()
+            log(INFO, "[round %d/%d] privacy: epsilon %.3f at delta %g (the largest of any "
+                "client's, over the run so far)", round_, total_rounds,
+                results.data["privacy"]["epsilon"], cfg.privacy.delta)
         log(INFO, "[round %d/%d] accuracy %.4f loss %.4f train_loss %.4f | client %.1fs "
             "server %.2fs wall %.1fs", round_, total_rounds, scores["accuracy"], scores["loss"],
             report.train_loss, report.client_seconds, report.server_seconds,

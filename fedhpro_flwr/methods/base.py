@@ -10,6 +10,7 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.privacy import ClientPrivacy
 from fedhpro_flwr.config import ExperimentConfig
 from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods.strategy import ExperimentStrategy
@@ -39,6 +40,8 @@ class ClientTask:
     device: torch.device
     generator: torch.Generator
     kept: KeptModel | None = None  # None: nothing outlives this training (no node behind it)
+    # the round's differential privacy: DP-SGD and noisy class statistics; None when off
+    privacy: ClientPrivacy | None = None
 
 
 # returns (extra ArrayRecords for the reply, train metrics); trains task.model in place

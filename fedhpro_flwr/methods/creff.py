@@ -15,7 +15,10 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord
 
-from fedhpro_flwr.algorithms.extraction import extract_class_statistics
+from fedhpro_flwr.algorithms.extraction import (
+    extract_class_statistics,
+    private_class_statistics,
+)
 from fedhpro_flwr.algorithms.models import Backbone
 from fedhpro_flwr.algorithms.recalibration import RecalibrationSettings
 from fedhpro_flwr.algorithms.training import train_epochs
@@ -55,10 +58,13 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     head = record_to_tensors(required_record(task.content, HEAD_RECORD),
                              {"weight": ((c, d), "float"), "bias": ((c,), "float")},
                              "re-trained classifier")
-    stats = extract_class_statistics(model, task.data, creff.batch_real, creff.repeat_num,
-                                     task.generator, task.device,
-                                     head=(head["weight"], head["bias"]))
-    metrics = train_epochs(model, task.data, task.cfg.train, task.generator, task.device)
+    measured_at = (head["weight"], head["bias"])
+    stats = (extract_class_statistics(model, task.data, creff.batch_real, creff.repeat_num,
+                                      task.generator, task.device, head=measured_at)
+             if task.privacy is None else
+             private_class_statistics(model, task.data, task.privacy, task.device, measured_at))
+    metrics = train_epochs(model, task.data, task.cfg.train, task.generator, task.device,
+                           privacy=task.privacy)
     return {STATS_RECORD: encode_class_statistics(stats, feature_grads=False)}, metrics
 
 

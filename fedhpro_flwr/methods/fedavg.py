@@ -15,7 +15,8 @@ from fedhpro_flwr.methods.strategy import ExperimentStrategy
 
 def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
     """Local SGD on cross-entropy only."""
-    metrics = train_epochs(task.model, task.data, task.cfg.train, task.generator, task.device)
+    metrics = train_epochs(task.model, task.data, task.cfg.train, task.generator, task.device,
+                           privacy=task.privacy)
     return {}, metrics
 
 

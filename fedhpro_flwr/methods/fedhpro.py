@@ -12,7 +12,11 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord
 
 from fedhpro_flwr.algorithms.diagnostics import consistency_metric
-from fedhpro_flwr.algorithms.extraction import ClassStatistics, extract_class_statistics
+from fedhpro_flwr.algorithms.extraction import (
+    ClassStatistics,
+    extract_class_statistics,
+    private_class_statistics,
+)
 from fedhpro_flwr.algorithms.gradmatch import Distance, LossAndGrad, masked_class_mean
 from fedhpro_flwr.algorithms.hyperproto import (
     anchors,
@@ -126,10 +130,12 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     model, data = task.model, task.data
     hp = decode_hyperprototypes(required_record(task.content, HP_RECORD), data.num_classes,
                                 model.feature_dim, hp_cfg.num_hyperprototypes).to(task.device)
-    stats = extract_class_statistics(
-        model, data, hp_cfg.batch_real, hp_cfg.repeat_num, task.generator, task.device,
-        classifier=sends_classifier_grads(hp_cfg),
-    )
+    classifier = sends_classifier_grads(hp_cfg)
+    stats = (extract_class_statistics(model, data, hp_cfg.batch_real, hp_cfg.repeat_num,
+                                      task.generator, task.device, classifier=classifier)
+             if task.privacy is None else
+             private_class_statistics(model, data, task.privacy, task.device,
+                                      classifier=classifier))
     class_anchors, class_centers = anchors(hp), centers(hp)
     assert stats.feature_means is not None
     running = RunningClassMeans(stats.feature_means.to(task.device),
@@ -141,7 +147,8 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
         nonlocal batches
         margin: float | torch.Tensor = 0.0
         if hp_cfg.margin:
-            running.update(z, y)
+            if task.privacy is None:  # DP-SGD: a record's loss may depend on it alone, so
+                running.update(z, y)  # the margin stays at the released means' value
             margin = running.margin()
             margin_sum.add_(margin)
             batches += 1
@@ -149,7 +156,8 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
         return (hp_cfg.w_cl * hpcl(zh, y, class_anchors, hp_cfg.tau, margin)
                 + hp_cfg.w_al * hpal(zh, y, class_centers))
 
-    metrics = train_epochs(model, data, task.cfg.train, task.generator, task.device, regulariser)
+    metrics = train_epochs(model, data, task.cfg.train, task.generator, task.device, regulariser,
+                           privacy=task.privacy)
     metrics["margin"] = margin_sum.item() / batches if batches else 0.0
     if task.cfg.diagnostics.consistency:
         protos, counts = local_prototypes(model, data, task.device)

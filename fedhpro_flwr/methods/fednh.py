@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from flwr.app import ArrayRecord, RecordDict
 
 from fedhpro_flwr.algorithms.diagnostics import consistency_metric
@@ -101,8 +102,9 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     prototypes = decode_prototypes(task.content, task.data.num_classes, model.feature_dim)
     model.set_prototypes(prototypes.to(task.device))
     metrics = train_epochs(model, task.data, task.cfg.train, task.generator, task.device,
-                           max_grad_norm=fednh.max_grad_norm)
-    means, counts = local_prototypes(model, task.data, task.device)  # of the unit features
+                           max_grad_norm=fednh.max_grad_norm, privacy=task.privacy)
+    # of the unit features
+    means, counts = local_prototypes(model, task.data, task.device, task.privacy)
     if task.cfg.diagnostics.consistency:
         metrics |= consistency_metric(means, counts > 0, prototypes,
                                       torch.ones(len(prototypes), dtype=torch.bool))
@@ -132,11 +134,15 @@ class FedNHStrategy(ExperimentStrategy):
     """FedAvg that holds the prototypes P, sends them, smooths them towards the uploaded class
     means and evaluates the global model with them."""
 
-    # its scaled class means are averaged by its own smoothing only
-    pools_statistics = False
+    # its clients' class-mean directions: `pooled_classes`
+    pools_statistics = True
 
     def __init__(self, cfg: ExperimentConfig, reference_state: Mapping[str, torch.Tensor],
                  num_classes: int, feature_dim: int):
+        if cfg.privacy.enabled and cfg.section(FedNHConfig).learn_scale:
+            raise ConfigError("privacy.noise_multiplier > 0 with FedNH needs "
+                              "fednh.learn_scale=false: Opacus has no per-sample gradient for "
+                              "a layer that holds buffers, as its scaled cosine head does")
         super().__init__(cfg, reference_state)
         self.num_classes, self.feature_dim = num_classes, feature_dim
         self.rho = cfg.section(FedNHConfig).rho
@@ -156,9 +162,14 @@ class FedNHStrategy(ExperimentStrategy):
     def server_step(self, server_round: int, weights: dict[str, torch.Tensor],
                     replies: list[ClientReply]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         rows: list[ClassRows] = [r.extra for r in replies]
-        self.prototypes, held = smoothed_prototypes(
-            self.prototypes, torch.stack([r.rows["scaled_means"] for r in rows]),
-            torch.stack([r.counts for r in rows]), self.rho)  # type: ignore[misc]
+        scaled = torch.stack([r.rows["scaled_means"] for r in rows])
+        counts = torch.stack([r.counts for r in rows])  # type: ignore[misc]
+        if self.pooling is not None:  # one vote a client: the robust rule over the holders'
+            # directions, as one pooled client's (smoothing keeps only the direction)
+            holders = counts > 0
+            pooled = self.pooling.classes(F.normalize(scaled, dim=2), holders)
+            scaled, counts = pooled[None], holders.any(dim=0)[None].long()
+        self.prototypes, held = smoothed_prototypes(self.prototypes, scaled, counts, self.rho)
         return weights, {"prototype_classes": float(held.sum()),
                          "fednh_scale": weights[SCALE_KEY].item()}
 

@@ -47,7 +47,7 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
         return term
 
     metrics = train_epochs(task.model, task.data, task.cfg.train, task.generator, task.device,
-                           regulariser)
+                           regulariser, privacy=task.privacy)
     metrics["proximal_term"] = sum(terms) / max(len(terms), 1)
     return {}, metrics
 

@@ -99,8 +99,8 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
                           cc=fedsa.cc, lam=fedsa.lam, mcl=fedsa.mcl)
 
     metrics = train_batches(model, task.data, task.cfg.train, task.generator, task.device,
-                            batch_loss)
-    protos, counts = local_prototypes(model, task.data, task.device)
+                            batch_loss, privacy=task.privacy)
+    protos, counts = local_prototypes(model, task.data, task.device, task.privacy)
     if task.kept is not None:
         task.kept.save({"prototypes": protos, "counts": counts})
     everywhere = torch.ones(len(anchors), dtype=torch.bool, device=task.device)

@@ -70,7 +70,7 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
         return fpl_loss(z, y, clusters, labels, unbiased, present, tau)
 
     metrics = train_epochs(task.model, task.data, task.cfg.train, task.generator, task.device,
-                           regulariser if bool(present.any()) else None)
+                           regulariser if bool(present.any()) else None, privacy=task.privacy)
     records, diagnostics = upload_prototypes(task, (unbiased, present))
     return records, metrics | diagnostics
 

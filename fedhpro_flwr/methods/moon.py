@@ -81,7 +81,7 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
         return ce + moon.mu * term, ce
 
     metrics = train_batches(task.model, task.data, task.cfg.train, task.generator, task.device,
-                            batch_loss)
+                            batch_loss, privacy=task.privacy)
     if task.kept is not None:
         task.kept.save(task.model.state_dict())
     return {}, metrics | {"model_contrastive": contrastive.item() / max(steps[0], 1),

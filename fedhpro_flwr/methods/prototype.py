@@ -38,7 +38,7 @@ def upload_prototypes(task: ClientTask, received: tuple[torch.Tensor, torch.Tens
                       ) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
     """The reply's prototype record (the trained model's class means and class counts) and,
     with `diagnostics.consistency`, their consistency with the `received` global ones."""
-    protos, counts = local_prototypes(task.model, task.data, task.device)
+    protos, counts = local_prototypes(task.model, task.data, task.device, task.privacy)
     metrics = (consistency_metric(protos, counts > 0, *received)
                if task.cfg.diagnostics.consistency else {})
     return {LOCAL_RECORD: encode_class_rows(counts > 0, {"prototypes": protos}, counts)}, metrics
@@ -62,7 +62,8 @@ def prototype_mse_trainer(weight: Callable[[ExperimentConfig], float]) -> Client
             return lam * prototype_mse(z, y, protos, present)
 
         metrics = train_epochs(task.model, task.data, task.cfg.train, task.generator,
-                               task.device, regulariser if bool(present.any()) else None)
+                               task.device, regulariser if bool(present.any()) else None,
+                               privacy=task.privacy)
         records, diagnostics = upload_prototypes(task, (protos, present))
         return records, metrics | diagnostics
 

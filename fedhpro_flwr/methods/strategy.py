@@ -31,9 +31,16 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedhpro_flwr.algorithms.diagnostics import anchor_cosines, relative_change, spread
 from fedhpro_flwr.algorithms.models import Backbone
+from fedhpro_flwr.algorithms.privacy import (
+    RELEASES,
+    SAMPLE_RATE,
+    SGD_STEPS,
+    PrivacyLedger,
+    sgd_schedule,
+)
 from fedhpro_flwr.algorithms.robust import Pooling
 from fedhpro_flwr.algorithms.training import domain_accuracies, evaluate
-from fedhpro_flwr.config import ConfigError, ExperimentConfig
+from fedhpro_flwr.config import ConfigError, ExperimentConfig, TrainConfig
 from fedhpro_flwr.data.federated import TensorData
 from fedhpro_flwr.methods.payload import (
     EXPERIMENT_RECORD,
@@ -56,6 +63,8 @@ from fedhpro_flwr.methods.sampling import (
 
 # every reply's metrics hold these, and the strategy's example count (`weighted_by_key`)
 REQUIRED_METRICS = ("partition-id", "client-seconds", "train_loss")
+# a private reply withholds its training loss and says what it released instead
+PRIVATE_METRICS = ("partition-id", "client-seconds", SGD_STEPS, SAMPLE_RATE, RELEASES)
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,20 @@ class TrainingDiverged(TooFewReplies):
     held NaN or Inf, or the server step turned the usable replies into NaN or Inf. A later
     round would start from the same state, so the run ends with the last good round's
     checkpoint. The run's outcome, not a fault of the federation."""
+
+
+def check_privacy_report(metrics: Mapping[str, float], examples: int,
+                         train: TrainConfig) -> None:
+    """Refuse a private reply whose DP-SGD report is not what the run's config makes of its
+    `examples`: the accountant does not take a client's word for its sampling."""
+    rate, steps = sgd_schedule(examples, train.batch_size, train.local_epochs)
+    reported = (metrics[SAMPLE_RATE], metrics[SGD_STEPS])
+    if not math.isclose(reported[0], rate, rel_tol=1e-9) or reported[1] != steps:
+        raise PayloadError(f"DP-SGD report (sample rate, steps) = {reported}, but "
+                           f"{examples} examples train at ({rate}, {steps})")
+    if metrics[RELEASES] < 0 or metrics[RELEASES] != int(metrics[RELEASES]):
+        raise PayloadError(f"metric '{RELEASES}' is not a count of releases: "
+                           f"{metrics[RELEASES]}")
 
 
 def weighted_average(
@@ -227,7 +250,7 @@ class ExperimentStrategy(FedAvg):
                 f"config key 'federation.aggregation' = '{fed.aggregation}': "
                 f"{type(self).__name__} pools its class statistics by its own average only; "
                 f"the robust rules cover every method's weights and the statistics of "
-                f"FedHPro, CReFF, FedProto and FedSA so far")
+                f"FedHPro, CReFF, FedProto, FedSA and FedNH so far")
         # how the uploads are pooled: None, each method's own average (`federation.aggregation`)
         self.pooling = Pooling.of(fed.aggregation, fed.trim_fraction)
         super().__init__(
@@ -253,6 +276,8 @@ class ExperimentStrategy(FedAvg):
         # it, and replies (error replies too) name that id
         self._sent: list[Message] = []
         self._anchors_sent: tuple[torch.Tensor, torch.Tensor] | None = None
+        # each client's differential privacy spending, composed; None when privacy is off
+        self.ledger = PrivacyLedger(cfg.privacy) if cfg.privacy.enabled else None
 
     # ---- method hooks -------------------------------------------------------------------
     def train_records(self) -> dict[str, ArrayRecord]:
@@ -356,13 +381,19 @@ class ExperimentStrategy(FedAvg):
                 + "; ".join(f"node {node}: {reason}" for node, reason in left_out.items())
             )
         valid.sort(key=lambda r: r.partition_id)  # fixed summation order: reproducible runs
+        if self.ledger is not None:
+            for reply in valid:
+                self.ledger.spend(reply.partition_id, reply.metrics)
         counts = [float(r.num_examples) for r in valid]
         weights = self.pooled_weights([r.weights for r in valid], counts)
         weights, diagnostics = self.server_step(round_, weights, valid)
         self._refuse_non_finite(round_, weights, len(valid))
         diagnostics |= self._anchor_diagnostics(valid)
+        if self.ledger is not None:
+            diagnostics["epsilon"] = self.ledger.worst()
         personal = personal_accuracy(valid)
-        train_loss = example_mean(valid, counts, "train_loss")
+        train_loss = (example_mean(valid, counts, "train_loss")
+                      if self.ledger is None else math.nan)  # private replies withhold it
         train_ce = (example_mean(valid, counts, "train_ce")
                     if all("train_ce" in r.metrics for r in valid) else None)
         client_seconds = [r.metrics["client-seconds"] for r in valid]
@@ -483,13 +514,16 @@ class ExperimentStrategy(FedAvg):
         if keys.arrays not in content.array_records or keys.metrics not in content.metric_records:
             raise PayloadError(f"reply lacks the '{keys.arrays}' or '{keys.metrics}' record")
         metrics = dict(content.metric_records[keys.metrics])
-        for key in (keys.examples, *REQUIRED_METRICS):
+        required = REQUIRED_METRICS if self.ledger is None else PRIVATE_METRICS
+        for key in (keys.examples, *required):
             value = metrics.get(key)
             if not isinstance(value, int | float) or not math.isfinite(value):
                 error = NonFinite if isinstance(value, int | float) else PayloadError
                 raise error(f"metric '{key}' is missing or not a finite number: {value!r}")
         if metrics[keys.examples] <= 0:
             raise PayloadError(f"{keys.examples} must be positive, got {metrics[keys.examples]}")
+        if self.ledger is not None:
+            check_privacy_report(metrics, int(metrics[keys.examples]), self.cfg.train)
         weights = check_state_dict(content.array_records[keys.arrays], self.reference_state,
                                    "model weights")
         return ClientReply(node, int(metrics["partition-id"]), int(metrics[keys.examples]),
