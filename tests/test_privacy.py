@@ -305,3 +305,75 @@ def test_the_noise_for_a_budget_spends_that_budget_and_no_more():
     # the smallest client samples the most per step: it alone sets the run's epsilon
     assert run_epsilon(1.0, 1e-5, sizes, 64, 2, rounds, 0) == run_epsilon(1.0, 1e-5, [90], 64, 2,
                                                                            rounds, 0)
+
+
+def test_a_gradient_no_record_moves_joins_dp_sgd_after_the_noise():
+    """FedProx's pull to the global weights has no per-sample gradient for Opacus to clip:
+    `public_gradient` adds it to the noised one. With no data gradient and (almost) no
+    noise, each step is then w <- w - lr * mu * (w - w_start): the weights shrink to the start
+    by (1 - lr * mu) a step."""
+    model = nn.Linear(4, 2)
+
+    class Wrapped(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.feature_dim = 4
+            self.extractor = nn.Identity()
+            self.classifier = model
+
+        def features(self, x):
+            return self.extractor(x)
+
+    backbone = Wrapped()
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # one away from the start everywhere
+    data = TensorData(torch.zeros(30, 4), torch.zeros(30, dtype=torch.long), num_classes=2)
+    train = TrainConfig(local_epochs=1, batch_size=10, lr=0.1)  # 3 steps
+
+    def no_gradient(x, y):
+        loss = 0.0 * backbone(x).sum()
+        return loss, loss
+
+    @torch.no_grad()
+    def pull():
+        for p, s in zip(model.parameters(), start, strict=True):
+            p.grad.add_(p - s, alpha=2.0)
+
+    train_batches(backbone, data, train, torch.Generator().manual_seed(0), torch.device("cpu"),
+                  no_gradient, privacy=private(sigma=1e-9, seed=6), public_gradient=pull)
+    for p, s in zip(model.parameters(), start, strict=True):
+        assert torch.allclose(p - s, torch.full_like(p, (1 - 0.1 * 2.0) ** 3), atol=1e-5)
+
+
+def test_a_client_smaller_than_a_batch_averages_over_its_records():
+    """With fewer records than the batch size every record is in every step (rate 1): the
+    noised gradient is averaged over the records, not over the batch size it never fills."""
+    model = nn.Linear(1, 1, bias=False)
+
+    class Wrapped(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.feature_dim = 1
+            self.extractor = nn.Identity()
+            self.classifier = model
+
+        def features(self, x):
+            return self.extractor(x)
+
+    backbone = Wrapped()
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    data = TensorData(torch.ones(8, 1), torch.zeros(8, dtype=torch.long), num_classes=1)
+    train = TrainConfig(local_epochs=1, batch_size=64, lr=1.0)
+
+    def linear(x, y):  # each record's gradient w.r.t. the weight is -0.1, within the clip
+        loss = -0.1 * backbone(x).mean()
+        return loss, loss
+
+    privacy = private(sigma=1e-9, seed=7)
+    train_batches(backbone, data, train, torch.Generator().manual_seed(0), torch.device("cpu"),
+                  linear, privacy=privacy)
+    assert (privacy.sample_rate, privacy.sgd_steps) == (1.0, 1)
+    assert model.weight.item() == pytest.approx(0.1, rel=1e-4)  # the mean, not 8 / 64 of it

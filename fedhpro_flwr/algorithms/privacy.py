@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +31,7 @@ from fedhpro_flwr.config import PrivacyConfig
 SGD_STEPS, SAMPLE_RATE, RELEASES = "dp-sgd-steps", "dp-sample-rate", "dp-releases"
 # training metrics that are statistics of the training records outside the mechanisms above:
 # a private reply leaves them out (the server then logs no training loss)
-WITHHELD_METRICS = frozenset({"train_loss", "train_ce", "margin", "proximal_term",
-                              "model_contrastive"})
+WITHHELD_METRICS = frozenset({"train_loss", "train_ce", "margin", "model_contrastive"})
 # a class counts as held when its noisy count exceeds this many standard deviations of the
 # count noise: a class the client lacks is then reported with probability 0.13%
 PRESENT_SIGMAS = 3.0
@@ -79,26 +78,32 @@ class ClientPrivacy:
 
     def poisson_batches(self, n: int, batch_size: int, epochs: int,
                         generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """DP-SGD's batches, Poisson-sampled as the accountant assumes (`sgd_schedule`)."""
+        """DP-SGD's batches, Poisson-sampled as the accountant assumes (`sgd_schedule`);
+        counted as spent when asked for."""
         rate, steps = sgd_schedule(n, batch_size, epochs)
         if self.sgd_steps and rate != self.sample_rate:
             raise ValueError("a round's DP-SGD steps are reported under one sample rate")
         self.sample_rate, self.sgd_steps = rate, self.sgd_steps + steps
-        for _ in range(steps):
-            yield torch.nonzero(torch.rand(n, generator=generator) < rate).flatten()
+        return (torch.nonzero(torch.rand(n, generator=generator) < rate).flatten()
+                for _ in range(steps))
 
     @contextmanager
     def training(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 batch_size: int) -> Iterator[torch.optim.Optimizer]:
+                 expected_batch: int, public_gradient: Callable[[], None] | None = None
+                 ) -> Iterator[torch.optim.Optimizer]:
         """`optimizer` as Opacus's DP optimizer over `model`, whose layers record per-sample
-        gradients meanwhile (their hooks go at the end)."""
+        gradients meanwhile (their hooks go at the end). `public_gradient` adds to the
+        noised gradient what no record moves (FedProx's pull to the global weights), which
+        Opacus's per-sample gradients leave out."""
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
         sampled = GradSampleModule(model, loss_reduction="mean")
         private = DPOptimizer(optimizer, noise_multiplier=self.cfg.noise_multiplier,
                               max_grad_norm=self.cfg.max_grad_norm,
-                              expected_batch_size=batch_size, generator=self.noise)
+                              expected_batch_size=expected_batch, generator=self.noise)
+        if public_gradient is not None:
+            private.attach_step_hook(lambda _: public_gradient())
         try:
             with warnings.catch_warnings():  # Opacus's hooks, as expected: the inputs need
                 # no gradient, and the noised gradients are new tensors

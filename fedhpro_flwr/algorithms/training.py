@@ -28,9 +28,11 @@ def train_epochs(
     regulariser: Regulariser | None = None,
     max_grad_norm: float | None = None,
     privacy: ClientPrivacy | None = None,
+    public_gradient: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """SGD for ``cfg.local_epochs`` on CE (+ the regulariser), each step's gradient clipped to
-    `max_grad_norm` when given (FedNH's clients), or DP-SGD under `privacy`; returns mean
+    `max_grad_norm` when given (FedNH's clients), or DP-SGD under `privacy`, with
+    `public_gradient` added to its noised gradient (a term no record moves); returns mean
     losses."""
 
     def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +41,7 @@ def train_epochs(
         return (ce if regulariser is None else ce + regulariser(z, y)), ce
 
     return train_batches(model, data, cfg, generator, device, batch_loss, max_grad_norm,
-                         privacy)
+                         privacy, public_gradient)
 
 
 def train_batches(
@@ -51,6 +53,7 @@ def train_batches(
     batch_loss: BatchLoss,
     max_grad_norm: float | None = None,
     privacy: ClientPrivacy | None = None,
+    public_gradient: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """`train_epochs`' loop on any batch loss: for a loss that needs the inputs themselves
     (MOON runs its frozen models on them); returns mean losses."""
@@ -69,7 +72,9 @@ def train_batches(
     else:  # per-sample clipping instead of FedNH's clipping of the whole step
         batches = privacy.poisson_batches(len(data), cfg.batch_size, cfg.local_epochs,
                                           generator)
-        stepping, max_grad_norm = privacy.training(model, optimizer, cfg.batch_size), None
+        expected = min(cfg.batch_size, len(data))  # the sample rate times the records
+        stepping = privacy.training(model, optimizer, expected, public_gradient)
+        max_grad_norm = None
     with stepping as optimizer:
         for batch in batches:
             if privacy is None and len(batch) < 2 and len(data) >= 2:
@@ -80,6 +85,8 @@ def train_batches(
             loss, ce = batch_loss(x_all[batch], y_all[batch])
             optimizer.zero_grad()
             loss.backward()
+            if public_gradient is not None and privacy is None:  # (DP: after the noise)
+                public_gradient()
             if max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()

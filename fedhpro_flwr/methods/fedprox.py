@@ -46,8 +46,17 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
         terms.append(term.item())
         return term
 
+    if task.privacy is not None:  # DP-SGD sees per-record gradients only; the pull to the global
+        # weights, which no record moves, joins its noised gradient instead of the loss
+        @torch.no_grad()
+        def proximal_pull() -> None:
+            for param, start in zip(params, global_params, strict=True):
+                param.grad.add_(param - start, alpha=mu)
+
+        return {}, train_epochs(task.model, task.data, task.cfg.train, task.generator,
+                                task.device, privacy=task.privacy, public_gradient=proximal_pull)
     metrics = train_epochs(task.model, task.data, task.cfg.train, task.generator, task.device,
-                           regulariser, privacy=task.privacy)
+                           regulariser)
     metrics["proximal_term"] = sum(terms) / max(len(terms), 1)
     return {}, metrics
 
