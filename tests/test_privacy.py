@@ -377,3 +377,42 @@ def test_a_client_smaller_than_a_batch_averages_over_its_records():
                   linear, privacy=privacy)
     assert (privacy.sample_rate, privacy.sgd_steps) == (1.0, 1)
     assert model.weight.item() == pytest.approx(0.1, rel=1e-4)  # the mean, not 8 / 64 of it
+
+
+def test_a_public_gradient_may_run_the_model_on_what_is_no_batch_of_records():
+    """FedSA's calibration runs the head on the anchors, not on records: in the loss, Opacus
+    would add its gradient into the first records' per-sample gradients and clip it with them;
+    as a public gradient it lands whole on every step."""
+    model = nn.Linear(3, 1)
+
+    class Wrapped(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.feature_dim = 3
+            self.extractor = nn.Identity()
+            self.classifier = model
+
+        def features(self, x):
+            return self.extractor(x)
+
+    backbone = Wrapped()
+    before = model.weight.detach().clone(), model.bias.detach().clone()
+    anchor = torch.tensor([[1.0, 2.0, 3.0]])
+    data = TensorData(torch.zeros(30, 3), torch.zeros(30, dtype=torch.long), num_classes=1)
+    train = TrainConfig(local_epochs=1, batch_size=10, lr=0.1)  # 3 steps
+
+    def no_gradient(x, y):
+        loss = 0.0 * backbone(x).sum()
+        return loss, loss
+
+    def through_the_head():
+        grads = torch.autograd.grad(model(anchor).sum(), [model.weight, model.bias])
+        with torch.no_grad():
+            model.weight.grad.add_(grads[0])
+            model.bias.grad.add_(grads[1])
+
+    train_batches(backbone, data, train, torch.Generator().manual_seed(0), torch.device("cpu"),
+                  no_gradient, privacy=private(sigma=1e-9, seed=8),
+                  public_gradient=through_the_head)
+    assert torch.allclose(model.weight, before[0] - 0.3 * anchor, atol=1e-5)
+    assert torch.allclose(model.bias, before[1] - 0.3, atol=1e-5)

@@ -103,7 +103,12 @@ class ClientPrivacy:
                               max_grad_norm=self.cfg.max_grad_norm,
                               expected_batch_size=expected_batch, generator=self.noise)
         if public_gradient is not None:
-            private.attach_step_hook(lambda _: public_gradient())
+            def add_public(_: DPOptimizer) -> None:
+                sampled.disable_hooks()  # no batch of records: no per-sample pass
+                public_gradient()
+                sampled.enable_hooks()
+
+            private.attach_step_hook(add_public)
         try:
             with warnings.catch_warnings():  # Opacus's hooks, as expected: the inputs need
                 # no gradient, and the noised gradients are new tensors

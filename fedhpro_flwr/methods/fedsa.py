@@ -24,6 +24,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedhpro_flwr.algorithms.anchors import (
+    calibration_loss,
     class_gap,
     fedsa_loss,
     margin_gap,
@@ -94,12 +95,24 @@ def client_train(task: ClientTask) -> tuple[dict[str, ArrayRecord], dict[str, fl
     gap = margin_gap(None if previous is None else previous[1], anchors)
     model = task.model
 
+    # DP-SGD sees per-record gradients only: the head's calibration on the anchors, which no
+    # record moves, joins its noised gradient instead of the loss
+    cc = fedsa.cc if task.privacy is None else 0.0
+
     def batch_loss(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return fedsa_loss(model.features(x), y, model.classifier, anchors, gap,
-                          cc=fedsa.cc, lam=fedsa.lam, mcl=fedsa.mcl)
+                          cc=cc, lam=fedsa.lam, mcl=fedsa.mcl)
+
+    def calibration_pull() -> None:
+        head = list(model.classifier.parameters())
+        grads = torch.autograd.grad(calibration_loss(model.classifier, anchors), head)
+        with torch.no_grad():
+            for param, grad in zip(head, grads, strict=True):
+                param.grad.add_(grad, alpha=fedsa.cc)
 
     metrics = train_batches(model, task.data, task.cfg.train, task.generator, task.device,
-                            batch_loss, privacy=task.privacy)
+                            batch_loss, privacy=task.privacy,
+                            public_gradient=None if task.privacy is None else calibration_pull)
     protos, counts = local_prototypes(model, task.data, task.device, task.privacy)
     if task.kept is not None:
         task.kept.save({"prototypes": protos, "counts": counts})
