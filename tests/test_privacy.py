@@ -39,6 +39,22 @@ def private(sigma: float = 1.0, clip: float = 1.0, seed: int = 0, **keys) -> Cli
     return ClientPrivacy(cfg, torch.Generator().manual_seed(seed))
 
 
+def head_only(layer: nn.Module, dim: int) -> Backbone:
+    """A backbone whose features are its inputs and whose classifier is `layer`."""
+
+    class HeadOnly(Backbone):
+        def __init__(self):
+            super().__init__()
+            self.feature_dim = dim
+            self.extractor = nn.Identity()
+            self.classifier = layer
+
+        def features(self, x):
+            return self.extractor(x)
+
+    return HeadOnly()
+
+
 def test_rows_are_clipped_to_the_bound_and_rows_within_it_kept():
     rows = torch.tensor([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0]])
     clipped = clip_rows(rows, 1.0)
@@ -132,17 +148,7 @@ def test_dp_sgd_clips_each_records_gradient():
     """One record with a huge loss cannot move the model more than the clip allows."""
     model = nn.Linear(4, 2)
 
-    class Wrapped(Backbone):
-        def __init__(self):
-            super().__init__()
-            self.feature_dim = 4
-            self.extractor = nn.Identity()
-            self.classifier = model
-
-        def features(self, x):
-            return self.extractor(x)
-
-    backbone = Wrapped()
+    backbone = head_only(model, 4)
     before = model.weight.detach().clone(), model.bias.detach().clone()
     x = torch.zeros(10, 4)
     x[0] = 1e4  # the outlier
@@ -314,17 +320,7 @@ def test_a_gradient_no_record_moves_joins_dp_sgd_after_the_noise():
     by (1 - lr * mu) a step."""
     model = nn.Linear(4, 2)
 
-    class Wrapped(Backbone):
-        def __init__(self):
-            super().__init__()
-            self.feature_dim = 4
-            self.extractor = nn.Identity()
-            self.classifier = model
-
-        def features(self, x):
-            return self.extractor(x)
-
-    backbone = Wrapped()
+    backbone = head_only(model, 4)
     start = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
@@ -352,17 +348,7 @@ def test_a_client_smaller_than_a_batch_averages_over_its_records():
     noised gradient is averaged over the records, not over the batch size it never fills."""
     model = nn.Linear(1, 1, bias=False)
 
-    class Wrapped(Backbone):
-        def __init__(self):
-            super().__init__()
-            self.feature_dim = 1
-            self.extractor = nn.Identity()
-            self.classifier = model
-
-        def features(self, x):
-            return self.extractor(x)
-
-    backbone = Wrapped()
+    backbone = head_only(model, 1)
     with torch.no_grad():
         model.weight.fill_(0.0)
     data = TensorData(torch.ones(8, 1), torch.zeros(8, dtype=torch.long), num_classes=1)
@@ -385,17 +371,7 @@ def test_a_public_gradient_may_run_the_model_on_what_is_no_batch_of_records():
     as a public gradient it lands whole on every step."""
     model = nn.Linear(3, 1)
 
-    class Wrapped(Backbone):
-        def __init__(self):
-            super().__init__()
-            self.feature_dim = 3
-            self.extractor = nn.Identity()
-            self.classifier = model
-
-        def features(self, x):
-            return self.extractor(x)
-
-    backbone = Wrapped()
+    backbone = head_only(model, 3)
     before = model.weight.detach().clone(), model.bias.detach().clone()
     anchor = torch.tensor([[1.0, 2.0, 3.0]])
     data = TensorData(torch.zeros(30, 3), torch.zeros(30, dtype=torch.long), num_classes=1)

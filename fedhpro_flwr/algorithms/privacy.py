@@ -210,10 +210,11 @@ class PrivacyLedger:
         return max((self.epsilon(p) for p in self.histories), default=0.0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"delta": self.cfg.delta, "epsilon": self.worst(),
-                "clients": {str(p): {"epsilon": self.epsilon(p),
-                                     "history": [[*m, k] for m, k in h.items()]}
-                            for p, h in sorted(self.histories.items())}}
+        epsilons = {p: self.epsilon(p) for p in sorted(self.histories)}
+        return {"delta": self.cfg.delta, "epsilon": max(epsilons.values(), default=0.0),
+                "clients": {str(p): {"epsilon": epsilon,
+                                     "history": [[*m, k] for m, k in self.histories[p].items()]}
+                            for p, epsilon in epsilons.items()}}
 
 
 def run_epsilon(sigma: float, delta: float, sizes: Iterable[int], batch_size: int,
