@@ -72,8 +72,8 @@ def node_data(node_config: dict[str, Any], cfg: ExperimentConfig, spec: DataSpec
     return cached_client_data(cfg, partition_id)
 
 
-# what a benchmark makes of a node's training data before it trains (fedhpro_lab.attacks:
-# flipped labels), given the data and the node's partition id
+# what a benchmark makes of a node's training data before it trains (an attack: flipped
+# labels), given the data and the node's partition id
 DataView = Callable[[TensorData, int], TensorData]
 
 
